@@ -1,0 +1,56 @@
+"""The `Rollout`: everything one batch of on-policy samples carries from the sampler to the learner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+# Why a row stopped (`Rollout.stop`).
+STOP_EOS, STOP_LENGTH, STOP_TRAP, STOP_RANDOM = 0, 1, 2, 3
+STOP_NAMES = ("eos", "length", "trap", "random")
+
+
+@dataclass
+class Rollout:
+    """B rows, P prompt positions (left-padded), T completion positions (right-padded).
+
+    Position t of a completion is the t-th generated token (0-based). Per-token quantities are
+    aligned with the token they score: ``kl[b, t]`` is d_t for the distribution that produced
+    ``completion_ids[b, t]``.
+    """
+
+    prompt_ids: Tensor  # (B, P) long, left-padded
+    prompt_mask: Tensor  # (B, P) bool
+    completion_ids: Tensor  # (B, T) long, right-padded with pad id
+    completion_mask: Tensor  # (B, T) bool: tokens actually generated (EOS included)
+    loss_mask: Tensor  # (B, T) bool: completion_mask and position < cut
+    student_logp: Tensor  # (B, T) float32: log pi_s(y_t) at temperature 1, at rollout time
+    teacher_logp: Tensor  # (B, T) float32: log pi_t(y_t)
+    kl: Tensor  # (B, T) float32: exact reverse KL d_t at temperature 1
+    stop: Tensor  # (B,) long: STOP_EOS / STOP_LENGTH / STOP_TRAP / STOP_RANDOM
+    cut: Tensor  # (B,) long: first excluded position (= completion length when not cut)
+    topk_ids: Tensor | None = None  # (B, T, K) long: the student's top-K ids (loss `topk`)
+    teacher_topk_logp: Tensor | None = None  # (B, T, K+1) float32: teacher log-probs, last = tail
+    shadow_cut: Tensor | None = None  # (B,) long: where a shadow detector would have cut, -1 if not
+
+    @property
+    def lengths(self) -> Tensor:
+        """(B,) number of generated tokens per row."""
+        return self.completion_mask.sum(-1)
+
+    def select(self, rows: Tensor | slice) -> "Rollout":
+        """A Rollout of a subset of rows (micro-batching)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v[rows] if isinstance(v, Tensor) else v
+        return Rollout(**out)
+
+    def to(self, device: torch.device | str) -> "Rollout":
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to(device) if isinstance(v, Tensor) else v
+        return Rollout(**out)
