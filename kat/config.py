@@ -1,0 +1,247 @@
+"""One `Config` dataclass for every run: defaults < YAML file < `--key value` overrides.
+
+    cfg = load_config(["--config", "configs/toy.yaml", "--steps", "20", "--eta", "0.1"])
+
+Every field is validated (type, range, allowed values); a user error raises `ConfigError`, whose
+message names the field, the value given and what is allowed. Unknown keys are rejected with the
+closest valid name suggested.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or on the command line (shown without a traceback)."""
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, low: float | None = None,
+       high: float | None = None, low_open: bool = False) -> Any:
+    """A dataclass field with its `--help` text and validation rule."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open}
+    return field(default=default, metadata=meta)
+
+
+TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "rich")
+
+
+@dataclass
+class Config:
+    # --- models and data -------------------------------------------------------------------------
+    teacher: str = _f(os.path.join(TOY_DIR, "teacher"), "teacher model: local path or hub name")
+    student: str = _f(os.path.join(TOY_DIR, "student"), "student model: local path or hub name")
+    teacher_gguf: str = _f("", "GGUF file name inside `teacher` (transformers de-quantises it); empty: none")
+    student_gguf: str = _f("", "GGUF file name inside `student`; empty: none")
+    train_data: str = _f(os.path.join(TOY_DIR, "data", "train.jsonl"),
+                         "training prompts: local json/jsonl/parquet file or hub dataset name")
+    train_split: str = _f("train", "split of a hub training dataset")
+    eval_data: str = _f(os.path.join(TOY_DIR, "data", "test.jsonl"),
+                        "evaluation set(s): comma-separated files or hub names; empty: no evaluation")
+    eval_split: str = _f("test", "split of hub evaluation datasets")
+    prompt_field: str = _f("prompt", "dataset column holding the question")
+    answer_field: str = _f("answer", "dataset column holding the reference answer")
+    system_prompt: str = _f("", "optional system message placed before every question")
+    instruction: str = _f("", "text appended to every question (e.g. ask for the answer in \\boxed{})")
+    max_prompt_length: int = _f(512, "prompts longer than this (in tokens) are skipped with a warning", low=1)
+    grader: str = _f("exact", "answer checker for evaluation", choices=("exact", "math"))
+
+    # --- rollouts --------------------------------------------------------------------------------
+    steps: int = _f(60, "optimiser steps", low=1)
+    batch_size: int = _f(16, "prompts per step on each process", low=1)
+    samples_per_prompt: int = _f(4, "rollouts sampled per prompt", low=1)
+    max_new_tokens: int = _f(96, "completion length limit", low=1)
+    temperature: float = _f(1.0, "student sampling temperature (0: greedy)", low=0.0)
+    top_p: float = _f(1.0, "nucleus sampling mass", low=0.0, high=1.0, low_open=True)
+    chunk: int = _f(8, "tokens per lockstep chunk C: the teacher scores C new tokens per cached forward", low=1)
+
+    # --- loss and optimiser ----------------------------------------------------------------------
+    loss: str = _f("full", "OPD loss: exact reverse KL, the paper's top-k + tail, or sampled-token PG",
+                   choices=("full", "topk", "sampled"))
+    topk: int = _f(64, "K for the topk loss", low=1)
+    micro_batch_size: int = _f(16, "rows per forward/backward; gradients accumulate over the step", low=1)
+    lr: float = _f(1e-3, "peak learning rate", low=0.0, low_open=True)
+    warmup_ratio: float = _f(0.03, "share of steps with linear learning-rate warm-up", low=0.0, high=1.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", low=0.0)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm", low=0.0, low_open=True)
+    max_bad_steps: int = _f(3, "stop after this many consecutive steps with a non-finite loss", low=1)
+
+    # --- termination -----------------------------------------------------------------------------
+    termination: str = _f("kat", "kat: trap detector; random: length-matched random cuts; none: plain OPD",
+                          choices=("kat", "none", "random"))
+    rule: str = _f("quantile", "adaptive threshold: quantile of per-rollout minima, or running mean - kappa*std",
+                   choices=("quantile", "zscore"))
+    window: int = _f(8, "W: tokens per window mean z", low=1)
+    stride: int = _f(4, "evaluate a window every `stride` tokens (stride = window: non-overlapping)", low=1)
+    patience: int = _f(2, "consecutive low windows that confirm a trap", low=1)
+    exempt: int = _f(8, "E: no window starting before this position counts", low=0)
+    eta: float = _f(0.3, "threshold = (1 - eta) quantile of the minima buffer", low=0.0, high=1.0,
+                    low_open=True)
+    buffer_size: int = _f(1024, "FIFO size of per-rollout minimum window means", low=1)
+    min_buffer: int = _f(128, "detector stays off until the buffer holds this many minima", low=1)
+    warmup_steps: int = _f(5, "detector stays off for this many training steps", low=0)
+    kappa: float = _f(1.0, "zscore rule: threshold = mean - kappa * std", low=0.0)
+    ema: float = _f(0.1, "zscore rule: weight of each batch in the running mean/variance", low=0.0,
+                    high=1.0, low_open=True)
+    shadow: bool = _f(False, "detect and record would-be cuts without cutting")
+    random_target_length: float = _f(0.0, "random termination: target mean rollout length (0: max_new_tokens/2)",
+                                     low=0.0)
+
+    # --- evaluation, logging, checkpoints --------------------------------------------------------
+    eval_every: int = _f(0, "evaluate every N steps (0: only before and after training)", low=0)
+    eval_k: int = _f(4, "samples per evaluation problem (avg@k, pass@k)", low=1)
+    eval_limit: int = _f(64, "evaluate on the first N problems of each set (0: all)", low=0)
+    eval_temperature: float = _f(1.0, "evaluation sampling temperature", low=0.0)
+    eval_top_p: float = _f(1.0, "evaluation nucleus mass", low=0.0, high=1.0, low_open=True)
+    save_every: int = _f(0, "write a resumable checkpoint every N steps (0: only at the end)", low=0)
+    keep_last: int = _f(2, "resumable checkpoints kept on disk", low=1)
+    output_dir: str = _f("runs/toy", "where metrics, traces, plots, checkpoints and the student go")
+    resume: str = _f("", "checkpoint directory to continue from, or `latest` in output_dir")
+    log_with: str = _f("", "extra tracker through Accelerate", choices=("", "tensorboard", "wandb"))
+    n_traces: int = _f(8, "KL traces written per evaluation (tokens, d, z, threshold, cut)", low=0)
+    plot: bool = _f(True, "render kl_traces.png and curves.png at the end")
+    seed: int = _f(0, "random seed")
+    dtype: str = _f("auto", "teacher compute dtype and student mixed precision (auto: bf16 on CUDA, fp32 on CPU)",
+                    choices=("auto", "float32", "bfloat16", "float16"))
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the field."""
+    f = _FIELDS[name]
+    kind = type(f.default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if value is None:
+        return ""
+    if not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return str(value)
+
+
+def validate(cfg: Config) -> None:
+    """Check every field's type, range and allowed values, and the relations between fields."""
+    for name, f in _FIELDS.items():
+        value = getattr(cfg, name)
+        setattr(cfg, name, _coerce(name, value))
+        value = getattr(cfg, name)
+        m = f.metadata
+        if m["choices"] is not None and value not in m["choices"]:
+            allowed = ", ".join(repr(c) for c in m["choices"])
+            raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {allowed}")
+        low, high = m["low"], m["high"]
+        if low is not None and (value < low or (m["low_open"] and value == low)):
+            op = ">" if m["low_open"] else ">="
+            raise ConfigError(f"{name}: {value!r} is out of range; it must be {op} {low}")
+        if high is not None and value > high:
+            raise ConfigError(f"{name}: {value!r} is out of range; it must be <= {high}")
+    if cfg.stride > cfg.window:
+        raise ConfigError(f"stride: {cfg.stride} is larger than window ({cfg.window}); positions between "
+                          "windows would never be looked at. Use stride <= window")
+    if cfg.resume and cfg.resume != "latest" and not os.path.isdir(cfg.resume):
+        raise ConfigError(f"resume: {cfg.resume!r} is not a directory; give a checkpoint directory "
+                          "or `latest`")
+
+
+def suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, list(_FIELDS), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else "; run with --help for the list of fields"
+
+
+def _check_keys(keys, where: str) -> None:
+    for key in keys:
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown field {key!r} in {where}{suggest(key)}")
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist; pass an existing YAML file to --config")
+    with open(path) as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of field: value, got {type(data).__name__}")
+    _check_keys(data, path)
+    return data
+
+
+def help_text() -> str:
+    lines = ["usage: [--config FILE] [--FIELD VALUE ...]", "", "fields (default):"]
+    for name, f in _FIELDS.items():
+        choices = f" {{{','.join(map(str, f.metadata['choices']))}}}" if f.metadata["choices"] else ""
+        lines.append(f"  --{name}{choices} ({f.default!r})\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
+    """Split `--config FILE --key value --key=value ...` into (config path, overrides)."""
+    path, out, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --field value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                if key in _FIELDS and isinstance(_FIELDS[key].default, bool):
+                    value = "true"  # a bare boolean flag
+                else:
+                    raise ConfigError(f"--{key} needs a value")
+            else:
+                i += 1
+                value = argv[i]
+        if key == "config":
+            path = value
+        else:
+            _check_keys([key], "the command line")
+            out[key] = value
+        i += 1
+    return path, out
+
+
+def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
+    """Defaults, then the YAML file given by --config, then --key value pairs, then **overrides."""
+    path, cli = parse_overrides(list(argv or []))
+    values = read_yaml(path) if path else {}
+    values.update(cli)
+    _check_keys(overrides, "keyword arguments")
+    values.update(overrides)
+    return Config(**{k: _coerce(k, v) for k, v in values.items()})
+
