@@ -1,0 +1,452 @@
+"""Terminators: decide online, chunk by chunk, whether a rollout should stop early.
+
+Three terminators share one interface, so the sampler and the training loop never branch on
+which one is in use:
+
+    state = t.start(batch_size, device)           # per-row running state for one batch
+    fired, cut = t.observe(state, kl, valid)      # (B, C) per-token KL and validity in
+    t.end_batch(state, step)                      # update adaptive statistics once per step
+    t.state_dict() / t.load_state_dict(d)         # resume
+
+- `TrapDetector` (KAT): smooths the per-token reverse KL d_t into window means z, and stops a
+  rollout when z stays below an adaptive threshold for `patience` consecutive evaluated windows.
+- `RandomTerminator`: cuts at a random position, with a hazard adapted so that the mean rollout
+  length approaches a target (the length-matched baseline).
+- `NoTerminator`: never stops anything (plain OPD).
+
+Positions are 0-based completion positions (position t is the t-th generated token). ``cut`` is
+the first excluded position: tokens cut, cut+1, ... are dropped from the loss. A cut is not an end
+of sequence; nothing here asks the sampler to append EOS.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from kat.rollout import STOP_RANDOM, STOP_TRAP
+
+RULES = ("quantile", "zscore")
+
+
+@dataclass
+class TerminatorState:
+    """Per-batch running state of a terminator; one row per rollout of the batch.
+
+    Public fields (read by the sampler and the loop):
+        fired: (B,) bool, rows this terminator stopped.
+        cut: (B,) long, first excluded position of fired rows, -1 elsewhere.
+        would_cut: (B,) long, where the terminator decided to cut, -1 where it did not; equal to
+            ``cut`` except in shadow mode, where rows are never stopped but decisions are recorded.
+        pos: completion positions observed so far (the position of the next chunk's first column).
+        active: whether decisions are allowed in this batch (fixed at `start`).
+        threshold: the threshold used in this batch (fixed at `start`), None when undefined.
+    The underscore fields are the terminator's private running sums and counters.
+    """
+
+    fired: Tensor
+    cut: Tensor
+    would_cut: Tensor
+    pos: int = 0
+    active: bool = False
+    threshold: float | None = None
+    # TrapDetector: the last `window` values of d per row, as a ring indexed by position % window.
+    _ring: Tensor | None = None  # (B, W) float64
+    _ring_valid: Tensor | None = None  # (B, W) bool
+    _run: Tensor | None = None  # (B,) long: consecutive low windows so far
+    _run_start: Tensor | None = None  # (B,) long: start position of the run's first window
+    _decided: Tensor | None = None  # (B,) bool: a decision was taken (no further decisions)
+    _min_z: Tensor | None = None  # (B,) float64: minimum z over evaluated windows (+inf if none)
+    _z_values: list[Tensor] | None = None  # evaluated z of this batch (zscore statistics)
+    # RandomTerminator: the pre-drawn cut position and the number of valid positions seen.
+    _planned: Tensor | None = None  # (B,) long
+    _length: Tensor | None = None  # (B,) long
+
+
+def _new_state(batch_size: int, device: torch.device | str | None) -> TerminatorState:
+    return TerminatorState(
+        fired=torch.zeros(batch_size, dtype=torch.bool, device=device),
+        cut=torch.full((batch_size,), -1, dtype=torch.long, device=device),
+        would_cut=torch.full((batch_size,), -1, dtype=torch.long, device=device),
+    )
+
+
+def _check_chunk(state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) -> None:
+    batch = state.fired.shape[0]
+    if kl_chunk.dim() != 2 or kl_chunk.shape[0] != batch:
+        raise ValueError(f"kl_chunk must have shape (batch_size={batch}, C), got {tuple(kl_chunk.shape)}")
+    if valid_chunk.shape != kl_chunk.shape or valid_chunk.dtype != torch.bool:
+        raise ValueError(f"valid_chunk must be a bool tensor of shape {tuple(kl_chunk.shape)} like kl_chunk, "
+                         f"got {valid_chunk.dtype} {tuple(valid_chunk.shape)}")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather_cat(x: Tensor) -> Tensor:
+    """Concatenate a 1-D tensor of any length from every process, in rank order.
+
+    Without torch.distributed (or with one process) this returns ``x``. The counts differ per
+    rank, so they are gathered first and every rank's values are padded to the largest count.
+    Returns a CPU tensor in both cases, so callers can treat the result as host statistics.
+    """
+    if not _distributed():
+        return x.cpu()
+    # NCCL only moves CUDA tensors; gloo only CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    x = x.to(device)
+    world = dist.get_world_size()
+    count = torch.tensor([x.numel()], dtype=torch.long, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = torch.zeros(max(counts), dtype=x.dtype, device=device)
+    padded[: x.numel()] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu()
+
+
+class TrapDetector:
+    """KAT: stop a rollout when its smoothed reverse KL stays below an adaptive threshold.
+
+    Window mean, evaluated every `stride` positions once a full window exists:
+        z_t = (1/W) * sum_{i=t-W+1..t} d_i          when (t+1) % stride == 0 and t+1 >= W
+    A window is evaluated for a row only if all its W positions were generated by that row.
+    A window takes part in a decision only if it starts at or after `exempt` and the detector is
+    active (buffer holds >= `min_buffer` minima and >= `warmup_steps` steps are done; decided at
+    `start` and fixed for the batch). `patience` consecutive decision windows with z < s fire;
+    a window with z >= s resets the count. The cut goes back to the start of the run's first window.
+
+    Thresholds (recomputed in `end_batch`, fixed during a batch):
+    - ``quantile``: s = Q_{1-eta}(buffer), numpy's default linear quantile of a FIFO buffer of the
+      last `buffer_size` per-rollout minima m = min_t z_t (all evaluated windows, exempt ones too).
+    - ``zscore``: s = mean - kappa * std, where mean and variance of the evaluated z values are
+      tracked by an exponential moving average over batches (weight `ema` on the batch's mean and
+      population variance; the first batch initialises them). The minima buffer is still filled
+      and still gates activation.
+    With torch.distributed initialised, minima and z values are gathered from every process, so
+    every process holds the same buffer and threshold.
+
+    `shadow=True` takes every decision and records it in ``state.would_cut`` but never stops a
+    row, so one can measure what would have been cut (e.g. whether those rollouts still succeed).
+    Statistics see every evaluated window of every generated token, so in shadow mode windows after
+    a would-be cut also feed the buffer.
+    """
+
+    needs_kl = True
+    stop_code = STOP_TRAP
+
+    def __init__(self, rule: str = "quantile", window: int = 64, stride: int = 64, patience: int = 4,
+                 exempt: int = 256, eta: float = 0.3, buffer_size: int = 4096, min_buffer: int = 512,
+                 warmup_steps: int = 50, kappa: float = 1.0, ema: float = 0.1, shadow: bool = False):
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        for name, value in (("window", window), ("stride", stride), ("patience", patience),
+                            ("buffer_size", buffer_size)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("exempt", exempt), ("min_buffer", min_buffer), ("warmup_steps", warmup_steps)):
+            if int(value) != value or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not 0.0 < eta < 1.0:
+            raise ValueError(f"eta must lie in (0, 1) (threshold = the (1-eta) quantile), got {eta!r}")
+        if min_buffer > buffer_size:
+            raise ValueError(f"min_buffer ({min_buffer}) must not exceed buffer_size ({buffer_size}), "
+                             "otherwise the detector never becomes active")
+        if not 0.0 < ema <= 1.0:
+            raise ValueError(f"ema must lie in (0, 1], got {ema!r}")
+        self.rule, self.window, self.stride, self.patience = rule, int(window), int(stride), int(patience)
+        self.exempt, self.eta, self.buffer_size = int(exempt), float(eta), int(buffer_size)
+        self.min_buffer, self.warmup_steps = int(min_buffer), int(warmup_steps)
+        self.kappa, self.ema, self.shadow = float(kappa), float(ema), bool(shadow)
+        self.buffer = torch.empty(0, dtype=torch.float64)  # FIFO of per-rollout minima, oldest first
+        self.steps_done = 0
+        self.z_mean: float | None = None  # zscore rule: running mean and variance of z
+        self.z_var: float | None = None
+
+    # -- adaptive threshold -------------------------------------------------------------------
+
+    @property
+    def threshold(self) -> float | None:
+        """The threshold the next batch will use; None until enough statistics exist."""
+        if self.rule == "quantile":
+            if self.buffer.numel() == 0:
+                return None
+            # torch.quantile's default 'linear' interpolation is numpy's default method.
+            return torch.quantile(self.buffer, 1.0 - self.eta).item()
+        if self.z_mean is None:
+            return None
+        return self.z_mean - self.kappa * math.sqrt(self.z_var)  # s = mean - kappa * std
+
+    @property
+    def active(self) -> bool:
+        """Whether the next batch may cut (warm-up over and a threshold defined)."""
+        return (self.buffer.numel() >= self.min_buffer and self.steps_done >= self.warmup_steps
+                and self.threshold is not None)
+
+    # -- per batch ----------------------------------------------------------------------------
+
+    def start(self, batch_size: int, device: torch.device | str | None = None) -> TerminatorState:
+        """Fresh state for a batch of `batch_size` rollouts; fixes `active` and the threshold."""
+        state = _new_state(batch_size, device)
+        state.active, state.threshold = self.active, self.threshold
+        state._ring = torch.zeros(batch_size, self.window, dtype=torch.float64, device=device)
+        state._ring_valid = torch.zeros(batch_size, self.window, dtype=torch.bool, device=device)
+        state._run = torch.zeros(batch_size, dtype=torch.long, device=device)
+        state._run_start = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        state._decided = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        state._min_z = torch.full((batch_size,), math.inf, dtype=torch.float64, device=device)
+        state._z_values = []
+        return state
+
+    def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """Feed the next C positions of every row; returns (fired in this call (B,), cut (B,)).
+
+        kl_chunk (B, C) float: d_t for positions state.pos .. state.pos + C - 1.
+        valid_chunk (B, C) bool: whether the row generated that position (False after its EOS,
+        or for rows that already ended). A stopped row ignores everything after its decision.
+        """
+        _check_chunk(state, kl_chunk, valid_chunk)
+        fired_now = torch.zeros_like(state.fired)
+        for j in range(kl_chunk.shape[1]):
+            t = state.pos
+            live = valid_chunk[:, j] & ~state.fired  # (B,)
+            slot = t % self.window
+            state._ring[:, slot] = torch.where(live, kl_chunk[:, j].double(), 0.0)
+            state._ring_valid[:, slot] = live
+            state.pos += 1
+            if (t + 1) % self.stride == 0 and t + 1 >= self.window:
+                fired_now |= self._evaluate_window(state, t)
+        return fired_now, state.cut
+
+    def _evaluate_window(self, state: TerminatorState, t: int) -> Tensor:
+        """Score the window ending at t for every row; returns the rows that fire (B,) bool."""
+        evaluated = state._ring_valid.all(dim=-1)  # (B,) the whole window was generated
+        z = state._ring.sum(dim=-1) / self.window  # (B,)  z_t = (1/W) sum_{i=t-W+1..t} d_i
+        state._min_z = torch.where(evaluated, torch.minimum(state._min_z, z), state._min_z)
+        state._z_values.append(z[evaluated])
+        start = t - self.window + 1
+        if not state.active or start < self.exempt:
+            return torch.zeros_like(evaluated)
+        decide = evaluated & ~state._decided  # (B,)
+        low = z < state.threshold  # (B,)
+        run = torch.where(low, state._run + 1, 0)
+        state._run = torch.where(decide, run, state._run)
+        state._run_start = torch.where(decide & low & (run == 1), start, state._run_start)
+        fire = decide & (state._run >= self.patience)  # (B,)
+        state._decided |= fire
+        state.would_cut = torch.where(fire, state._run_start, state.would_cut)
+        if self.shadow:
+            return torch.zeros_like(fire)
+        state.fired |= fire
+        state.cut = torch.where(fire, state._run_start, state.cut)
+        return fire
+
+    def end_batch(self, state: TerminatorState, step: int) -> None:
+        """Push this batch's per-rollout minima (all processes) and update the running statistics."""
+        has_window = state._min_z < math.inf
+        minima = all_gather_cat(state._min_z[has_window])
+        self.buffer = torch.cat([self.buffer, minima])[-self.buffer_size :]
+        if self.rule == "zscore":
+            z = all_gather_cat(torch.cat(state._z_values) if state._z_values else
+                               torch.empty(0, dtype=torch.float64))
+            if z.numel() > 0:
+                mean, var = z.mean().item(), z.var(unbiased=False).item()
+                if self.z_mean is None:
+                    self.z_mean, self.z_var = mean, var
+                else:  # exponential moving average with weight `ema` on the new batch
+                    self.z_mean = (1 - self.ema) * self.z_mean + self.ema * mean
+                    self.z_var = (1 - self.ema) * self.z_var + self.ema * var
+        self.steps_done = step + 1
+
+    def summary(self, state: TerminatorState) -> dict[str, float]:
+        """Plain floats for logging; keys with no value yet (no window, no threshold) are left out."""
+        out = {
+            "cut_rate": state.fired.float().mean().item(),
+            "would_cut_rate": (state.would_cut >= 0).float().mean().item(),
+            "active": float(state.active),
+            "buffer": float(self.buffer.numel()),
+        }
+        if state.threshold is not None:
+            out["threshold"] = state.threshold
+        z = torch.cat(state._z_values) if state._z_values else torch.empty(0)
+        if z.numel() > 0:
+            out["z_mean"] = z.mean().item()
+            out["z_min_mean"] = state._min_z[state._min_z < math.inf].mean().item()
+        return out
+
+    # -- checkpointing ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The adaptive statistics (not the hyperparameters, which come from the config)."""
+        return {"rule": self.rule, "buffer": self.buffer.clone(), "steps_done": self.steps_done,
+                "z_mean": self.z_mean, "z_var": self.z_var}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d["rule"] != self.rule:
+            raise ValueError(f"checkpoint was written by a {d['rule']!r} detector, this one uses rule "
+                             f"{self.rule!r}; set rule={d['rule']!r} to resume it")
+        # A smaller buffer_size on resume keeps the newest minima.
+        self.buffer = d["buffer"].to(torch.float64).cpu()[-self.buffer_size :].clone()
+        self.steps_done = int(d["steps_done"])
+        self.z_mean, self.z_var = d["z_mean"], d["z_var"]
+
+
+class RandomTerminator:
+    """Cut each rollout at a random position >= `exempt`, calibrated to a target mean length.
+
+    The length-matched baseline: it shortens rollouts as much as KAT does, but blindly. Each row's
+    cut position is drawn once per batch, cut = exempt + G with G geometric on {0, 1, ...}:
+        P(G >= g) = (1 - h)^g        (a constant per-token hazard h)
+    A row whose natural end comes first is not cut. The length of a row is its cut if cut, else the
+    number of tokens it generated (the tokens that reach the loss). After each batch the hazard
+    moves toward the value that gives the target mean length: for a pure geometric tail the mean
+    excess over `exempt` is about 1/h, so
+        h <- h * ((mean_length - exempt) / (target_length - exempt)) ** gain
+    (ratio clamped to [1/4, 4] per step; rows that end naturally make the true response flatter, so
+    the update undershoots and approaches the target from one side). The initial hazard solves the
+    truncated-geometric mean exactly when `max_new_tokens` is given.
+
+    With several processes, lengths are gathered so every process holds the same hazard; give each
+    process its own `seed` (e.g. seed + rank) so their cut positions are independent.
+    """
+
+    needs_kl = False
+    stop_code = STOP_RANDOM
+    shadow = False
+    threshold = None
+    active = True
+
+    def __init__(self, target_length: float, exempt: int = 0, max_new_tokens: int | None = None,
+                 seed: int = 0, gain: float = 0.5, min_hazard: float = 1e-6):
+        if int(exempt) != exempt or exempt < 0:
+            raise ValueError(f"exempt must be a non-negative integer, got {exempt!r}")
+        if not target_length > exempt:
+            raise ValueError(f"target_length ({target_length}) must exceed exempt ({exempt}): "
+                             "no row is cut before position exempt")
+        if max_new_tokens is not None and not target_length < max_new_tokens:
+            raise ValueError(f"target_length ({target_length}) must be below max_new_tokens "
+                             f"({max_new_tokens}), otherwise no cut is needed; use termination 'none'")
+        if not 0.0 < gain <= 1.0:
+            raise ValueError(f"gain must lie in (0, 1], got {gain!r}")
+        self.target_length, self.exempt, self.max_new_tokens = float(target_length), int(exempt), max_new_tokens
+        self.gain, self.min_hazard = float(gain), float(min_hazard)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.hazard = self._initial_hazard()
+        self.steps_done = 0
+
+    def _initial_hazard(self) -> float:
+        excess = self.target_length - self.exempt
+        if self.max_new_tokens is None:
+            return 1.0 / (excess + 1.0)  # E[G] = (1 - h) / h
+        span = self.max_new_tokens - self.exempt
+
+        def mean_excess(h: float) -> float:  # E[min(G, L)] = sum_{g=1..L} (1-h)^g
+            return (1.0 - h) * (1.0 - (1.0 - h) ** span) / h
+
+        lo, hi = self.min_hazard, 1.0  # mean_excess decreases in h
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if mean_excess(mid) > excess else (lo, mid)
+        return 0.5 * (lo + hi)
+
+    def start(self, batch_size: int, device: torch.device | str | None = None) -> TerminatorState:
+        """Fresh state for a batch; draws every row's cut position from the terminator's generator."""
+        state = _new_state(batch_size, device)
+        state.active = True
+        u = 1.0 - torch.rand(batch_size, generator=self.generator, dtype=torch.float64)  # (B,) in (0, 1]
+        g = torch.floor(torch.log(u) / math.log1p(-min(self.hazard, 1.0 - 1e-12)))  # G = floor(log U / log(1-h))
+        state._planned = (self.exempt + g.clamp(max=2**40)).long().to(device)  # (B,)
+        state._length = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return state
+
+    def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """Fire rows whose planned cut falls in this chunk at a position they generated."""
+        _check_chunk(state, kl_chunk, valid_chunk)
+        width = valid_chunk.shape[1]
+        offset = state._planned - state.pos  # (B,) column of the planned cut in this chunk
+        in_chunk = (offset >= 0) & (offset < width)
+        generated = valid_chunk.gather(1, offset.clamp(0, width - 1)[:, None]).squeeze(1)
+        fire = in_chunk & generated & ~state.fired  # (B,)
+        state._length += (valid_chunk & ~state.fired[:, None]).sum(dim=1)
+        state.fired |= fire
+        state.cut = torch.where(fire, state._planned, state.cut)
+        state.would_cut = state.cut
+        state.pos += width
+        return fire, state.cut
+
+    def lengths(self, state: TerminatorState) -> Tensor:
+        """(B,) tokens that reach the loss: the cut where cut, else the generated length."""
+        return torch.where(state.fired, state.cut, state._length)
+
+    def end_batch(self, state: TerminatorState, step: int) -> None:
+        """Move the hazard toward the target mean length, from all processes' lengths."""
+        mean_length = all_gather_cat(self.lengths(state).double()).mean().item()
+        ratio = (mean_length - self.exempt) / (self.target_length - self.exempt)
+        ratio = min(max(ratio, 0.25), 4.0)
+        self.hazard = min(max(self.hazard * ratio**self.gain, self.min_hazard), 1.0)
+        self.steps_done = step + 1
+
+    def summary(self, state: TerminatorState) -> dict[str, float]:
+        return {"cut_rate": state.fired.float().mean().item(),
+                "mean_length": self.lengths(state).float().mean().item(), "hazard": self.hazard}
+
+    def state_dict(self) -> dict:
+        return {"hazard": self.hazard, "steps_done": self.steps_done,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.hazard, self.steps_done = float(d["hazard"]), int(d["steps_done"])
+        self.generator.set_state(d["generator"])
+
+
+class NoTerminator:
+    """Never stops a rollout: plain on-policy distillation. ``stop_code`` is never written."""
+
+    needs_kl = False
+    stop_code = None
+    shadow = False
+    threshold = None
+    active = False
+
+    def start(self, batch_size: int, device: torch.device | str | None = None) -> TerminatorState:
+        return _new_state(batch_size, device)
+
+    def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) -> tuple[Tensor, Tensor]:
+        _check_chunk(state, kl_chunk, valid_chunk)
+        state.pos += kl_chunk.shape[1]
+        return torch.zeros_like(state.fired), state.cut
+
+    def end_batch(self, state: TerminatorState, step: int) -> None:
+        pass
+
+    def summary(self, state: TerminatorState) -> dict[str, float]:
+        return {"cut_rate": 0.0}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, d: dict) -> None:
+        pass
+
+
+TERMINATORS = {"kat": TrapDetector, "random": RandomTerminator, "none": NoTerminator}
+
+
+def make_terminator(name: str, **kw) -> TrapDetector | RandomTerminator | NoTerminator:
+    """Build a terminator by its config name: 'kat' | 'random' | 'none'."""
+    if name not in TERMINATORS:
+        raise ValueError(f"termination must be one of {tuple(TERMINATORS)}, got {name!r}")
+    cls = TERMINATORS[name]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(kw) - accepted)
+    if unknown:
+        raise ValueError(f"termination {name!r} does not take {unknown}; it accepts {sorted(accepted)}")
+    return cls(**kw)
