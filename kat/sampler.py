@@ -1,0 +1,393 @@
+"""Lockstep chunked decoding of a student and a teacher with KV caches.
+
+One call of `sample` turns a batch of left-padded prompts into a `Rollout`:
+
+    prefill student and teacher on the prompts
+    repeat until every row has ended:
+        the student samples C tokens, one cached decode step each
+        the teacher reads the same C tokens in ONE cached forward
+        d_t = KL(p_student || q_teacher) at those C positions       (kat.scorer.reverse_kl)
+        the terminator observes (d, valid) for the chunk and may fire with a cut
+        rows that ended (EOS, max_new_tokens, terminator) leave both caches
+
+The teacher's logits for completion position t come from its forward over token t-1. Its chunk
+forward over tokens t..t+C-1 therefore yields the logits of positions t+1..t+C: the first C-1
+score this chunk together with the logits carried from before (the prefill's last position for
+the first chunk), and the last one is carried to the next chunk.
+
+C = 1 is exact token-level lockstep. A larger C costs the teacher one forward per C tokens
+instead of one per token, and a row whose terminator fires stops at the end of that chunk (at
+most C-1 tokens later than with C = 1). A terminator cut is not an end of sequence: no EOS is
+ever appended, the row just stops, and the learner drops positions >= cut through `loss_mask`.
+
+When no terminator needs the KL while decoding (none, or a random cut that only counts
+positions), the teacher is not run during decoding. The student decodes alone, keeping its
+per-chunk logits in the model dtype (the logits that actually produced the tokens, so
+`student_logp` is the behaviour policy's log-prob exactly as in lockstep, and no second student
+forward is needed); the teacher then scores the finished rollout in one forward over
+prompt + completion, and the KL is computed chunk by chunk over the kept student chunks. Held
+memory is one (rows, T, V) tensor per model in the model dtype, the same as the teacher's own
+post-hoc logits; no (B, T, V) fp32 tensor exists in either mode.
+
+Temperature and top-p shape only which token is drawn. Every number the rollout records (kl,
+student_logp, teacher_logp, top-k) is computed at temperature 1 on the raw logits, because the
+objective and the learner's recomputed log-probs are defined on the student policy itself. With
+temperature != 1 or top_p < 1 the samples come from a reshaped policy: slightly off-policy.
+
+Reproducibility: each decode step draws one uniform per ORIGINAL row from `generator`, and a
+row's token is found by inverse CDF over its own sorted (nucleus-filtered) probabilities. A row's
+tokens therefore do not depend on which other rows are still in the batch, so C = 1 and C = 8
+give the same tokens for one seed whenever the terminator decides the same way.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
+from kat.scorer import reverse_kl, token_logp, topk_tail
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling from logits
+# ---------------------------------------------------------------------------------------------
+
+def sample_token(logits: Tensor, u: Tensor | None, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
+    """Draw one token per row from softmax(logits / temperature) restricted to the top-p nucleus.
+
+    Args:
+        logits: (A, V) next-token logits, any float dtype.
+        u: (A,) uniforms in [0, 1), one per row; the token is the inverse CDF of u over the row's
+            probabilities sorted in descending order. Ignored (may be None) when temperature == 0.
+        temperature: 0 means greedy (argmax of the raw logits).
+        top_p: keep the smallest set of most likely tokens whose mass reaches top_p.
+    Returns:
+        (A,) long token ids.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (A,)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (A, V)
+    probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (A, V) each
+    if top_p < 1.0:
+        # nucleus: keep token i while the mass strictly before it is < top_p (the first one always stays)
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)  # (A, V)
+    cdf = probs.cumsum(dim=-1)  # (A, V) unnormalised; the kept mass is cdf[:, -1]
+    total = cdf[:, -1:].contiguous()  # (A, 1)
+    # inverse CDF: the first i with cdf_i > u * total; rounding can land u * total on the end of the
+    # cdf, so clamp to the first index reaching the total, which is a token with positive mass
+    idx = torch.searchsorted(cdf, u[:, None].to(cdf.dtype) * total, right=True)  # (A, 1)
+    idx = torch.minimum(idx, torch.searchsorted(cdf, total))  # (A, 1)
+    return order.gather(-1, idx).squeeze(-1)  # (A,)
+
+
+def _uniforms(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """(n,) uniforms from `generator` (or the global RNG), drawn on the generator's own device."""
+    if generator is None:
+        return torch.rand(n, device=device)
+    return torch.rand(n, generator=generator, device=generator.device).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model calls and cache row selection
+# ---------------------------------------------------------------------------------------------
+
+def _positions(attention_mask: Tensor) -> Tensor:
+    """Position ids for a left-padded mask: real tokens count 0, 1, ...; pads get 0 (never attended)."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (A, L)
+
+
+def _forward(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache,
+             use_cache: bool, logits_to_keep: int = 0) -> tuple[Tensor, object]:
+    """One forward of an HF causal LM; returns logits (A, L', V) on the inputs' device and the cache.
+
+    The full attention mask (prompt + everything generated so far) and explicit position ids are
+    always passed: with left padding the model cannot infer positions from the cache length.
+    """
+    dev = model.device
+    out = model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
+                position_ids=position_ids.to(dev), cache=cache, use_cache=use_cache,
+                logits_to_keep=logits_to_keep)
+    return out.logits.to(input_ids.device), out.cache
+
+
+def _keep_rows(idx: Tensor, *caches) -> None:
+    """Drop finished rows from KV caches in place (`idx`: (A',) rows of the active batch to keep).
+
+    The index goes in on the CPU, which indexes cache tensors on any device, including a model
+    split across several devices.
+    """
+    for cache in caches:
+        if cache is not None:
+            cache.batch_select_indices(idx.cpu())
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk bookkeeping
+# ---------------------------------------------------------------------------------------------
+
+class ChunkScores(NamedTuple):
+    """Per-token numbers of one chunk of active rows, all at temperature 1."""
+
+    kl: Tensor  # (A, C) float32: d_t
+    student_logp: Tensor  # (A, C) float32: log p(y_t)
+    teacher_logp: Tensor  # (A, C) float32: log q(y_t)
+    topk_ids: Tensor | None  # (A, C, K) long
+    teacher_topk_logp: Tensor | None  # (A, C, K+1) float32
+
+
+def score_chunk(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, topk: int = 0) -> ChunkScores:
+    """Score the sampled tokens of one chunk: (A, C, V) logits of both models and (A, C) tokens."""
+    kl = reverse_kl(student_logits, teacher_logits)  # (A, C)  d_t = sum_v p (log p - log q)
+    student_logp = token_logp(student_logits, tokens)  # (A, C)  log p(y_t)
+    teacher_logp = token_logp(teacher_logits, tokens)  # (A, C)  log q(y_t)
+    ids = tail = None
+    if topk > 0:
+        ids, tail = topk_tail(student_logits, teacher_logits, topk)  # (A, C, K), (A, C, K+1)
+    return ChunkScores(kl, student_logp, teacher_logp, ids, tail)
+
+
+def _check_finite(scores: ChunkScores, valid: Tensor, rows: Tensor, t0: int,
+                  student_logits: Tensor, teacher_logits: Tensor) -> None:
+    """Raise on a non-finite KL or log-prob at a generated position, naming the rows and positions."""
+    bad = valid & ~(scores.kl.isfinite() & scores.student_logp.isfinite() & scores.teacher_logp.isfinite())
+    if not bad.any():
+        return
+    a, j = bad.nonzero(as_tuple=True)
+    where = [(int(rows[x]), t0 + int(y)) for x, y in zip(a.tolist(), j.tolist())]
+    culprits = []
+    for name, logits in (("student", student_logits), ("teacher", teacher_logits)):
+        nonfinite = ~logits[a, j].isfinite().all(dim=-1)  # (n,)
+        if nonfinite.any():
+            culprits.append(f"{name} logits are non-finite at {[w for w, n in zip(where, nonfinite) if n][:8]}")
+    raise FloatingPointError(
+        f"non-finite reverse KL or log-prob at (row, completion position) {where[:8]}"
+        f"{' ...' if len(where) > 8 else ''} ({len(where)} in all); "
+        + ("; ".join(culprits) if culprits else "both models' logits are finite there (extreme logits?)")
+        + ". Check the models' dtype (fp16 overflow: try bf16 or fp32) and their weights."
+    )
+
+
+class _RolloutBuffer:
+    """Full-batch (B, max_new_tokens, ...) outputs that each chunk writes its active rows into."""
+
+    def __init__(self, batch: int, max_new_tokens: int, topk: int, pad_token_id: int, device: torch.device):
+        shape = (batch, max_new_tokens)
+        self.completion_ids = torch.full(shape, pad_token_id, dtype=torch.long, device=device)
+        self.completion_mask = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.student_logp = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.teacher_logp = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.kl = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.topk_ids = self.teacher_topk_logp = None
+        if topk > 0:
+            self.topk_ids = torch.zeros(*shape, topk, dtype=torch.long, device=device)
+            self.teacher_topk_logp = torch.zeros(*shape, topk + 1, dtype=torch.float32, device=device)
+
+    def write_tokens(self, rows: Tensor, t0: int, tokens: Tensor, valid: Tensor) -> None:
+        c = tokens.shape[1]
+        self.completion_ids[rows, t0 : t0 + c] = tokens  # (A, c), pad where invalid
+        self.completion_mask[rows, t0 : t0 + c] = valid  # (A, c)
+
+    def write_scores(self, rows: Tensor, t0: int, scores: ChunkScores, valid: Tensor) -> None:
+        """Store a chunk's scores; positions after a row's EOS (valid False) stay 0."""
+        c = valid.shape[1]
+        for name in ("kl", "student_logp", "teacher_logp"):
+            getattr(self, name)[rows, t0 : t0 + c] = torch.where(valid, getattr(scores, name), 0.0)
+        if self.topk_ids is not None:
+            v = valid[..., None]  # (A, c, 1)
+            self.topk_ids[rows, t0 : t0 + c] = torch.where(v, scores.topk_ids, 0)
+            self.teacher_topk_logp[rows, t0 : t0 + c] = torch.where(v, scores.teacher_topk_logp, 0.0)
+
+    def to_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, stop: Tensor, cut: Tensor,
+                   shadow_cut: Tensor | None) -> Rollout:
+        """Trim to T = the longest completion and fill `cut` / `loss_mask` for rows that were not cut."""
+        lengths = self.completion_mask.sum(dim=-1)  # (B,)
+        T = int(lengths.max())
+        cut = torch.where(cut < 0, lengths, cut)  # (B,) uncut rows: cut = completion length
+        position = torch.arange(T, device=cut.device)  # (T,)
+        completion_mask = self.completion_mask[:, :T]  # (B, T)
+        return Rollout(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+            completion_ids=self.completion_ids[:, :T], completion_mask=completion_mask,
+            loss_mask=completion_mask & (position[None, :] < cut[:, None]),  # (B, T)
+            student_logp=self.student_logp[:, :T], teacher_logp=self.teacher_logp[:, :T],
+            kl=self.kl[:, :T], stop=stop, cut=cut,
+            topk_ids=None if self.topk_ids is None else self.topk_ids[:, :T],
+            teacher_topk_logp=None if self.teacher_topk_logp is None else self.teacher_topk_logp[:, :T],
+            shadow_cut=shadow_cut,
+        )
+
+
+def _eos_ids(eos_token_id: int | Sequence[int], device: torch.device) -> Tensor:
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise ValueError(f"eos_token_id must be a non-negative int or a list of them, got {eos_token_id!r}")
+    return torch.tensor(ids, dtype=torch.long, device=device)  # (E,)
+
+
+def _check_args(prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, temperature: float,
+                top_p: float, chunk: int, topk: int) -> None:
+    if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(f"prompt_ids and prompt_mask must both be (B, P), got {tuple(prompt_ids.shape)} "
+                         f"and {tuple(prompt_mask.shape)}")
+    mask = prompt_mask.bool()
+    if not mask[:, -1].all() or (mask[:, 1:].long() < mask[:, :-1].long()).any():
+        raise ValueError("prompt_mask must be left-padded with at least one real token per row "
+                         "(0s then 1s); set tokenizer.padding_side = 'left'")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 (1 = token-level lockstep), got {chunk}")
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0 (0 = no top-k capture), got {topk}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
+           eos_token_id: int | Sequence[int], pad_token_id: int, temperature: float = 1.0,
+           top_p: float = 1.0, chunk: int = 8, terminator=None, topk: int = 0,
+           generator: torch.Generator | None = None):
+    """Sample completions from `student`, scored by `teacher`, with online termination.
+
+    Args:
+        student, teacher: HF causal LMs in eval mode (unwrapped), sharing one vocabulary.
+        prompt_ids, prompt_mask: (B, P) left-padded prompts.
+        max_new_tokens: completion length limit (rows reaching it stop with STOP_LENGTH).
+        eos_token_id: id or list of ids that end a row (the EOS is part of the completion);
+            an empty list disables EOS stops.
+        pad_token_id: fills completion positions after a row's end.
+        temperature, top_p: sampling only (0 = greedy); all recorded numbers are at temperature 1.
+        chunk: C, tokens the student samples between two teacher forwards (1 = exact lockstep).
+        terminator: None, or an object with `needs_kl`, `stop_code`, `shadow`, `start(B, device=)`
+            and `observe(state, kl_chunk, valid_chunk) -> (fired, cut)` ((B, C) in, (B,) out,
+            called once per chunk for every row; rows that already ended have valid False).
+        topk: K > 0 also captures the student's top-K ids and the teacher's K+1 log-probs.
+        generator: source of the sampling randomness (one uniform per original row per step).
+    Returns:
+        (rollout, state): the `Rollout` (T = longest completion) and the terminator state to pass
+        to `terminator.end_batch` (None without a terminator).
+    """
+    _check_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, chunk, topk)
+    device = prompt_ids.device
+    B = prompt_ids.shape[0]
+    prompt_mask = prompt_mask.bool()
+    eos = _eos_ids(eos_token_id, device)  # (E,)
+    lockstep = terminator is not None and bool(terminator.needs_kl)
+    state = terminator.start(B, device=device) if terminator is not None else None
+
+    buf = _RolloutBuffer(B, max_new_tokens, topk, pad_token_id, device)
+    stop = torch.full((B,), STOP_LENGTH, dtype=torch.long, device=device)  # overwritten on EOS / fire
+    cut = torch.full((B,), -1, dtype=torch.long, device=device)  # -1: not cut
+    held: list[tuple[Tensor, int, Tensor]] = []  # post-hoc: (rows, t0, student chunk logits)
+
+    # Prefill. Only the last position's logits are needed: they predict completion token 0.
+    rows = torch.arange(B, device=device)  # (A,) original row of each active row
+    attn = prompt_mask.long()  # (A, P + t): one column per generated position, 0 after EOS
+    pos = attn.sum(dim=-1)  # (A,) position id of the next token (real prompt length + t)
+    s_last, s_cache = _forward(student, prompt_ids, attn, _positions(attn), None, True, logits_to_keep=1)
+    s_last = s_last[:, -1]  # (A, V) student logits for the next position
+    t_cache = t_last = None
+    if lockstep:
+        t_last, t_cache = _forward(teacher, prompt_ids, attn, _positions(attn), None, True, logits_to_keep=1)
+        t_last = t_last[:, -1]  # (A, V) teacher logits for the next position
+
+    t = 0  # completion position of the chunk's first token
+    while rows.numel() > 0:
+        c = min(chunk, max_new_tokens - t)
+        A = rows.numel()
+        alive = torch.ones(A, dtype=torch.bool, device=device)  # no EOS yet in this row
+        tokens = torch.full((A, c), pad_token_id, dtype=torch.long, device=device)  # (A, c)
+        valid = torch.zeros((A, c), dtype=torch.bool, device=device)  # (A, c)
+        s_chunk = []  # c tensors (A, V): the student's logits at the chunk's positions
+
+        # 1. The student samples c tokens; after a row's EOS it is fed pads that the mask hides.
+        for j in range(c):
+            u = _uniforms(B, generator, device)[rows] if temperature > 0 else None  # (A,)
+            token = sample_token(s_last, u, temperature, top_p)  # (A,)
+            tokens[:, j] = torch.where(alive, token, pad_token_id)
+            valid[:, j] = alive
+            alive = alive & ~torch.isin(token, eos)
+            s_chunk.append(s_last)
+            attn = torch.cat([attn, valid[:, j : j + 1].long()], dim=1)  # (A, P + t + j + 1)
+            if t + j + 1 < max_new_tokens:  # the rollout's last token needs no next-token logits
+                s_last, s_cache = _forward(student, tokens[:, j : j + 1], attn, (pos + j)[:, None], s_cache, True)
+                s_last = s_last[:, -1]  # (A, V)
+        s_chunk = torch.stack(s_chunk, dim=1)  # (A, c, V) model dtype
+        buf.write_tokens(rows, t, tokens, valid)
+
+        # 2. The teacher reads the chunk in one forward; its output at token t+j predicts t+j+1.
+        if lockstep:
+            chunk_pos = pos[:, None] + torch.arange(c, device=device)  # (A, c)
+            t_out, t_cache = _forward(teacher, tokens, attn, chunk_pos, t_cache, True)  # (A, c, V)
+            t_chunk = torch.cat([t_last[:, None], t_out[:, :-1]], dim=1)  # (A, c, V) positions t..t+c-1
+            t_last = t_out[:, -1]  # (A, V) position t+c, for the next chunk
+            scores = score_chunk(s_chunk, t_chunk, tokens, topk)
+            _check_finite(scores, valid, rows, t, s_chunk, t_chunk)
+            buf.write_scores(rows, t, scores, valid)
+        else:
+            held.append((rows, t, s_chunk))
+        pos = pos + c
+
+        # 3. Which rows end here: EOS, length, or the terminator (which takes precedence for stop/cut).
+        ended_eos = ~alive  # (A,)
+        ended = ended_eos | (t + c >= max_new_tokens)  # (A,)
+        stop[rows[ended_eos]] = STOP_EOS
+        if terminator is not None:
+            kl_full = torch.zeros((B, c), dtype=torch.float32, device=device)  # (B, c)
+            valid_full = torch.zeros((B, c), dtype=torch.bool, device=device)  # (B, c)
+            if lockstep:
+                kl_full[rows] = torch.where(valid, scores.kl, 0.0)
+            valid_full[rows] = valid
+            fired, fired_cut = terminator.observe(state, kl_full, valid_full)  # (B,), (B,)
+            fired = fired[rows].bool()  # (A,) only active rows can fire
+            if fired.any():
+                fired_rows = rows[fired]
+                row_cut = fired_cut[fired_rows].long()
+                if ((row_cut < 0) | (row_cut > t + c)).any():
+                    raise ValueError(f"terminator {type(terminator).__name__} fired rows "
+                                     f"{fired_rows.tolist()} with cut {row_cut.tolist()}, outside "
+                                     f"[0, {t + c}] (the positions generated so far)")
+                stop[fired_rows] = int(terminator.stop_code)
+                cut[fired_rows] = row_cut
+                ended = ended | fired
+        t += c
+
+        # 4. Ended rows leave the batch and both caches, so later chunks cost less.
+        if ended.any():
+            keep = (~ended).nonzero().squeeze(-1)  # (A',)
+            _keep_rows(keep, s_cache, t_cache)
+            rows, attn, pos, s_last = rows[keep], attn[keep], pos[keep], s_last[keep]
+            if t_last is not None:
+                t_last = t_last[keep]
+
+    # Post-hoc: one teacher forward over prompt + completion, then the KL chunk by chunk.
+    if not lockstep:
+        T = int(buf.completion_mask.sum(dim=-1).max())
+        ids = torch.cat([prompt_ids, buf.completion_ids[:, :T]], dim=1)  # (B, P + T)
+        mask = torch.cat([prompt_mask, buf.completion_mask[:, :T]], dim=1).long()  # (B, P + T)
+        # the logits at sequence index P-1+j predict completion token j: keep the last T+1, drop the end
+        t_logits, _ = _forward(teacher, ids, mask, _positions(mask), None, False, logits_to_keep=T + 1)
+        t_logits = t_logits[:, :T]  # (B, T, V) model dtype
+        for chunk_rows, t0, s_chunk in held:
+            c = min(s_chunk.shape[1], T - t0)  # positions past T are after every row's end
+            tokens = buf.completion_ids[chunk_rows, t0 : t0 + c]  # (A, c)
+            valid = buf.completion_mask[chunk_rows, t0 : t0 + c]  # (A, c)
+            s_c, t_c = s_chunk[:, :c], t_logits[chunk_rows, t0 : t0 + c]  # (A, c, V) each
+            scores = score_chunk(s_c, t_c, tokens, topk)
+            _check_finite(scores, valid, chunk_rows, t0, s_c, t_c)
+            buf.write_scores(chunk_rows, t0, scores, valid)
+
+    shadow_cut = None
+    if terminator is not None and terminator.shadow:
+        shadow_cut = state.would_cut.clone()  # (B,)
+    return buf.to_rollout(prompt_ids, prompt_mask, stop, cut, shadow_cut), state
