@@ -285,7 +285,6 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
     lockstep = terminator is not None and bool(terminator.needs_kl)
     state = terminator.start(B, device=device) if terminator is not None else None
 
-    buf = _RolloutBuffer(B, max_new_tokens, topk, pad_token_id, device)
     stop = torch.full((B,), STOP_LENGTH, dtype=torch.long, device=device)  # overwritten on EOS / fire
     cut = torch.full((B,), -1, dtype=torch.long, device=device)  # -1: not cut
     held: list[tuple[Tensor, int, Tensor]] = []  # post-hoc: (rows, t0, student chunk logits)
@@ -296,6 +295,8 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
     pos = attn.sum(dim=-1)  # (A,) position id of the next token (real prompt length + t)
     s_last, s_cache = _forward(student, prompt_ids, attn, _positions(attn), None, True, logits_to_keep=1)
     s_last = s_last[:, -1]  # (A, V) student logits for the next position
+    topk = min(topk, s_last.shape[-1])  # K >= V keeps the whole vocabulary (empty tail)
+    buf = _RolloutBuffer(B, max_new_tokens, topk, pad_token_id, device)
     t_cache = t_last = None
     if lockstep:
         t_last, t_cache = _forward(teacher, prompt_ids, attn, _positions(attn), None, True, logits_to_keep=1)

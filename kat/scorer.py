@@ -33,11 +33,18 @@ def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
         )
 
 
+def _kl_terms(logp: Tensor, logq: Tensor) -> Tensor:
+    """p(v) (log p(v) - log q(v)), with 0 where p(v) = 0 (a masked -inf student logit gives
+    0 * (-inf) otherwise)."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), 0.0)
+
+
 def _kl_rows(s: Tensor, t: Tensor) -> Tensor:
     """d = sum_v p(v) (log p(v) - log q(v)) for 2-D (rows, V) logits, computed in fp32."""
     logp = torch.log_softmax(s.float(), dim=-1)  # (R, V)
     logq = torch.log_softmax(t.float(), dim=-1)  # (R, V)
-    return (logp.exp() * (logp - logq)).sum(-1)  # (R,)
+    return _kl_terms(logp, logq).sum(-1)  # (R,)
 
 
 class _ReverseKL(torch.autograd.Function):
@@ -69,7 +76,8 @@ class _ReverseKL(torch.autograd.Function):
             p = logp.exp()
             g = grad_out[i : i + n].float().unsqueeze(-1)  # (r, 1)
             if need_s:
-                grad_s[i : i + n] = (g * p * (logp - logq - kl[i : i + n].unsqueeze(-1))).to(s.dtype)
+                d = torch.where(p > 0, p * (logp - logq - kl[i : i + n].unsqueeze(-1)), 0.0)
+                grad_s[i : i + n] = (g * d).to(s.dtype)
             if need_t:
                 grad_t[i : i + n] = (g * (logq.exp() - p)).to(t.dtype)
         return grad_s, grad_t, None

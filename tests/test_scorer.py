@@ -105,3 +105,16 @@ def test_topk_tail_full_vocab_has_empty_tail():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="same shape"):
         reverse_kl(torch.randn(2, 5), torch.randn(2, 6))
+
+
+def test_masked_vocabulary_entries():
+    """-inf logits (masked tokens) contribute nothing when both models mask them; the teacher
+    masking a token the student uses makes the KL infinite, as the maths says."""
+    s = torch.tensor([[1.0, 2.0, float("-inf"), 0.5]], requires_grad=True)
+    t = torch.tensor([[0.0, 1.0, float("-inf"), 2.0]])
+    got = reverse_kl(s, t)
+    want = ref_kl(s.detach()[:, [0, 1, 3]], t[:, [0, 1, 3]])
+    torch.testing.assert_close(got.double(), want)
+    got.sum().backward()
+    assert torch.isfinite(s.grad).all() and s.grad[0, 2] == 0
+    assert torch.isinf(reverse_kl(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, float("-inf")]]))).all()
