@@ -40,6 +40,7 @@ Run (the package `kat/` holds the same maths for import and multi-GPU use; tests
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import os
@@ -132,6 +133,8 @@ class Config:
     """evaluate on the first N problems (0: all)"""
     output_dir: str = "runs/kat_py"
     """metrics.jsonl, kl_traces.png and the trained student go here"""
+    grader: str = "exact"
+    """answer checker: exact (toy) | math (math-verify)"""
     seed: int = 0
     """random seed"""
     dtype: str = "auto"
@@ -139,53 +142,44 @@ class Config:
 
 
 CHOICES = {"loss": ("full", "topk", "sampled"), "termination": ("kat", "none", "random"),
-           "rule": ("quantile", "zscore"), "dtype": ("auto", "float32", "bfloat16", "float16")}
-
-
-def field_docs() -> dict[str, str]:
-    """The docstring under each Config field, for --help (read from this file's source)."""
-    tree = ast.parse(open(__file__).read())
-    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config").body
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+           "rule": ("quantile", "zscore"), "grader": ("exact", "math"),
+           "dtype": ("auto", "float32", "bfloat16", "float16")}
 
 
 def parse_config(argv: list[str]) -> Config:
+    """`--config FILE` (YAML) then `--field value` / `--field=value` pairs; `--help` lists the fields."""
+    tree = ast.parse(open(__file__).read())  # field docstrings become the help text
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config").body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
     if "-h" in argv or "--help" in argv:
-        docs = field_docs()
-        print("usage: kat.py [--config FILE] [--field value ...]\n")
-        for f in fields(Config):
-            print(f"  --{f.name} ({f.default!r})\n      {docs.get(f.name, '')}")
-        sys.exit(0)
-    pairs, values = [a.removeprefix("--").replace("-", "_").split("=", 1) for a in argv], {}
-    i = 0
-    while i < len(argv):  # accept "--key value" and "--key=value"
-        key = argv[i].removeprefix("--").replace("-", "_")
-        if "=" in key:
-            key, value = key.split("=", 1)
-        else:
-            i, value = i + 1, argv[i + 1] if i + 1 < len(argv) else ""
-        values[key] = value
-        i += 1
-    del pairs
-    merged = {}
-    if "config" in values:
-        with open(values.pop("config")) as fh:
-            merged.update(yaml.safe_load(fh) or {})
-    merged.update(values)
+        sys.exit("usage: kat.py [--config FILE] [--field value ...]\n" + "\n".join(
+            f"  --{f.name} ({f.default!r}): {docs[f.name]}" for f in fields(Config)))
+    pairs, i = {}, 0
+    while i < len(argv):
+        key, eq, value = argv[i].removeprefix("--").replace("-", "_").partition("=")
+        if not eq:  # "--key value", or a bare "--flag" meaning true
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            i, value = i + has_value, argv[i + 1] if has_value else "true"
+        pairs[key], i = value, i + 1
+    values = {}
+    if "config" in pairs:
+        with open(pairs.pop("config")) as fh:
+            values = yaml.safe_load(fh) or {}
+    values.update(pairs)
     types = {f.name: type(f.default) for f in fields(Config)}
-    for key, value in merged.items():
+    for key, value in values.items():
         if key not in types:
-            raise SystemExit(f"error: unknown field {key!r}; run with --help for the list")
+            sys.exit(f"error: unknown field {key!r}; kat.py --help lists them")
         if types[key] is bool and isinstance(value, str):
             value = value.lower() in ("1", "true", "yes", "on")
         try:
-            merged[key] = types[key](value)
+            values[key] = types[key](value)
         except ValueError:
-            raise SystemExit(f"error: {key}: expected {types[key].__name__}, got {value!r}") from None
-        if key in CHOICES and merged[key] not in CHOICES[key]:
-            raise SystemExit(f"error: {key}: {value!r} is not one of {CHOICES[key]}")
-    return Config(**merged)
+            sys.exit(f"error: {key}: expected {types[key].__name__}, got {value!r}")
+        if values[key] not in CHOICES.get(key, (values[key],)):
+            sys.exit(f"error: {key}: {value!r} is not one of {CHOICES[key]}")
+    return Config(**values)
 
 
 # =====================================================================================================
@@ -207,7 +201,8 @@ class ReverseKL(torch.autograd.Function):
         for i in range(0, s.shape[0], n):
             logp = torch.log_softmax(s[i:i + n].float(), -1)  # (r, V) fp32
             logq = torch.log_softmax(t[i:i + n].float(), -1)
-            out[i:i + n] = (logp.exp() * (logp - logq)).sum(-1)
+            p = logp.exp()  # where p = 0 (a masked -inf logit) the term is 0, not 0 * inf
+            out[i:i + n] = torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
         ctx.save_for_backward(s, t, out)
         ctx.n = n
         return out
@@ -223,7 +218,8 @@ class ReverseKL(torch.autograd.Function):
             logq = torch.log_softmax(t[i:i + n].float(), -1)
             p, gi = logp.exp(), g[i:i + n].float().unsqueeze(-1)  # (r, V), (r, 1)
             if need_s:
-                gs[i:i + n] = (gi * p * (logp - logq - kl[i:i + n].unsqueeze(-1))).to(s.dtype)
+                d = torch.where(p > 0, p * (logp - logq - kl[i:i + n].unsqueeze(-1)), 0.0)
+                gs[i:i + n] = (gi * d).to(s.dtype)
             if need_t:
                 gt[i:i + n] = (gi * (logq.exp() - p)).to(t.dtype)
         return gs, gt, None
@@ -295,7 +291,7 @@ def sample_token(logits: Tensor, u: Tensor | None, temperature: float, top_p: fl
     so a row's tokens do not depend on which other rows are still in the batch."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs, order = torch.softmax(logits.float() / temperature, -1).sort(-1, descending=True, stable=True)
+    probs, order = torch.softmax(logits.float() / temperature, -1).sort(dim=-1, descending=True, stable=True)
     if top_p < 1.0:  # keep token i while the mass before it is < top_p
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
     cdf = probs.cumsum(-1)  # (A, V) unnormalised
@@ -323,8 +319,6 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
     out = {k: torch.zeros(B, T_max, dtype=torch.float32, device=dev) for k in ("kl", "student_logp", "teacher_logp")}
     ids = torch.full((B, T_max), pad, dtype=torch.long, device=dev)  # (B, T)
     gen_mask = torch.zeros(B, T_max, dtype=torch.bool, device=dev)  # (B, T)
-    topk_ids = torch.zeros(B, T_max, cfg.topk, dtype=torch.long, device=dev) if cfg.loss == "topk" else None
-    topk_logq = torch.zeros(B, T_max, cfg.topk + 1, device=dev) if cfg.loss == "topk" else None
     stop = torch.full((B,), STOP_LENGTH, dtype=torch.long, device=dev)
     cut = torch.full((B,), -1, dtype=torch.long, device=dev)
     held = []  # without lockstep: (rows, t0, student chunk logits) scored after decoding
@@ -335,6 +329,9 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
     prefill_pos = (attn.cumsum(-1) - 1).clamp(min=0)
     s_last, s_cache = forward(student, prompt_ids, attn, prefill_pos, None, keep=1)
     s_last, t_cache, t_last = s_last[:, -1], None, None  # (A, V)
+    K = min(cfg.topk, s_last.shape[-1]) if cfg.loss == "topk" else 0  # K >= V: the whole vocabulary
+    topk_ids = torch.zeros(B, T_max, K, dtype=torch.long, device=dev) if K else None
+    topk_logq = torch.zeros(B, T_max, K + 1, device=dev) if K else None
     if lockstep:
         t_last, t_cache = forward(teacher, prompt_ids, attn, prefill_pos, None, keep=1)
         t_last = t_last[:, -1]
@@ -592,61 +589,73 @@ class NoTerminator:
 # =====================================================================================================
 
 def completion_logits(model, r: dict) -> Tensor:
-    """(B, T, V) logits predicting each completion token, from one forward over prompt + completion."""
-    ids = torch.cat([r["prompt_ids"], r["completion_ids"]], 1)
+    """(B, T, V) logits predicting each completion token: one forward over prompt + completion; the
+    logits at column P-1+t predict token t, so keep the last T+1 columns and drop the final one."""
+    T = r["completion_ids"].shape[1]
+    ids = torch.cat([r["prompt_ids"], r["completion_ids"]], 1)  # (B, P + T)
     mask = torch.cat([r["prompt_mask"], r["completion_mask"]], 1).long()
-    P, T = r["prompt_ids"].shape[1], r["completion_ids"].shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-    return logits[:, P - 1:P + T - 1]  # the logits at index i predict token i+1
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=False, logits_to_keep=T + 1)
+    return out.logits[:, -(T + 1):-1]
+
+
+def token_losses(logits: Tensor, r: dict, kind: str, teacher_logits: Tensor | None) -> Tensor:
+    """Per-token OPD loss (B, T), 0 outside loss_mask."""
+    m = r["loss_mask"]
+    if kind == "full":  # exact d_t, the teacher a constant target
+        loss = reverse_kl(logits, teacher_logits.detach())
+    elif kind == "topk":  # sum_{v in S} p log(p/q) + p_tail log(p_tail/q_tail), S = student's top-K
+        ids = torch.where(m[..., None], r["topk_ids"], 0)  # (B, T, K)
+        logq = torch.where(m[..., None], r["teacher_topk_logp"], 0.0)  # (B, T, K+1)
+        x = logits.gather(-1, ids).float()  # log p(v) = x_v - x_a + log p(a): no (B, T, V) fp32 buffer
+        logp = x - x[..., :1] + token_logp(logits, ids[..., 0])[..., None]  # (B, T, K)
+        head = (logp.exp() * (logp - logq[..., :-1])).sum(-1)  # (B, T)
+        p_tail = -torch.expm1(torch.logsumexp(logp, -1))  # 1 - sum_S p, accurate near full coverage
+        has_tail = (p_tail > 0) & logq[..., -1].isfinite()  # K >= V: no tail, term 0 (and no NaN grad)
+        p_tail, logq_tail = torch.where(has_tail, p_tail, 1.0), torch.where(has_tail, logq[..., -1], 0.0)
+        loss = head + torch.where(has_tail, p_tail * (p_tail.log() - logq_tail), 0.0)
+    elif kind == "sampled":  # -exp(logp - logp_old) * A_t,  A_t = -(logp_old - teacher_logp)
+        logp_old = torch.where(m, r["student_logp"], 0.0)
+        advantage = -(logp_old - torch.where(m, r["teacher_logp"], 0.0))
+        loss = -torch.exp(token_logp(logits, torch.where(m, r["completion_ids"], 0)) - logp_old) * advantage
+    else:
+        raise ValueError(f"loss must be one of {CHOICES['loss']}, got {kind!r}")
+    return torch.where(m, loss, 0.0)
 
 
 def opd_loss(logits: Tensor, r: dict, kind: str, teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(sum over loss_mask of the per-token loss, number of tokens)."""
-    m = r["loss_mask"]
-    if kind == "full":  # exact d_t, gradient through p
-        per_token = reverse_kl(logits, teacher_logits)
-    elif kind == "topk":  # sum_{v in S} p (log p - log q) + p_tail (log p_tail - log q_tail)
-        logp = token_logp(logits.unsqueeze(-2).expand(*r["topk_ids"].shape, -1), r["topk_ids"])  # (B, T, K)
-        logq = r["teacher_topk_logp"]
-        p_tail = (1 - logp.exp().sum(-1)).clamp(min=0)  # (B, T)
-        tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp(min=1e-30).log() - logq[..., -1]), 0.0)
-        per_token = (logp.exp() * (logp - logq[..., :-1])).sum(-1) + tail
-    elif kind == "sampled":  # -exp(logp - logp_old) * A_t, A_t = -(logp_old - teacher_logp)
-        logp = token_logp(logits, r["completion_ids"])
-        advantage = -(r["student_logp"] - r["teacher_logp"])
-        per_token = -(logp - r["student_logp"]).exp() * advantage
-    else:
-        raise ValueError(f"loss must be one of full, topk, sampled; got {kind!r}")
-    return (per_token * m).sum(), m.sum()
+    """(sum of the per-token loss over loss_mask, number of those tokens)."""
+    return token_losses(logits, r, kind, teacher_logits).sum(), r["loss_mask"].sum()
 
 
 def learn(student, teacher, r: dict, optimizer, scheduler, acc: Accelerator, cfg: Config) -> dict:
-    """One optimiser step over micro-batches. Each micro-batch adds sum_t l_t / N * world_size to the
-    gradient, N = kept tokens on ALL processes (DDP averages over processes): micro-batching and the
-    number of processes do not change the result."""
-    n_global = acc.reduce(r["loss_mask"].sum().float(), "sum").item()
-    B, loss_total, bad = r["completion_ids"].shape[0], 0.0, []
-    starts = list(range(0, B, cfg.micro_batch_size))
+    """One optimiser step in micro-batches. Each adds grad(sum_t l_t / N * processes), N = kept tokens on
+    ALL processes (DDP averages over processes), so neither micro-batching nor the number of processes
+    changes the update. A non-finite loss anywhere skips the step on every process."""
+    n = acc.reduce(r["loss_mask"].sum().float(), "sum").item()
+    if n == 0:
+        return {"loss": 0.0, "grad_norm": 0.0, "finite": True, "bad_rows": []}
+    B = r["completion_ids"].shape[0]
+    starts, total, bad = list(range(0, B, cfg.micro_batch_size)), torch.zeros((), device=acc.device), []
     for i in starts:
         mb = {k: v[i:i + cfg.micro_batch_size] if isinstance(v, Tensor) else v for k, v in r.items()}
-        sync = acc.no_sync(student) if i != starts[-1] else torch.enable_grad()
-        with sync:
-            logits = completion_logits(student, mb)
-            t_logits = completion_logits(teacher, mb).detach() if cfg.loss == "full" else None
-            loss_sum, _ = opd_loss(logits, mb, cfg.loss, t_logits)
-            if not torch.isfinite(loss_sum):
-                bad.append(i)
-            acc.backward(loss_sum / max(n_global, 1.0) * acc.num_processes)
-            loss_total += loss_sum.item()
-    grad_norm = acc.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-    if bad:  # never step on NaN: report and skip
-        optimizer.zero_grad(set_to_none=True)
-        return {"loss": float("nan"), "grad_norm": float("nan"), "finite": False, "bad_rows": bad}
+        with contextlib.nullcontext() if i == starts[-1] else acc.no_sync(student):  # sync once
+            logits = completion_logits(student, mb)  # (b, T, V)
+            with torch.no_grad():
+                t_logits = completion_logits(teacher, mb) if cfg.loss == "full" else None
+            row_loss = token_losses(logits, mb, cfg.loss, t_logits).sum(-1)  # (b,)
+            acc.backward(row_loss.sum() / n * acc.num_processes)
+        bad += (torch.nonzero(~row_loss.detach().isfinite()).squeeze(-1) + i).tolist()
+        total += row_loss.sum().detach()
+    loss = acc.reduce(total, "sum").item() / n
+    if acc.reduce(torch.tensor(float(len(bad)), device=acc.device), "sum").item() > 0:
+        optimizer.zero_grad(set_to_none=True)  # never step on NaN: report and skip
+        return {"loss": loss, "grad_norm": float("nan"), "finite": False, "bad_rows": bad}
+    grad_norm = float(acc.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    loss = acc.reduce(torch.tensor(loss_total, device=acc.device), "sum").item() / max(n_global, 1.0)
-    return {"loss": loss, "grad_norm": float(grad_norm), "finite": True}
+    return {"loss": loss, "grad_norm": grad_norm, "finite": True, "bad_rows": []}
 
 
 # =====================================================================================================
@@ -734,7 +743,7 @@ def main(cfg: Config | None = None) -> list[dict]:
     eos = torch.tensor([tok.eos_token_id], device=acc.device)
     problems, tests = read_problems(cfg.train_data), read_problems(cfg.eval_data, cfg.eval_limit) if cfg.eval_data else []
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * cfg.steps), cfg.steps)
     student, optimizer, scheduler = acc.prepare(student, optimizer, scheduler)
     terminator = {"kat": lambda: TrapDetector(cfg), "none": NoTerminator,
                   "random": lambda: RandomTerminator(cfg, cfg.seed + acc.process_index)}[cfg.termination]()

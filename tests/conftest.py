@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny teacher/student pair with the toy tokenizer, saved like real checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_llama(vocab: int, seed: int, layers: int, hidden: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                      max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> dict:
+    """Random tiny teacher and student (toy tokenizer) saved to disk, plus toy prompt files."""
+    from kat.toy.tokenizer import build_tokenizer
+    from kat.toy.world import make_split, write_jsonl
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    tok = build_tokenizer()
+    for name, seed, layers, hidden in (("teacher", 1, 2, 32), ("student", 2, 1, 32)):
+        model = tiny_llama(len(tok), seed, layers, hidden)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    train, test = make_split(64, seed=0), make_split(16, seed=1)
+    write_jsonl(train, root / "train.jsonl")
+    write_jsonl(test, root / "test.jsonl")
+    return {"root": root, "teacher": str(root / "teacher"), "student": str(root / "student"),
+            "train": str(root / "train.jsonl"), "test": str(root / "test.jsonl"), "tokenizer": tok}
+
+
+@pytest.fixture(scope="session")
+def single_file():
+    """kat.py loaded by path (`import kat` finds the package, not the file)."""
+    spec = importlib.util.spec_from_file_location("kat_single_file", ROOT / "kat.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("ACCELERATE_USE_CPU", "1")

@@ -1,0 +1,229 @@
+"""kat.py (the single-file tutorial) and kat/ (the package) must compute the same things.
+
+kat.py is loaded by path; every comparison is exact (torch.equal) unless a tolerance is stated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kat
+from kat import config as pkg_config
+from kat.detector import RandomTerminator, TrapDetector
+from kat.learner import completion_logits, opd_loss
+from kat.sampler import sample
+
+from conftest import ROOT
+
+
+def as_dict(rollout) -> dict:
+    return {f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+
+def test_config_fields_and_defaults_match(single_file):
+    pkg = {f.name: f.default for f in dataclasses.fields(pkg_config.Config)}
+    for f in dataclasses.fields(single_file.Config):
+        assert f.name in pkg, f"kat.py field {f.name} is missing from kat/config.py"
+        if f.name != "output_dir":
+            assert f.default == pkg[f.name], f"default of {f.name} differs"
+
+
+def test_single_file_cli(single_file, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 3\neta: 0.2\n")
+    cfg = single_file.parse_config(["--config", str(path), "--eta=0.1", "--shadow", "--loss", "topk"])
+    assert (cfg.steps, cfg.eta, cfg.shadow, cfg.loss) == (3, 0.1, True, "topk")
+    with pytest.raises(SystemExit, match="unknown field 'stepz'"):
+        single_file.parse_config(["--stepz", "3"])
+    with pytest.raises(SystemExit, match="loss: 'kl' is not one of"):
+        single_file.parse_config(["--loss", "kl"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kl_functions_identical(single_file, dtype):
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(5, 9, 301, generator=g) * 4).to(dtype)
+    t = (torch.randn(5, 9, 301, generator=g) * 4).to(dtype)
+    ids = torch.randint(0, 301, (5, 9), generator=g)
+    assert torch.equal(single_file.reverse_kl(s, t), kat.reverse_kl(s, t))
+    assert torch.equal(single_file.token_logp(s, ids), kat.token_logp(s, ids))
+    for a, b in zip(single_file.topk_tail(s, t, 7), kat.topk_tail(s, t, 7)):
+        assert torch.equal(a, b)
+    grads = []
+    for fn in (single_file.reverse_kl, kat.reverse_kl):
+        x = s.clone().requires_grad_(True)
+        fn(x, t).sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(*grads)
+
+
+# ------------------------------------------------------------------------------------------------
+# Terminators
+
+def detector_pair(single_file, **kw):
+    fields = {"rule": "quantile", "window": 4, "stride": 2, "patience": 2, "exempt": 3, "eta": 0.4,
+              "buffer_size": 40, "min_buffer": 8, "warmup_steps": 1, "kappa": 0.5, "ema": 0.3, "shadow": False}
+    fields.update(kw)
+    return single_file.TrapDetector(single_file.Config(**fields)), TrapDetector(**fields)
+
+
+@pytest.mark.parametrize("kw", [{}, {"rule": "zscore"}, {"shadow": True}, {"stride": 4, "patience": 1}])
+def test_detector_decisions_identical(single_file, kw):
+    ours, pkg = detector_pair(single_file, **kw)
+    g = torch.Generator().manual_seed(1)
+    fired_total = 0
+    for step in range(6):
+        B, T = 12, 40
+        # low-KL stretches in some rows, so both rules have something to fire on
+        kl = torch.rand(B, T, generator=g) * 2
+        kl[: B // 2, 15:] *= 0.05
+        lengths = torch.randint(5, T + 1, (B,), generator=g)
+        valid = torch.arange(T)[None] < lengths[:, None]
+        sa, sb = ours.start(B), pkg.start(B)
+        for t0 in range(0, T, 3):
+            fa, ca = ours.observe(sa, kl[:, t0:t0 + 3], valid[:, t0:t0 + 3])
+            fb, cb = pkg.observe(sb, kl[:, t0:t0 + 3], valid[:, t0:t0 + 3])
+            assert torch.equal(fa, fb) and torch.equal(ca, cb)
+            fired_total += int(fa.sum())
+        assert torch.equal(sa.would_cut, sb.would_cut)
+        ours.end_batch(sa, step)
+        pkg.end_batch(sb, step)
+        assert ours.threshold == pkg.threshold and ours.active == pkg.active
+    assert fired_total > 0 or kw.get("shadow")
+
+
+def test_random_terminator_identical(single_file):
+    cfg = single_file.Config(exempt=4, max_new_tokens=40, random_target_length=15.0)
+    ours, pkg = single_file.RandomTerminator(cfg, seed=3), RandomTerminator(15.0, exempt=4, max_new_tokens=40, seed=3)
+    for step in range(4):
+        sa, sb = ours.start(10), pkg.start(10)
+        valid = torch.ones(10, 8, dtype=torch.bool)
+        for _ in range(5):
+            assert all(torch.equal(a, b) for a, b in zip(ours.observe(sa, torch.zeros(10, 8), valid),
+                                                          pkg.observe(sb, torch.zeros(10, 8), valid)))
+        ours.end_batch(sa, step)
+        pkg.end_batch(sb, step)
+        assert ours.hazard == pkg.hazard
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling and losses on tiny models
+
+@pytest.fixture(scope="module")
+def models(tiny_world):
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_world["student"]).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_world["teacher"]).eval()
+    tok = tiny_world["tokenizer"]
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in ("37+48-19+25", "5+6", "99-12+1-40+3")] * 2
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return student, teacher, enc["input_ids"], enc["attention_mask"].bool()
+
+
+@pytest.mark.parametrize("termination,loss,chunk", [("kat", "full", 4), ("none", "topk", 8), ("random", "sampled", 3)])
+def test_sample_and_losses_identical(single_file, models, termination, loss, chunk):
+    student, teacher, ids, mask = models
+    cfg = single_file.Config(max_new_tokens=24, chunk=chunk, loss=loss, topk=5, termination=termination,
+                             window=4, stride=2, patience=1, exempt=0, eta=0.9, min_buffer=1, warmup_steps=0,
+                             random_target_length=10.0)
+    eos = torch.tensor([2])
+
+    def terminators():
+        if termination == "kat":
+            a, b = detector_pair(single_file, window=4, stride=2, patience=1, exempt=0, eta=0.9, min_buffer=1,
+                                 warmup_steps=0)
+            b.buffer = a.buffer = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)  # active at once
+            return a, b
+        if termination == "random":
+            return single_file.RandomTerminator(cfg, seed=0), RandomTerminator(10.0, 0, 24, seed=0)
+        return single_file.NoTerminator(), None
+
+    ta, tb = terminators()
+    ra, _ = single_file.sample(student, teacher, ids, mask, ta, cfg, eos, 0, torch.Generator().manual_seed(5))
+    rb, _ = sample(student, teacher, ids, mask, max_new_tokens=24, eos_token_id=2, pad_token_id=0,
+                   chunk=chunk, terminator=tb, topk=5 if loss == "topk" else 0,
+                   generator=torch.Generator().manual_seed(5))
+    rb = as_dict(rb)
+    for key, value in rb.items():
+        assert (value is None) == (ra[key] is None), key
+        if value is not None:
+            assert torch.equal(ra[key], value), key
+    if termination != "none":
+        assert (rb["stop"] >= 2).any(), "the terminator should have cut some rows"
+
+    # losses and gradients
+    outs = []
+    for loss_fn, logits_fn, r in ((single_file.opd_loss, single_file.completion_logits, ra),
+                                  (opd_loss, completion_logits, kat.Rollout(**rb))):
+        student.zero_grad()
+        logits = logits_fn(student, r)
+        with torch.no_grad():
+            t_logits = logits_fn(teacher, r) if loss == "full" else None
+        total, n = loss_fn(logits, r, loss, t_logits)
+        total.backward()
+        outs.append((total.detach(), n, [p.grad.clone() for p in student.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
+    student.zero_grad()
+
+
+# ------------------------------------------------------------------------------------------------
+# A short training run: same per-step numbers, same final parameters
+
+def param_checksum(path: str) -> float:
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    return sum(float(t.double().abs().sum()) for t in tensors.values())
+
+
+def test_three_step_trajectory_identical(single_file, tiny_world, tmp_path):
+    from kat.train import train
+
+    common = dict(teacher=tiny_world["teacher"], student=tiny_world["student"], train_data=tiny_world["train"],
+                  eval_data="", steps=3, batch_size=4, samples_per_prompt=2, micro_batch_size=3,
+                  max_new_tokens=24, chunk=4, window=4, stride=2, patience=1, exempt=0, eta=0.8,
+                  min_buffer=4, warmup_steps=1, lr=3e-3, seed=11)
+    rows_a = single_file.main(single_file.Config(output_dir=str(tmp_path / "a"), **common))
+    train(pkg_config.Config(output_dir=str(tmp_path / "b"), plot=False, n_traces=0, **common))
+    with open(tmp_path / "b" / "metrics.jsonl") as fh:
+        rows_b = [json.loads(line) for line in fh]
+    assert len(rows_a) == len(rows_b) == 3
+    for a, b in zip(rows_a, rows_b):
+        for key in ("loss", "kl", "cut_rate", "mean_length", "kept_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+    assert sum(r["cut_rate"] for r in rows_b) > 0, "the detector should cut within three steps"
+    assert param_checksum(str(tmp_path / "a" / "student")) == pytest.approx(
+        param_checksum(str(tmp_path / "b" / "student")), rel=1e-9)
+
+
+def test_accelerate_launch_smoke(tiny_world, tmp_path):
+    """`accelerate launch kat.py` end to end with a tiny budget, as a user runs it."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "kat.py"),
+           "--teacher", tiny_world["teacher"], "--student", tiny_world["student"],
+           "--train_data", tiny_world["train"], "--eval_data", tiny_world["test"], "--eval_limit", "4",
+           "--eval_k", "2", "--steps", "2", "--batch_size", "2", "--max_new_tokens", "16",
+           "--output_dir", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["mean_length"] > 0 for r in rows)
+    assert (out / "student" / "model.safetensors").is_file() and (out / "kl_traces.png").stat().st_size > 1000
+    assert "before:" in proc.stdout and "after:" in proc.stdout
