@@ -310,10 +310,12 @@ def forward(model, ids: Tensor, mask: Tensor, positions: Tensor, cache, keep: in
 
 @torch.no_grad()
 def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator, cfg: Config,
-           eos: Tensor, pad: int, generator: torch.Generator) -> tuple[dict, object]:
+           eos: Tensor, pad: int, generator: torch.Generator, first: int = 0,
+           world_rows: int | None = None) -> tuple[dict, object]:
     """Lockstep chunked decoding. The teacher's output at token t predicts t+1, so a chunk's teacher
     logits are the carried last logits plus the first C-1 outputs of its forward over the chunk."""
     B, dev, T_max = prompt_ids.shape[0], prompt_ids.device, cfg.max_new_tokens
+    world_rows = world_rows or B  # rows first..first+B-1 of the batch over all processes
     lockstep = terminator.needs_kl
     state = terminator.start(B, device=dev)
     out = {k: torch.zeros(B, T_max, dtype=torch.float32, device=dev) for k in ("kl", "student_logp", "teacher_logp")}
@@ -343,8 +345,8 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
         valid = torch.zeros(A, c, dtype=torch.bool, device=dev)  # (A, c)
         s_chunk = []
         for j in range(c):  # --- the student samples c tokens (pads after its EOS, masked out)
-            u = torch.rand(B, generator=generator, device=generator.device).to(dev)[rows] \
-                if cfg.temperature > 0 else None
+            u = torch.rand(world_rows, generator=generator, device=generator.device).to(dev)[first + rows] \
+                if cfg.temperature > 0 else None  # one uniform per row of the GLOBAL batch
             token = sample_token(s_last, u, cfg.temperature, cfg.top_p)  # (A,)
             tokens[:, j], valid[:, j] = torch.where(alive, token, pad), alive
             alive = alive & ~torch.isin(token, eos)
@@ -759,11 +761,12 @@ def main(cfg: Config | None = None) -> list[dict]:
         batch = step_prompts(problems, step, cfg.batch_size, acc.process_index, acc.num_processes, cfg.seed)
         texts = [render(tok, p["prompt"]) for p in batch for _ in range(cfg.samples_per_prompt)]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(acc.device)
-        gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + acc.process_index)
+        gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step * 1009)
         threshold = terminator.threshold
         student.eval()
         r, state = sample(acc.unwrap_model(student), teacher, enc["input_ids"], enc["attention_mask"].bool(),
-                          terminator, cfg, eos, tok.pad_token_id, gen)
+                          terminator, cfg, eos, tok.pad_token_id, gen, acc.process_index * len(texts),
+                          acc.num_processes * len(texts))
         student.train()
 
         # --- 2. detect: this batch's minima (from every process) move the threshold for the next one

@@ -256,7 +256,7 @@ def _check_args(prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, te
 def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
            eos_token_id: int | Sequence[int], pad_token_id: int, temperature: float = 1.0,
            top_p: float = 1.0, chunk: int = 8, terminator=None, topk: int = 0,
-           generator: torch.Generator | None = None):
+           generator: torch.Generator | None = None, global_rows: tuple[int, int] | None = None):
     """Sample completions from `student`, scored by `teacher`, with online termination.
 
     Args:
@@ -273,6 +273,9 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
             called once per chunk for every row; rows that already ended have valid False).
         topk: K > 0 also captures the student's top-K ids and the teacher's K+1 log-probs.
         generator: source of the sampling randomness (one uniform per original row per step).
+        global_rows: (offset, total) when these B rows are rows offset..offset+B-1 of a batch of
+            `total` rows split across processes: every step draws `total` uniforms and uses this
+            process's slice, so with one seed the tokens do not depend on the number of processes.
     Returns:
         (rollout, state): the `Rollout` (T = longest completion) and the terminator state to pass
         to `terminator.end_batch` (None without a terminator).
@@ -282,6 +285,9 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
     B = prompt_ids.shape[0]
     prompt_mask = prompt_mask.bool()
     eos = _eos_ids(eos_token_id, device)  # (E,)
+    first, n_draw = global_rows if global_rows is not None else (0, B)
+    if not (0 <= first and first + B <= n_draw):
+        raise ValueError(f"global_rows={global_rows} must satisfy 0 <= offset and offset + B <= total (B={B})")
     lockstep = terminator is not None and bool(terminator.needs_kl)
     state = terminator.start(B, device=device) if terminator is not None else None
 
@@ -313,7 +319,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
 
         # 1. The student samples c tokens; after a row's EOS it is fed pads that the mask hides.
         for j in range(c):
-            u = _uniforms(B, generator, device)[rows] if temperature > 0 else None  # (A,)
+            u = _uniforms(n_draw, generator, device)[first + rows] if temperature > 0 else None  # (A,)
             token = sample_token(s_last, u, temperature, top_p)  # (A,)
             tokens[:, j] = torch.where(alive, token, pad_token_id)
             valid[:, j] = alive

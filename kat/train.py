@@ -297,14 +297,17 @@ def train(cfg: Config) -> dict:
             texts = [render_prompt(tokenizer, p["prompt"], **render_kw)
                      for p in batch for _ in range(cfg.samples_per_prompt)]
             prompt_ids, prompt_mask = encode_prompts(tokenizer, texts, device)
-            gen = torch.Generator(device=device).manual_seed(
-                cfg.seed * 1_000_003 + step * 1009 + accelerator.process_index)
+            # one generator seed per step on every process; each process takes its rows' uniforms
+            # (global_rows), so the tokens do not depend on how many processes share the batch
+            gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 1009)
+            rows = prompt_ids.shape[0]
             student.eval()
             rollout, state = sample(accelerator.unwrap_model(student), teacher, prompt_ids, prompt_mask,
                                     max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                                     pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
                                     top_p=cfg.top_p, chunk=cfg.chunk, terminator=terminator,
-                                    topk=cfg.topk if cfg.loss == "topk" else 0, generator=gen)
+                                    topk=cfg.topk if cfg.loss == "topk" else 0, generator=gen,
+                                    global_rows=(accelerator.process_index * rows, accelerator.num_processes * rows))
             student.train()
             # every process pushes its rollouts' minima; all hold the same threshold afterwards
             threshold_used, active_used = terminator.threshold, terminator.active
