@@ -1,0 +1,219 @@
+"""The learner: OPD losses on a `Rollout` and one optimiser step over it.
+
+Objective (the student minimises reverse KL on its own samples, teacher frozen):
+
+    J(theta) = E_{y ~ pi_s} [ sum_t d_t ],   d_t = sum_v p(v) (log p(v) - log q(v))
+
+Three estimators of the per-token term (`kind`):
+- ``full``:    exact d_t over the vocabulary; the teacher's logits are recomputed (no grad).
+- ``topk``:    the student's top-K set S captured at rollout time plus one pooled tail bucket,
+               d_t ~= sum_{v in S} p(v) log(p(v)/q(v)) + p_tail log(p_tail/q_tail);
+               only the teacher's K+1 log-probs stored in the rollout are needed.
+- ``sampled``: one-sample policy gradient with advantage A_t = -(log p_old(y_t) - log q(y_t)),
+               loss -exp(log p(y_t) - log p_old(y_t)) A_t, discount 0.
+Every loss counts only positions in ``rollout.loss_mask`` (the kept part of each completion).
+
+The step normalises by the number of loss tokens over the whole rollout on all processes, so the
+gradient is the same whatever the micro-batch size or the number of processes (Accelerate's recipe
+for token-level losses under gradient accumulation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor
+
+from kat.rollout import Rollout
+from kat.scorer import reverse_kl, token_logp
+
+LOSSES = ("full", "topk", "sampled")
+
+
+def completion_logits(model: torch.nn.Module, rollout: Rollout) -> Tensor:
+    """Logits that predict each completion token: (B, T, V) in the model's dtype.
+
+    One forward over prompt + completion. Prompts are left-padded and completions right-padded,
+    so positions come from the cumulative attention mask rather than the column index.
+    """
+    device = next(model.parameters()).device
+    prompt_len, completion_len = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1).to(device)  # (B, P + T)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1).long().to(device)  # (B, P + T)
+    position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, P + T) pads get 0, never attended
+    # The logits at column P-1+t predict completion token t: keep the last T+1 columns, drop the end.
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                logits_to_keep=completion_len + 1)
+    logits = out.logits[:, -(completion_len + 1) : -1]  # (B, T, V)
+    if logits.shape[1] != completion_len:
+        raise ValueError(f"model returned {out.logits.shape[1]} logit columns for {prompt_len + completion_len} "
+                         "inputs; it must support `logits_to_keep`")
+    return logits
+
+
+def _full_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """(B, T): exact d_t = KL(p || q); the teacher is a constant target."""
+    return reverse_kl(student_logits, teacher_logits.detach())
+
+
+def _topk_kl(student_logits: Tensor, topk_ids: Tensor, teacher_topk_logp: Tensor, mask: Tensor) -> Tensor:
+    """(B, T): the top-K + tail estimate of d_t.
+
+    log p on S is recomputed with gradient without a (tokens, V) fp32 buffer: for any anchor a in S,
+        log p(v) = (x_v - x_a) + log p(a)
+    where x are raw logits and log p(a) comes from the chunked `token_logp` (whose backward carries
+    the softmax normaliser's gradient). The tail mass uses log1mexp for accuracy near full coverage:
+        p_tail = 1 - sum_S p(v) = -expm1(logsumexp_S log p(v))
+    With K >= V the tail is empty (teacher log q_tail = -inf) and its term is 0.
+    """
+    ids = torch.where(mask[..., None], topk_ids, 0)  # (B, T, K) padding may hold any id
+    logq = torch.where(mask[..., None], teacher_topk_logp, 0.0)  # (B, T, K+1)
+    logq_head, logq_tail = logq[..., :-1], logq[..., -1]  # (B, T, K), (B, T)
+    x = student_logits.gather(-1, ids).float()  # (B, T, K)
+    logp_anchor = token_logp(student_logits, ids[..., 0])  # (B, T) fp32
+    logp = x - x[..., :1] + logp_anchor[..., None]  # (B, T, K)
+    head = (logp.exp() * (logp - logq_head)).sum(-1)  # (B, T)  sum_{v in S} p(v) (log p(v) - log q(v))
+    p_tail = -torch.expm1(torch.logsumexp(logp, dim=-1))  # (B, T)
+    # Empty tail (K >= V) or a mass that rounds to <= 0: the term's limit is 0. The inputs of the
+    # unused branch are replaced too, so its gradient is 0 rather than NaN.
+    has_tail = (p_tail > 0) & torch.isfinite(logq_tail)  # (B, T)
+    p_tail = torch.where(has_tail, p_tail, 1.0)
+    logq_tail = torch.where(has_tail, logq_tail, 0.0)
+    tail = torch.where(has_tail, p_tail * (p_tail.log() - logq_tail), 0.0)  # p_tail log(p_tail / q_tail)
+    return head + tail
+
+
+def _sampled_pg(student_logits: Tensor, rollout: Rollout, mask: Tensor) -> Tensor:
+    """(B, T): -exp(log p(y_t) - log p_old(y_t)) * A_t with A_t = -(log p_old(y_t) - log q(y_t))."""
+    logp_old = torch.where(mask, rollout.student_logp, 0.0)  # (B, T) behaviour policy, at rollout time
+    teacher_logp = torch.where(mask, rollout.teacher_logp, 0.0)  # (B, T)
+    advantage = -(logp_old - teacher_logp)  # (B, T) constant: the rollout carries no graph
+    logp = token_logp(student_logits, torch.where(mask, rollout.completion_ids, 0))  # (B, T) with grad
+    return -torch.exp(logp - logp_old) * advantage
+
+
+def token_losses(student_logits: Tensor, rollout: Rollout, kind: str,
+                 teacher_logits: Tensor | None = None) -> Tensor:
+    """Per-token loss (B, T) float32, exactly 0 outside ``rollout.loss_mask``. See `opd_loss`."""
+    if kind not in LOSSES:
+        raise ValueError(f"loss kind must be one of {LOSSES}, got {kind!r}")
+    mask = rollout.loss_mask.to(student_logits.device).bool()  # (B, T)
+    if kind == "full":
+        if teacher_logits is None:
+            raise ValueError("loss 'full' needs teacher_logits (B, T, V): run the teacher over the rollout "
+                             "with `completion_logits` under torch.no_grad()")
+        loss = _full_kl(student_logits, teacher_logits.to(student_logits.device))
+    elif kind == "topk":
+        if rollout.topk_ids is None or rollout.teacher_topk_logp is None:
+            raise ValueError("loss 'topk' needs rollout.topk_ids and rollout.teacher_topk_logp: sample with topk > 0")
+        loss = _topk_kl(student_logits, rollout.topk_ids.to(mask.device),
+                        rollout.teacher_topk_logp.to(mask.device), mask)
+    else:
+        loss = _sampled_pg(student_logits, rollout.to(mask.device), mask)
+    return torch.where(mask, loss, 0.0)  # (B, T)
+
+
+def opd_loss(student_logits: Tensor, rollout: Rollout, kind: str,
+             teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Sum of the OPD loss over ``rollout.loss_mask`` and the number of tokens it covers.
+
+    Args:
+        student_logits: (B, T, V) from `completion_logits(student, rollout)`, with gradient.
+        rollout: the batch; ``loss_mask`` selects the positions that count.
+        kind: "full" | "topk" | "sampled" (see the module docstring).
+        teacher_logits: (B, T, V), required for "full" only; treated as a constant.
+    Returns:
+        (loss_sum, n_tokens): a float32 scalar with gradient and a long scalar. Divide by the
+        global token count, not per micro-batch, to weight every token equally.
+    """
+    loss = token_losses(student_logits, rollout, kind, teacher_logits)
+    return loss.sum(), rollout.loss_mask.sum()
+
+
+def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, accelerator, *, kind: str,
+          micro_batch_size: int, teacher: torch.nn.Module | None = None,
+          max_grad_norm: float | None = 1.0) -> dict:
+    """One optimiser step on the rollout, in micro-batches of `micro_batch_size` rows.
+
+    With N the number of loss tokens on all processes, every micro-batch backpropagates
+        loss_sum / N * num_processes
+    because DDP averages gradients over processes; the accumulated gradient is then
+    sum over all tokens / N. Gradients are synchronised on the last micro-batch only. A step whose
+    loss (or, without an fp16 loss scaler, gradient norm) is not finite is skipped on every process
+    (gradients zeroed, no optimiser or scheduler step), and the rows at fault here are reported.
+
+    Returns plain values: loss (global mean per token), grad_norm, n_tokens (global), finite,
+    bad_rows (this process's row indices with a non-finite loss).
+    """
+    if kind not in LOSSES:
+        raise ValueError(f"loss kind must be one of {LOSSES}, got {kind!r}")
+    if kind == "full" and teacher is None:
+        raise ValueError("loss 'full' needs the teacher model (teacher=...) to recompute its logits")
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
+    if accelerator.gradient_accumulation_steps != 1:
+        raise ValueError("learn() accumulates over micro-batches itself; create the Accelerator with "
+                         f"gradient_accumulation_steps=1 (got {accelerator.gradient_accumulation_steps})")
+    device = accelerator.device
+    n_global = accelerator.reduce(rollout.loss_mask.sum().to(device, torch.float32), "sum").item()
+    if n_global == 0:  # nothing to learn anywhere: every process skips alike
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": 0.0, "grad_norm": 0.0, "n_tokens": 0, "finite": True, "bad_rows": []}
+
+    batch = rollout.prompt_ids.shape[0]
+    starts = list(range(0, batch, micro_batch_size))
+    loss_total = torch.zeros((), dtype=torch.float32, device=device)
+    bad_rows: list[int] = []
+    for i in starts:
+        part = rollout.select(slice(i, i + micro_batch_size)).to(device)
+        last = i == starts[-1]
+        with contextlib.nullcontext() if last else accelerator.no_sync(student):
+            student_logits = completion_logits(student, part)  # (b, T, V)
+            teacher_logits = None
+            if kind == "full":
+                with torch.no_grad():
+                    teacher_logits = completion_logits(teacher, part)  # (b, T, V)
+            row_loss = token_losses(student_logits, part, kind, teacher_logits).sum(-1)  # (b,)
+            loss_sum = row_loss.sum()
+            accelerator.backward(loss_sum / n_global * accelerator.num_processes)
+        bad = ~torch.isfinite(row_loss.detach())
+        bad_rows += (bad.nonzero().squeeze(-1) + i).tolist()
+        loss_total += loss_sum.detach()
+
+    # Every process must agree to skip, or their parameters would drift apart.
+    n_bad = accelerator.reduce(torch.tensor(float(len(bad_rows)), device=device), "sum").item()
+    loss = accelerator.reduce(loss_total, "sum").item() / n_global
+    if n_bad > 0:
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "grad_norm": float("nan"), "n_tokens": int(n_global), "finite": False,
+                "bad_rows": bad_rows}
+    # max_grad_norm None: no clipping, but the norm is still measured for logging.
+    grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), max_grad_norm or float("inf")))
+    if not math.isfinite(grad_norm) and accelerator.scaler is None:
+        # (with an fp16 loss scaler an overflow is routine: its optimizer step skips by itself)
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "grad_norm": grad_norm, "n_tokens": int(n_global), "finite": False,
+                "bad_rows": []}
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "grad_norm": grad_norm, "n_tokens": int(n_global), "finite": True, "bad_rows": []}
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup_ratio: float,
+                    weight_decay: float = 0.0):
+    """AdamW and a cosine schedule with linear warm-up over `warmup_ratio * steps` steps."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio must lie in [0, 1), got {warmup_ratio!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(warmup_ratio * steps), steps)
+    return optimizer, scheduler
