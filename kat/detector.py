@@ -61,8 +61,7 @@ class TerminatorState:
     _run: Tensor | None = None  # (B,) long: consecutive low windows so far
     _run_start: Tensor | None = None  # (B,) long: start position of the run's first window
     _decided: Tensor | None = None  # (B,) bool: a decision was taken (no further decisions)
-    _min_z: Tensor | None = None  # (B,) float64: minimum z over evaluated windows (+inf if none)
-    _z_values: list[Tensor] | None = None  # evaluated z of this batch (zscore statistics)
+    _z_history: list[Tensor] | None = None  # (B,) float64 per evaluation position, NaN where not evaluated
     # RandomTerminator: the pre-drawn cut position and the number of valid positions seen.
     _planned: Tensor | None = None  # (B,) long
     _length: Tensor | None = None  # (B,) long
@@ -202,8 +201,7 @@ class TrapDetector:
         state._run = torch.zeros(batch_size, dtype=torch.long, device=device)
         state._run_start = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         state._decided = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        state._min_z = torch.full((batch_size,), math.inf, dtype=torch.float64, device=device)
-        state._z_values = []
+        state._z_history = []
         return state
 
     def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) -> tuple[Tensor, Tensor]:
@@ -230,8 +228,7 @@ class TrapDetector:
         """Score the window ending at t for every row; returns the rows that fire (B,) bool."""
         evaluated = state._ring_valid.all(dim=-1)  # (B,) the whole window was generated
         z = state._ring.sum(dim=-1) / self.window  # (B,)  z_t = (1/W) sum_{i=t-W+1..t} d_i
-        state._min_z = torch.where(evaluated, torch.minimum(state._min_z, z), state._min_z)
-        state._z_values.append(z[evaluated])
+        state._z_history.append(torch.where(evaluated, z, math.nan))  # masked, not indexed: no device sync
         start = t - self.window + 1
         if not state.active or start < self.exempt:
             return torch.zeros_like(evaluated)
@@ -251,12 +248,11 @@ class TrapDetector:
 
     def end_batch(self, state: TerminatorState, step: int) -> None:
         """Push this batch's per-rollout minima (all processes) and update the running statistics."""
-        has_window = state._min_z < math.inf
-        minima = all_gather_cat(state._min_z[has_window])
+        minima = self._row_minima(state)  # (B,)
+        minima = all_gather_cat(minima[minima < math.inf])
         self.buffer = torch.cat([self.buffer, minima])[-self.buffer_size :]
         if self.rule == "zscore":
-            z = all_gather_cat(torch.cat(state._z_values) if state._z_values else
-                               torch.empty(0, dtype=torch.float64))
+            z = all_gather_cat(self._evaluated_z(state))
             if z.numel() > 0:
                 mean, var = z.mean().item(), z.var(unbiased=False).item()
                 if self.z_mean is None:
@@ -265,6 +261,23 @@ class TrapDetector:
                     self.z_mean = (1 - self.ema) * self.z_mean + self.ema * mean
                     self.z_var = (1 - self.ema) * self.z_var + self.ema * var
         self.steps_done = step + 1
+
+    def _z(self, state: TerminatorState) -> Tensor:
+        """(windows, B) float64: every evaluation position's z, NaN where a row had no full window."""
+        if not state._z_history:
+            return state._ring.new_empty(0, state._ring.shape[0])
+        return torch.stack(state._z_history)
+
+    def _evaluated_z(self, state: TerminatorState) -> Tensor:
+        """Every evaluated window value z of the batch, 1-D float64."""
+        z = self._z(state)
+        return z[~z.isnan()]
+
+    def _row_minima(self, state: TerminatorState) -> Tensor:
+        """(B,) m = min_t z_t over each row's evaluated windows, +inf for a row with none."""
+        z = self._z(state)  # (windows, B)
+        z = torch.cat([z, z.new_full((1, z.shape[1]), math.inf)])  # the extra +inf: rows with no window
+        return torch.where(z.isnan(), math.inf, z).amin(dim=0)
 
     def summary(self, state: TerminatorState) -> dict[str, float]:
         """Plain floats for logging; keys with no value yet (no window, no threshold) are left out."""
@@ -276,10 +289,11 @@ class TrapDetector:
         }
         if state.threshold is not None:
             out["threshold"] = state.threshold
-        z = torch.cat(state._z_values) if state._z_values else torch.empty(0)
+        z = self._evaluated_z(state)
         if z.numel() > 0:
             out["z_mean"] = z.mean().item()
-            out["z_min_mean"] = state._min_z[state._min_z < math.inf].mean().item()
+            minima = self._row_minima(state)
+            out["z_min_mean"] = minima[minima < math.inf].mean().item()
         return out
 
     # -- checkpointing ------------------------------------------------------------------------

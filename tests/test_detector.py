@@ -70,7 +70,7 @@ def test_identical_decisions_across_chunkings_on_a_batch():
     for chunk in (1, 3, 7, 64, [5, 1, 30, 2, 64]):
         det = armed(threshold=0.3, window=8, stride=4, patience=2, exempt=5)
         state, _ = feed(det, kl, valid, chunk)
-        results.append((state.fired.tolist(), state.cut.tolist(), state._min_z.tolist()))
+        results.append((state.fired.tolist(), state.cut.tolist(), det._row_minima(state).tolist()))
     assert any(results[0][0])  # the stream does trigger something
     assert all(r == results[0] for r in results)
 
@@ -114,8 +114,8 @@ def test_row_ending_mid_window_is_not_evaluated():
     valid = torch.arange(32)[None] < torch.tensor([[22], [24]])
     state, _ = feed(det, kl, valid, 3)
     assert state.fired.tolist() == [False, True] and state.cut.tolist() == [-1, 16]
-    assert state._min_z.tolist() == [0.0, 0.0]
-    assert sum(z.numel() for z in state._z_values) == 6 + 5  # row 0 lacks window 20..23
+    assert det._row_minima(state).tolist() == [0.0, 0.0]
+    assert det._evaluated_z(state).numel() == 6 + 5  # row 0 lacks window 20..23
 
 
 def test_fired_row_ignores_later_tokens_and_is_done():
@@ -123,7 +123,7 @@ def test_fired_row_ignores_later_tokens_and_is_done():
     kl = ones_then_zeros(16, 64)
     state, _ = feed(det, kl, torch.ones_like(kl, dtype=torch.bool), 64)  # valid after the fire, too
     assert state.cut.tolist() == [16]
-    assert sum(z.numel() for z in state._z_values) == 6  # windows ending 3..23, none after the fire
+    assert det._evaluated_z(state).numel() == 6  # windows ending 3..23, none after the fire
 
 
 def test_shadow_records_but_never_fires_and_keeps_statistics():
@@ -136,7 +136,7 @@ def test_shadow_records_but_never_fires_and_keeps_statistics():
         assert not fired.any()
     assert state.fired.tolist() == [False] and state.cut.tolist() == [-1]
     assert state.would_cut.tolist() == [16]
-    assert state._min_z.tolist() == [-1.0]
+    assert det._row_minima(state).tolist() == [-1.0]
     det.end_batch(state, 0)
     assert det.buffer.tolist() == [0.5, -1.0]
 
