@@ -59,7 +59,7 @@ def plot_curves(metrics: list[dict], path: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [m for m in metrics if "eval" not in m]
+    train = [m for m in metrics if "eval" not in m and "skipped" not in m]
     evals = [m for m in metrics if "eval" in m]
     if not train:
         return None

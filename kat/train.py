@@ -255,10 +255,14 @@ def train(cfg: Config) -> dict:
     start, counters = 0, {"tokens_total": 0.0, "bad_in_a_row": 0}
     ckpt = find_checkpoint(cfg)
     if ckpt:
-        accelerator.load_state(ckpt)
-        terminator.load_state_dict(torch.load(os.path.join(ckpt, "terminator.pt"), weights_only=False))
-        with open(os.path.join(ckpt, "progress.json")) as fh:
-            progress = json.load(fh)
+        try:
+            accelerator.load_state(ckpt)
+            terminator.load_state_dict(torch.load(os.path.join(ckpt, "terminator.pt"), weights_only=False))
+            with open(os.path.join(ckpt, "progress.json")) as fh:
+                progress = json.load(fh)
+        except Exception as err:  # noqa: BLE001 - any unreadable piece means the same thing
+            raise ConfigError(f"resume: checkpoint {ckpt!r} is corrupt or incomplete ({type(err).__name__}: "
+                              f"{err}); resume from an older checkpoint in {cfg.output_dir!r}") from None
         start = progress["step"]
         counters = {k: progress[k] for k in counters}
         accelerator.print(f"resumed from {ckpt} at step {start}")
@@ -279,6 +283,15 @@ def train(cfg: Config) -> dict:
             append_jsonl(metrics_path, [row])
         if cfg.log_with:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
+
+    def skip(step: int, reason: str) -> None:
+        """A step with non-finite numbers changes nothing; too many in a row end the run."""
+        counters["bad_in_a_row"] += 1
+        accelerator.print(f"warning: {reason}; step skipped")
+        log({"step": step + 1, "skipped": reason})
+        if counters["bad_in_a_row"] >= cfg.max_bad_steps:
+            raise TrainingError(f"{counters['bad_in_a_row']} steps in a row met non-finite values (last: step "
+                                f"{step + 1}: {reason}). Check the models' weights and dtype, or lower lr")
 
     results = {}
     if eval_sets and start == 0:
@@ -302,13 +315,22 @@ def train(cfg: Config) -> dict:
             gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 1009)
             rows = prompt_ids.shape[0]
             student.eval()
-            rollout, state = sample(accelerator.unwrap_model(student), teacher, prompt_ids, prompt_mask,
-                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
-                                    pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
-                                    top_p=cfg.top_p, chunk=cfg.chunk, terminator=terminator,
-                                    topk=cfg.topk if cfg.loss == "topk" else 0, generator=gen,
-                                    global_rows=(accelerator.process_index * rows, accelerator.num_processes * rows))
+            try:
+                rollout, state = sample(accelerator.unwrap_model(student), teacher, prompt_ids, prompt_mask,
+                                        max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
+                                        pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
+                                        top_p=cfg.top_p, chunk=cfg.chunk, terminator=terminator,
+                                        topk=cfg.topk if cfg.loss == "topk" else 0, generator=gen,
+                                        global_rows=(accelerator.process_index * rows,
+                                                     accelerator.num_processes * rows))
+                problem = None
+            except FloatingPointError as err:  # non-finite logits or KL: reported with rows and positions
+                problem = f"step {step + 1}, process {accelerator.process_index}: {err}"
             student.train()
+            # every process must skip together, or their parameters and buffers would drift apart
+            if accelerator.reduce(torch.tensor(float(problem is not None), device=device), "sum").item() > 0:
+                skip(step, problem or "another process met non-finite values while sampling")
+                continue
             # every process pushes its rollouts' minima; all hold the same threshold afterwards
             threshold_used, active_used = terminator.threshold, terminator.active
             terminator.end_batch(state, step)
@@ -320,14 +342,10 @@ def train(cfg: Config) -> dict:
                           max_grad_norm=cfg.max_grad_norm)
             t2 = time.perf_counter()
             if not stats["finite"]:
-                counters["bad_in_a_row"] += 1
-                accelerator.print(f"step {step}: non-finite loss in rows {stats['bad_rows']} "
-                                  f"(process {accelerator.process_index}); step skipped")
-                if counters["bad_in_a_row"] >= cfg.max_bad_steps:
-                    raise TrainingError(f"{counters['bad_in_a_row']} steps in a row had a non-finite loss "
-                                        f"(last: step {step}); lower lr or check the models' dtype")
-            else:
-                counters["bad_in_a_row"] = 0
+                skip(step, f"step {step + 1}: non-finite loss in rows {stats['bad_rows']} "
+                           f"(process {accelerator.process_index})")
+                continue
+            counters["bad_in_a_row"] = 0
 
             # --- 3. log (sums reduced over processes, then divided)
             sums = rollout_metrics(rollout, terminator)
