@@ -132,6 +132,21 @@ def opd_loss(student_logits: Tensor, rollout: Rollout, kind: str,
     return loss.sum(), rollout.loss_mask.sum()
 
 
+def _backward_micro_batch(student, teacher, part: Rollout, kind: str, accelerator, scale: float) -> Tensor:
+    """Backpropagate scale * loss_sum of one micro-batch; returns its per-row loss sums (b,), detached.
+
+    A function of its own so the micro-batch's logits are freed before the next one is computed.
+    """
+    student_logits = completion_logits(student, part)  # (b, T, V)
+    teacher_logits = None
+    if kind == "full":
+        with torch.no_grad():
+            teacher_logits = completion_logits(teacher, part)  # (b, T, V)
+    row_loss = token_losses(student_logits, part, kind, teacher_logits).sum(-1)  # (b,)
+    accelerator.backward(row_loss.sum() * scale)
+    return row_loss.detach()
+
+
 def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, accelerator, *, kind: str,
           micro_batch_size: int, teacher: torch.nn.Module | None = None,
           max_grad_norm: float | None = 1.0) -> dict:
@@ -168,19 +183,11 @@ def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, acce
     bad_rows: list[int] = []
     for i in starts:
         part = rollout.select(slice(i, i + micro_batch_size)).to(device)
-        last = i == starts[-1]
-        with contextlib.nullcontext() if last else accelerator.no_sync(student):
-            student_logits = completion_logits(student, part)  # (b, T, V)
-            teacher_logits = None
-            if kind == "full":
-                with torch.no_grad():
-                    teacher_logits = completion_logits(teacher, part)  # (b, T, V)
-            row_loss = token_losses(student_logits, part, kind, teacher_logits).sum(-1)  # (b,)
-            loss_sum = row_loss.sum()
-            accelerator.backward(loss_sum / n_global * accelerator.num_processes)
-        bad = ~torch.isfinite(row_loss.detach())
-        bad_rows += (bad.nonzero().squeeze(-1) + i).tolist()
-        loss_total += loss_sum.detach()
+        with contextlib.nullcontext() if i == starts[-1] else accelerator.no_sync(student):
+            row_loss = _backward_micro_batch(student, teacher, part, kind, accelerator,
+                                             scale=accelerator.num_processes / n_global)  # (b,)
+        bad_rows += (~torch.isfinite(row_loss)).nonzero().squeeze(-1).add(i).tolist()
+        loss_total += row_loss.sum()
 
     # Every process must agree to skip, or their parameters would drift apart.
     n_bad = accelerator.reduce(torch.tensor(float(len(bad_rows)), device=device), "sum").item()
