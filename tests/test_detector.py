@@ -392,6 +392,7 @@ def test_random_terminator_chunking_and_state_dict():
 
 def test_no_terminator_never_fires():
     term = make_terminator("none")
+    assert isinstance(term, NoTerminator)
     state = term.start(3)
     fired, cut = term.observe(state, torch.zeros(3, 5), torch.ones(3, 5, dtype=torch.bool))
     assert not fired.any() and cut.tolist() == [-1, -1, -1] and state.pos == 5
