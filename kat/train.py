@@ -54,7 +54,7 @@ def mixed_precision(cfg: Config) -> str:
     return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[cfg.dtype]
 
 
-def build_terminator(cfg: Config):
+def build_terminator(cfg: Config, rank: int = 0):
     if cfg.termination == "kat":
         return make_terminator("kat", rule=cfg.rule, window=cfg.window, stride=cfg.stride,
                                patience=cfg.patience, exempt=cfg.exempt, eta=cfg.eta,
@@ -62,7 +62,8 @@ def build_terminator(cfg: Config):
                                warmup_steps=cfg.warmup_steps, kappa=cfg.kappa, ema=cfg.ema, shadow=cfg.shadow)
     if cfg.termination == "random":
         return make_terminator("random", target_length=cfg.random_target_length or cfg.max_new_tokens / 2,
-                               exempt=cfg.exempt, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                               exempt=cfg.exempt, max_new_tokens=cfg.max_new_tokens,
+                               seed=cfg.seed + rank)  # independent cut positions on each process
     return make_terminator("none")
 
 
@@ -249,7 +250,7 @@ def train(cfg: Config) -> dict:
 
     optimizer, scheduler = build_optimizer(student, cfg.lr, cfg.steps, cfg.warmup_ratio, cfg.weight_decay)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    terminator = build_terminator(cfg)
+    terminator = build_terminator(cfg, accelerator.process_index)
 
     # --- resume
     start, counters = 0, {"tokens_total": 0.0, "bad_in_a_row": 0}
