@@ -756,7 +756,8 @@ def main(cfg: Config | None = None) -> list[dict]:
         rows.append({"step": 0, "eval": "before", **evaluate(student, tok, tests, cfg, acc)})
         acc.print(f"before: {rows[-1]}")
 
-    for step in tqdm(range(cfg.steps), desc="kat.py", disable=not acc.is_local_main_process):
+    bar = tqdm(range(cfg.steps), desc="kat.py", disable=not acc.is_local_main_process)
+    for step in bar:
         # --- 1. rollouts: the student samples, the teacher scores each chunk, the terminator cuts
         batch = step_prompts(problems, step, cfg.batch_size, acc.process_index, acc.num_processes, cfg.seed)
         texts = [render(tok, p["prompt"]) for p in batch for _ in range(cfg.samples_per_prompt)]
@@ -782,8 +783,10 @@ def main(cfg: Config | None = None) -> list[dict]:
                        .float(), "sum").tolist()
         rows.append({"step": step + 1, "loss": stats["loss"], "kl": s[1] / max(s[0], 1), "threshold": threshold,
                      "cut_rate": s[3] / s[4], "mean_length": s[0] / s[4], "kept_length": s[2] / s[4]})
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", kl=f"{rows[-1]['kl']:.3f}", cut=f"{rows[-1]['cut_rate']:.2f}",
+                        thr="-" if threshold is None else f"{threshold:.3f}", len=f"{rows[-1]['mean_length']:.0f}")
         if acc.is_main_process:
-            with open(log, "a") as fh:
+            with open(log, "a" if step else "w") as fh:
                 fh.write(json.dumps(rows[-1]) + "\n")
 
     # --- evaluate after, save the student and a picture of the last batch's KL traces
