@@ -1,0 +1,167 @@
+"""Experiments: arm configs derived from the KAT run, tables that equal the per-run metrics files,
+shadow-mode summaries."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import fields
+
+import pytest
+import torch
+
+from kat.config import Config, ConfigError, load_config
+from kat.experiment import (EVAL_CAP_FIELD, arm_overrides, markdown_table, run_table, shadow_rollouts,
+                            shadow_summary, summarize_run)
+from kat.plot import read_jsonl
+
+HAS_EVAL_CAP = EVAL_CAP_FIELD in {f.name for f in fields(Config)}
+
+
+def tiny_argv(world: dict) -> list[str]:
+    over = dict(teacher=world["teacher"], student=world["student"], train_data=world["train"],
+                eval_data=world["test"], eval_limit=3, eval_k=2, eval_every=1, steps=2, batch_size=2,
+                samples_per_prompt=2, max_new_tokens=16, chunk=4, window=4, stride=2, patience=1, exempt=2,
+                eta=0.5, min_buffer=4, warmup_steps=1, lr=3e-3, n_traces=2, plot=False)
+    return [x for k, v in over.items() for x in (f"--{k}", str(v))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Length matching
+
+KAT_RUN = {"mean_length": 41.3, "kept_length": 33.6}
+
+
+def test_random_term_targets_kats_kept_length():
+    base = Config(max_new_tokens=96, exempt=8)
+    assert arm_overrides("random", base, KAT_RUN) == {"termination": "random", "random_target_length": 33.6}
+    # a KAT run that cut nothing has OPD as its matched control
+    assert arm_overrides("random", base, {"mean_length": 96.0, "kept_length": 96.0}) == {"termination": "none"}
+    with pytest.raises(ValueError, match="exempt=8"):
+        arm_overrides("random", base, {"mean_length": 10.0, "kept_length": 7.5})
+    with pytest.raises(ValueError, match="summary of the seed's KAT run"):
+        arm_overrides("random", base)
+    with pytest.raises(ValueError, match="unknown arm 'fixed'"):
+        arm_overrides("fixed", base, KAT_RUN)
+    assert arm_overrides("kat_q0.1", base) == {"termination": "kat", "rule": "quantile", "eta": 0.1}
+
+
+def test_fixed_caps_come_from_kats_lengths():
+    base = Config(max_new_tokens=96)
+    if not HAS_EVAL_CAP:
+        with pytest.raises(ConfigError, match=EVAL_CAP_FIELD):
+            arm_overrides("fixed_prefix", base, KAT_RUN)
+        return
+    assert arm_overrides("fixed_prefix", base, KAT_RUN) == {"termination": "none", "max_new_tokens": 42,
+                                                            EVAL_CAP_FIELD: 96}
+    assert arm_overrides("fixed_n", base, KAT_RUN)["max_new_tokens"] == 34
+    assert arm_overrides("fixed_n", base, {"mean_length": 500.0, "kept_length": 400.0})["max_new_tokens"] == 96
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole (tiny) table
+
+def test_table_matches_metrics_files(tiny_world, tmp_path):
+    out = tmp_path / "exp"
+    res = run_table("table1", ["kat", "random"], tiny_argv(tiny_world), 1, str(out), [None], log=lambda *a: None)
+    world = res["worlds"]["custom"]
+    rows = {r["arm"]: r for r in world["rows"]}
+    assert list(rows) == ["teacher", "before", "random", "kat"]
+    assert json.loads((out / "table1.json").read_text())["worlds"]["custom"]["rows"] == world["rows"]
+
+    # every number equals what the run's own files say
+    for arm in ("kat", "random"):
+        run = out / "custom" / arm / "seed0"
+        metrics = read_jsonl(run / "metrics.jsonl")
+        steps = [m for m in metrics if "loss" in m]
+        after = [m for m in metrics if m.get("eval") == "after"][-1]
+        st = rows[arm]["stats"]
+        assert st["test/avg@k"] == {"mean": after["test/avg@k"], "std": None, "values": [after["test/avg@k"]]}
+        assert st["test/pass@k"]["mean"] == after["test/pass@k"]
+        assert st["mean_length"]["mean"] == pytest.approx(sum(m["mean_length"] for m in steps) / 2, rel=1e-12)
+        assert st["kept_length"]["mean"] == pytest.approx(sum(m["kept_length"] for m in steps) / 2, rel=1e-12)
+        assert st["tokens"]["mean"] == steps[-1]["tokens_total"] == sum(m["tokens"] for m in steps)
+        assert st["train_s"]["mean"] == pytest.approx(sum(m["time_rollout"] + m["time_learn"] for m in steps))
+        assert st["wall_s"]["mean"] == json.loads((run / "arm.json").read_text())["wall_s"] > st["train_s"]["mean"]
+        assert [p["step"] for p in summarize_run(str(run))["curve"]] == [0, 1, 2]  # before, periodic, after
+    before = [m for m in read_jsonl(out / "custom" / "kat" / "seed0" / "metrics.jsonl") if m.get("eval") == "before"]
+    assert rows["before"]["stats"]["test/avg@k"]["mean"] == before[0]["test/avg@k"]
+    teacher = json.loads((out / "custom" / "teacher" / "seed0" / "results.json").read_text())["after"]
+    assert rows["teacher"]["stats"]["test/pass@k"]["mean"] == teacher["test/pass@k"]
+
+    # the random arm was length-matched to the KAT run's mean kept length
+    kat_kept = rows["kat"]["stats"]["kept_length"]["mean"]
+    random_cfg = load_config(["--config", str(out / "custom" / "random" / "seed0" / "config.yaml")])
+    if kat_kept < 16 - 0.5:
+        assert (random_cfg.termination, random_cfg.random_target_length) == ("random", kat_kept)
+    else:
+        assert random_cfg.termination == "none"
+    assert world["matching"][0]["kat_kept_length"] == kat_kept
+
+    md = (out / "table1.md").read_text()
+    kat_line = next(line for line in md.splitlines() if line.startswith("| KAT |"))
+    cells = [c.strip() for c in kat_line.strip("|").split("|")]
+    header = next(line for line in md.splitlines() if line.startswith("| arm |"))
+    assert len(cells) == len(header.strip("|").split("|"))
+    assert cells[1] == f"{100 * rows['kat']['stats']['test/avg@k']['mean']:.1f}"
+    assert cells[4] == f"{rows['kat']['stats']['mean_length']['mean']:.1f}"
+    assert (out / "table1_custom_curves.png").stat().st_size > 5000
+
+    # a second call reuses the finished runs (same configs) and gives the same table
+    again = run_table("table1", ["kat", "random"], tiny_argv(tiny_world), 1, str(out), [None], log=lambda *a: None)
+    assert again["worlds"]["custom"]["rows"] == world["rows"]
+
+
+def test_mean_and_std_over_seeds_in_markdown():
+    rows = [{"arm": "kat", "label": "KAT", "stats": {
+        "test/avg@k": {"mean": 0.25, "std": 0.05, "values": [0.2, 0.3]},
+        "mean_length": {"mean": 40.0, "std": statistics.stdev([38.0, 42.0]), "values": [38.0, 42.0]}}}]
+    line = markdown_table(rows, 4).splitlines()[2]
+    assert line.startswith("| KAT | 25.0 ± 5.0 | - | - | 40.0 ± 2.8 |")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shadow diagnostics
+
+def record(correct: bool, cut: int | None, first_error: int | None = None, repeat_start: int | None = None) -> dict:
+    return {"correct": correct, "shadow_cut": cut, "threshold": 0.1, "first_error": first_error,
+            "repeat_start": repeat_start, "length": 40}
+
+
+def test_shadow_summary_counts():
+    recs = [record(True, None), record(True, 12), record(True, None), record(True, None),
+            record(False, 20, first_error=10), record(False, 8, first_error=10),
+            record(False, 30, first_error=5, repeat_start=25), record(False, None, first_error=3)]
+    s = shadow_summary(recs)
+    assert (s["n"], s["accuracy"], s["cut_rate"]) == (8, 0.5, 0.5)
+    assert s["correct_given_cut"] == 0.25  # 1 of the 4 cut rollouts ends correct
+    assert (s["cut_rate_correct"], s["cut_rate_wrong"]) == (0.25, 0.75)
+    assert s["wrong_cut_at_or_after_error"] == pytest.approx(2 / 3)
+    assert (s["repeat_rate"], s["cut_rate_repeating"], s["repeat_cut_inside_repeat"]) == (1 / 8, 1.0, 1.0)
+    assert s["cut_rate_wrong_no_repeat"] == pytest.approx(2 / 3)
+    assert s["cut_positions"] == [8, 12, 20, 30] and s["cut_position_median"] == 16
+
+
+def test_shadow_rollouts_record_what_the_detector_decides(tiny_world):
+    from kat.detector import TrapDetector
+    from kat.evaluate import grade
+    from kat.models import load_model
+    from kat.toy.world import read_jsonl as toy_rows
+
+    cfg = load_config(tiny_argv(tiny_world))
+    tok = tiny_world["tokenizer"]
+    student = load_model(cfg.student, "", torch.float32, "student").eval()
+    teacher = load_model(cfg.teacher, "", torch.float32, "teacher").eval()
+    detector = TrapDetector(window=4, stride=2, patience=1, exempt=2, eta=0.5, buffer_size=64, min_buffer=4,
+                            warmup_steps=1, shadow=True)
+    recs = shadow_rollouts(student, teacher, tok, toy_rows(cfg.train_data), cfg, detector, batches=2)
+    assert len(recs) == 2 * 4 and detector.active
+    assert {r["threshold"] for r in recs} == {detector.threshold}  # fixed while recording
+    for r in recs:
+        assert r["correct"] == grade(r["completion"], r["answer"]) and len(r["kl"]) == len(r["z"]) == r["length"]
+        assert r["stop"] in ("eos", "length")  # shadow mode never stops a row
+        if r["shadow_cut"] is not None:  # the decision: `patience` window(s) below the threshold
+            start = r["shadow_cut"]
+            assert start >= 2 and r["z"][start + 3] < r["threshold"]
+    assert any(r["shadow_cut"] is not None for r in recs) and all(not math.isnan(x) for r in recs for x in r["kl"])
