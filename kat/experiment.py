@@ -54,6 +54,7 @@ import torch
 import yaml
 
 from kat.config import TOY_DIR, Config, ConfigError, load_config
+from kat.data import DataError
 from kat.plot import plot_traces, read_jsonl
 from kat.rollout import STOP_NAMES
 
@@ -370,53 +371,71 @@ def plot_learning_curves(summaries: dict[str, list[dict]], path: str, title: str
 # ---------------------------------------------------------------------------------------------
 # Table 1 and the sensitivity sweep
 
+def plan_line(name: str, order: list[str], seeds: int, cfg: Config, label: str) -> str:
+    """What an experiment will run, printed before it starts."""
+    evals = (cfg.steps - 1) // cfg.eval_every + 2  # before, periodic ones, after
+    n_sets = len([s for s in cfg.eval_data.split(",") if s.strip()])
+    return (f"[{name}] world {label}: {len(order)} arms x {seeds} seeds = {len(order) * seeds} runs of {cfg.steps} "
+            f"steps x {cfg.batch_size * cfg.samples_per_prompt} rollouts (<= {cfg.max_new_tokens} tokens), "
+            f"{evals} evaluations per run of {n_sets * cfg.eval_limit * cfg.eval_k} samples; arms: {', '.join(order)}")
+
+
+def run_arms(order: list[str], base: Config, seeds: int, out: str, label: str, teacher: bool,
+             log=print) -> tuple[dict[str, list[dict]], list[dict], dict]:
+    """Every arm of `order` for every seed, KAT before the arms matched to it.
+
+    Returns (run summaries per arm, the teacher's evaluation per seed, the matching per seed).
+    """
+    summaries: dict[str, list[dict]] = {a: [] for a in order}
+    teacher_evals, matching = [], {}
+    for k in range(seeds):
+        seed_cfg = replace(base, seed=base.seed + k)
+        seed = seed_cfg.seed
+        if teacher:
+            t_dir = evaluate_teacher(replace(seed_cfg, output_dir=os.path.join(out, label, "teacher", f"seed{seed}")),
+                                     log)
+            with open(os.path.join(t_dir, "results.json")) as fh:
+                teacher_evals.append(json.load(fh)["after"])
+        kat = None
+        for arm in order:
+            over = arm_overrides(arm, seed_cfg, kat)
+            cfg = replace(seed_cfg, **over, output_dir=os.path.join(out, label, arm, f"seed{seed}"))
+            summary = summarize_run(run_arm(cfg, arm, seed, log))
+            summaries[arm].append(summary)
+            if arm == "kat":
+                kat = summary
+                matching[seed] = {"kat_mean_length": kat["mean_length"], "kat_kept_length": kat["kept_length"]}
+            elif arm in LENGTH_MATCHED:
+                matching[seed][arm] = over
+            if k == 0 and arm == order[0]:
+                log(f"first run: {summary['wall_s']:.0f} s wall, so about "
+                    f"{summary['wall_s'] * len(order) * seeds / 60:.0f} min for the {label} world")
+    return summaries, teacher_evals, matching
+
+
 def run_table(name: str, arms: list[str], argv: list[str], seeds: int, out: str, worlds: list[str | None],
               dry_run: bool = False, command: str = "", log=print) -> dict:
-    """Run `arms` x `seeds` on each world; write DIR/<name>.md, DIR/<name>.json and the curves."""
+    """Run `arms` x `seeds` on each world; write DIR/<name>.md, DIR/<name>.json and the curves.
+
+    `name` table1 also evaluates the teacher. A length-matched arm makes its seed's KAT run first,
+    even when KAT itself is not among `arms`.
+    """
     unknown = [a for a in arms if a not in STATIC_ARMS and a not in LENGTH_MATCHED]
     if unknown:
         raise ConfigError(f"--only: unknown arm(s) {unknown}; choose from {', '.join(TABLE1_ARMS + SENSITIVITY_ARMS)}")
-    # KAT runs first in each seed: the length-matched arms need its measured lengths
-    order = (["kat"] if any(a in LENGTH_MATCHED for a in arms) or "kat" in arms else [])
-    order += [a for a in arms if a != "kat"]
+    needs_kat = "kat" in arms or any(a in LENGTH_MATCHED for a in arms)
+    order = (["kat"] if needs_kat else []) + [a for a in arms if a != "kat"]
     result = {"command": command, "commit": git_commit(), "worlds": {}}
-    os.makedirs(out, exist_ok=True)
-    md = [f"# {name}", ""]
+    md = [f"# {name}", "", f"`{command}` at commit {result['commit']}", ""]
     for world in worlds:
         base = base_config(argv, world)
         label = world or world_name(base)
-        evals = (base.steps - 1) // base.eval_every + 2
-        log(f"[{name}] world {label}: {len(order)} arms x {seeds} seeds = {len(order) * seeds} runs of "
-            f"{base.steps} steps ({base.batch_size * base.samples_per_prompt} rollouts each), {evals} evaluations "
-            f"per run ({len(load_eval_sets(base)) * base.eval_limit * base.eval_k} generations each); arms: "
-            f"{', '.join(order)}")
+        log(plan_line(name, order, seeds, base, label))
         if dry_run:
             continue
-        t_world = time.perf_counter()
-        summaries: dict[str, list[dict]] = {a: [] for a in order}
-        teacher, matching = [], {}
-        for k in range(seeds):
-            seed = base.seed + k
-            seed_cfg = replace(base, seed=seed)
-            if name == "table1":
-                t_dir = evaluate_teacher(replace(seed_cfg, output_dir=os.path.join(out, label, "teacher",
-                                                                                   f"seed{seed}")), log)
-                with open(os.path.join(t_dir, "results.json")) as fh:
-                    teacher.append(json.load(fh)["after"])
-            kat = None
-            for arm in order:
-                over = arm_overrides(arm, seed_cfg, kat)
-                cfg = replace(seed_cfg, **over, output_dir=os.path.join(out, label, arm, f"seed{seed}"))
-                summary = summarize_run(run_arm(cfg, arm, seed, log))
-                summaries[arm].append(summary)
-                if arm == "kat":
-                    kat = summary
-                    matching[seed] = {"kat_mean_length": kat["mean_length"], "kat_kept_length": kat["kept_length"]}
-                elif arm in LENGTH_MATCHED:
-                    matching[seed][arm] = over
-                if k == 0 and arm == order[0]:
-                    log(f"[{name}] first run: {summary['wall_s']:.0f} s, so about "
-                        f"{summary['wall_s'] * len(order) * seeds / 60:.0f} min for this world")
+        os.makedirs(out, exist_ok=True)
+        t0 = time.perf_counter()
+        summaries, teacher, matching = run_arms(order, base, seeds, out, label, name == "table1", log)
         summaries = {a: s for a, s in summaries.items() if a in arms}
         rows = table_rows(summaries, teacher)
         refs = {f"{LABELS[r['arm']]} {key}": r["stats"][key]["mean"] for r in rows if r["arm"] in ("teacher", "before")
@@ -424,13 +443,13 @@ def run_table(name: str, arms: list[str], argv: list[str], seeds: int, out: str,
         curves = plot_learning_curves(summaries, os.path.join(out, f"{name}_{label}_curves.png"),
                                       f"{name}, {label} world: mean over {seeds} seed(s)", refs)
         result["worlds"][label] = {"config": base.to_dict(), "rows": rows, "matching": matching,
-                                   "curves": curves, "minutes": (time.perf_counter() - t_world) / 60}
-        md += [f"## {label} world ({seeds} seed(s), mean ± std)", "", setup_line(base), "",
+                                   "curves": curves, "minutes": (time.perf_counter() - t0) / 60}
+        md += [f"## {label} world ({seeds} seed(s), mean ± std over seeds)", "", setup_line(base), "",
                markdown_table(rows, base.eval_k), ""]
-        if matching and any(len(m) > 2 for m in matching.values()):
-            md += ["Length matching (per seed): " + "; ".join(
-                f"seed {s}: KAT generated {m['kat_mean_length']:.1f} / kept {m['kat_kept_length']:.1f} tokens"
-                + "".join(f", {a} {_describe(o)}" for a, o in m.items() if a in LENGTH_MATCHED)
+        if any(len(m) > 2 for m in matching.values()):
+            md += ["Length matching per seed: " + "; ".join(
+                f"seed {s}: KAT generated {m['kat_mean_length']:.1f} / kept {m['kat_kept_length']:.1f} tokens per "
+                "rollout" + "".join(f", {a} {_describe(o)}" for a, o in m.items() if a in LENGTH_MATCHED)
                 for s, m in matching.items()), ""]
         if curves:
             md += [f"![learning curves]({os.path.basename(curves)})", ""]
@@ -751,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
                 TABLE1_ARMS if args.what == "table1" else SENSITIVITY_ARMS)
             command = "python -m kat experiment " + " ".join(sys.argv[1:] if argv is None else argv)
             run_table(args.what, arms, rest, seeds, args.out, worlds, args.dry_run, command)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
