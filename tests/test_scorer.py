@@ -118,3 +118,23 @@ def test_masked_vocabulary_entries():
     got.sum().backward()
     assert torch.isfinite(s.grad).all() and s.grad[0, 2] == 0
     assert torch.isinf(reverse_kl(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, float("-inf")]]))).all()
+
+
+def test_randomised_shapes_dtypes_and_chunks():
+    """Random leading shapes, vocab sizes, scales, dtypes and chunk sizes against float64."""
+    g = torch.Generator().manual_seed(6)
+    for trial in range(40):
+        lead = tuple(int(n) for n in torch.randint(1, 5, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g))
+        V = int(torch.randint(2, 300, (1,), generator=g))
+        dtype = (torch.float32, torch.float16, torch.bfloat16)[trial % 3]
+        scale = float(torch.empty(1).uniform_(0.1, 30.0, generator=g))
+        s = (torch.randn(*lead, V, generator=g) * scale).to(dtype)
+        t = (torch.randn(*lead, V, generator=g) * scale).to(dtype)
+        chunk = int(torch.randint(1, 7, (1,), generator=g))
+        got = reverse_kl(s, t, chunk_rows=chunk)
+        want = ref_kl(s, t)
+        assert got.shape == lead and (got >= -1e-6).all()
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5 * max(1.0, float(want.abs().max())))
+        ids = torch.randint(0, V, lead, generator=g)
+        want_logp = torch.log_softmax(s.double(), -1).gather(-1, ids[..., None]).squeeze(-1)
+        torch.testing.assert_close(token_logp(s, ids, chunk_rows=chunk).double(), want_logp, rtol=1e-5, atol=1e-4)
