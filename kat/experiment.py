@@ -9,8 +9,9 @@ diagnostics of the detector, and a sensitivity sweep.
 Every arm is one `kat.train.train` run, its Config the YAML file + `--key value` overrides + the
 arm's own overrides, written to DIR/<world>/<arm>/seed<k>/. A run is a pure function of its config:
 a finished run whose config.yaml equals the one wanted is reused, so an interrupted experiment picks
-up where it stopped and `sensitivity` reuses `table1`'s OPD runs in the same DIR. Seeds change the
-prompt order, the sampling and the evaluation samples; every seed starts from the same student.
+up where it stopped and `sensitivity` reuses `table1`'s OPD and KAT runs in the same DIR. Seeds
+change the prompt order, the sampling and the evaluation samples; every seed starts from the same
+student.
 
 Table 1 arms (what the learner sees per rollout):
 - teacher, student (before): evaluation only, same protocol as the runs' evaluations.
@@ -20,8 +21,8 @@ Table 1 arms (what the learner sees per rollout):
   equals KAT's mean kept length in the same seed. The point of the control is that both arms train
   on the same number of tokens per rollout; KAT still generates more, since it confirms a trap
   `patience` windows after the cut it makes.
-- FixedPrefix: max_new_tokens capped at KAT's mean generated length, rounded up (the same
-  generation budget as KAT, spent on the prefix of every rollout).
+- FixedPrefix: max_new_tokens capped at KAT's mean generated length, rounded up: the paper's
+  control, a blind length limit set where KAT's rollouts end on average.
 - Fixed-N: max_new_tokens capped at N = KAT's mean kept length, rounded. A cut at a fixed position N
   that is not an end of sequence (excluded from the loss, as KAT's cut is) gives the learner exactly
   the same tokens and targets as a length cap at N: the OPD loss of position t < N does not depend on
@@ -47,7 +48,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import fields, replace
 
 import torch
@@ -64,12 +64,11 @@ EVAL_CAP_FIELD = "eval_max_new_tokens"
 
 TABLE1_ARMS = ("opd", "kat", "random", "fixed_prefix", "fixed_n")
 LENGTH_MATCHED = ("random", "fixed_prefix", "fixed_n")  # their settings come from the seed's KAT run
-SENSITIVITY_ARMS = ("opd", "kat_q0.1", "kat_q0.3", "kat_q0.5", "kat_zscore")
+SENSITIVITY_ARMS = ("opd", "kat", "kat_q0.1", "kat_q0.5", "kat_zscore")  # "kat": the config's own rule
 STATIC_ARMS = {
     "opd": {"termination": "none"},
     "kat": {"termination": "kat"},
     "kat_q0.1": {"termination": "kat", "rule": "quantile", "eta": 0.1},
-    "kat_q0.3": {"termination": "kat", "rule": "quantile", "eta": 0.3},
     "kat_q0.5": {"termination": "kat", "rule": "quantile", "eta": 0.5},
     "kat_zscore": {"termination": "kat", "rule": "zscore"},
     "shadow": {"termination": "kat", "shadow": True},
@@ -78,9 +77,10 @@ LABELS = {
     "teacher": "teacher", "before": "student (before)", "opd": "OPD", "kat": "KAT",
     "random": "RandomTerm (kept length = KAT's)", "fixed_prefix": "FixedPrefix (cap = KAT's generated length)",
     "fixed_n": "Fixed-N (cap = KAT's kept length)", "kat_q0.1": "KAT quantile eta=0.1",
-    "kat_q0.3": "KAT quantile eta=0.3", "kat_q0.5": "KAT quantile eta=0.5", "kat_zscore": "KAT zscore",
+    "kat_q0.5": "KAT quantile eta=0.5", "kat_zscore": "KAT zscore",
 }
-ROW_ORDER = ("teacher", "before", "opd", "random", "fixed_prefix", "fixed_n", "kat", *SENSITIVITY_ARMS[1:])
+ROW_ORDER = ("teacher", "before", "opd", "random", "fixed_prefix", "fixed_n", "kat", "kat_q0.1", "kat_q0.5",
+             "kat_zscore")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def eval_metrics(row: dict) -> dict:
 def summarize_run(run_dir: str) -> dict:
     """One run's numbers from its metrics.jsonl and arm.json.
 
-    mean_length / kept_length / cut_rate: means over training steps of the logged per-step values
+    mean_length / kept_length / cut_rate / shadow_rate: means over training steps of the logged values
     (every step has the same number of rollouts, so these are per-rollout means over the run);
     tokens: tokens generated over the run; train_s: rollout + learning time; wall_s: the whole
     train() call, evaluations included; before / after: the evaluation rows; curve: every
@@ -246,6 +246,7 @@ def summarize_run(run_dir: str) -> dict:
         "mean_length": statistics.fmean(r["mean_length"] for r in steps),
         "kept_length": statistics.fmean(r["kept_length"] for r in steps),
         "cut_rate": statistics.fmean(r["cut_rate"] for r in steps),
+        "shadow_rate": statistics.fmean(r.get("shadow_rate", 0.0) for r in steps),
         "tokens": steps[-1]["tokens_total"],
         "train_s": sum(r["time_rollout"] + r["time_learn"] for r in steps),
         "wall_s": info["wall_s"],
@@ -581,8 +582,8 @@ def shadow_summary(records: list[dict]) -> dict:
         out["cut_rate_repeating"] = _share([r["shadow_cut"] is not None for r in rep])
         out["cut_rate_wrong_no_repeat"] = _share([r["shadow_cut"] is not None for r in records
                                                   if not r["correct"] and r.get("repeat_start") is None])
-        out["wrong_cut_at_or_after_error"] = _share([r["first_error"] is not None and r["shadow_cut"] >= r["first_error"]
-                                                     for r in wrong_cut])
+        out["wrong_cut_at_or_after_error"] = _share([r["first_error"] is not None
+                                                     and r["shadow_cut"] >= r["first_error"] for r in wrong_cut])
         out["repeat_cut_inside_repeat"] = _share([r["shadow_cut"] >= r["repeat_start"] for r in rep
                                                   if r["shadow_cut"] is not None])
     return out
@@ -631,15 +632,43 @@ def plot_cut_positions(records: dict[str, list[dict]], path: str, title: str = "
     return path
 
 
+def diagnose(run_dir: str, cfg: Config, point: str, teacher, tokenizer, problems: list[dict], batches: int,
+             log=print) -> list[dict]:
+    """Graded shadow rollouts of the student before (`point` 'before') or after ('after') a shadow run.
+
+    Before: the initial student, a fresh detector calibrated on its own rollouts. After: the run's
+    trained student and the detector state of its last checkpoint. Cached in the run directory.
+    """
+    from kat.models import load_model
+    from kat.train import build_terminator
+
+    path = os.path.join(run_dir, "diagnostics", f"rollouts_{point}.jsonl")
+    if os.path.isfile(path):
+        return read_jsonl(path)
+    detector, student_path = build_terminator(cfg), cfg.student
+    if point == "after":
+        ckpt = os.path.join(run_dir, f"checkpoint-{cfg.steps:06d}", "terminator.pt")
+        detector.load_state_dict(torch.load(ckpt, weights_only=False))
+        student_path = os.path.join(run_dir, "student")
+    student = load_model(student_path, "", torch.float32, "student").eval()
+    t0 = time.perf_counter()
+    records = shadow_rollouts(student, teacher, tokenizer, problems, cfg, detector, batches=batches,
+                              first_step=cfg.steps)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+    log(f"  shadow seed {cfg.seed} {point}: {len(records)} rollouts in {time.perf_counter() - t0:.0f} s")
+    return records
+
+
 def run_shadow(argv: list[str], seeds: int, out: str, worlds: list[str | None], batches: int = 8,
                log=print) -> dict:
     """Shadow KAT runs, then graded shadow rollouts of the student before and after training."""
     from kat.data import filter_long_prompts, load_problems
     from kat.models import load_model, load_tokenizer
-    from kat.train import build_terminator
 
     result = {"commit": git_commit(), "worlds": {}}
-    md = ["# shadow-mode diagnostics", "",
+    md = ["# Shadow-mode diagnostics", "",
           "A KAT run with shadow=True (nothing cut, would-be cuts recorded). Then, with its settings, batches "
           "of training prompts sampled by the student before training (detector calibrated on that student's "
           "own rollouts first) and by the student after the shadow run (detector state of its last checkpoint), "
@@ -654,48 +683,30 @@ def run_shadow(argv: list[str], seeds: int, out: str, worlds: list[str | None], 
         problems = filter_long_prompts(tokenizer, load_problems(base.train_data, split=base.train_split,
                                        prompt_field=base.prompt_field, answer_field=base.answer_field),
                                        base.max_prompt_length, render_kw=render_kw, name="train_data")
-        per_point: dict[str, list[dict]] = {"before": [], "after": []}
+        records: dict[str, list[dict]] = {"before": [], "after": []}
         runs = []
         for k in range(seeds):
-            seed = base.seed + k
-            cfg = replace(base, seed=seed, output_dir=os.path.join(out, label, "shadow", f"seed{seed}"))
-            run_dir = run_arm(cfg, "shadow", seed, log)
-            runs.append(summarize_run(run_dir))
-            diag = os.path.join(run_dir, "diagnostics")
-            os.makedirs(diag, exist_ok=True)
-            for point in ("before", "after"):
-                path = os.path.join(diag, f"rollouts_{point}.jsonl")
-                if not os.path.isfile(path):
-                    detector = build_terminator(cfg)
-                    student_path = cfg.student
-                    if point == "after":
-                        ckpt = os.path.join(run_dir, f"checkpoint-{cfg.steps:06d}", "terminator.pt")
-                        detector.load_state_dict(torch.load(ckpt, weights_only=False))
-                        student_path = os.path.join(run_dir, "student")
-                    student = load_model(student_path, "", torch.float32, "student").eval()
-                    t0 = time.perf_counter()
-                    recs = shadow_rollouts(student, teacher, tokenizer, problems, cfg, detector, batches=batches,
-                                           first_step=cfg.steps)
-                    with open(path, "w") as fh:
-                        fh.writelines(json.dumps(r) + "\n" for r in recs)
-                    log(f"  shadow {label} seed {seed} {point}: {len(recs)} rollouts in {time.perf_counter() - t0:.0f} s")
-                per_point[point] += read_jsonl(path)
-        summary = {p: shadow_summary(r) for p, r in per_point.items()}
+            cfg = replace(base, seed=base.seed + k)
+            cfg = replace(cfg, output_dir=os.path.join(out, label, "shadow", f"seed{cfg.seed}"))
+            runs.append(summarize_run(run_arm(cfg, "shadow", cfg.seed, log)))
+            for point in records:
+                records[point] += diagnose(cfg.output_dir, cfg, point, teacher, tokenizer, problems, batches, log)
+        summary = {p: shadow_summary(r) for p, r in records.items()}
         plots = {"cut_positions": plot_cut_positions(
-            per_point, os.path.join(out, f"shadow_{label}_cut_positions.png"), f"would-be cuts, {label} world")}
-        for point, recs in per_point.items():
+            records, os.path.join(out, f"shadow_{label}_cut_positions.png"), f"would-be cuts, {label} world")}
+        for point, recs in records.items():
             for ok in (True, False):
                 name = f"shadow_{label}_{point}_traces_{'correct' if ok else 'wrong'}.png"
                 plots[name] = plot_traces(as_traces(pick_examples(recs, ok), base), os.path.join(out, name))
+        training_rate = statistics.fmean(r["shadow_rate"] for r in runs)
         result["worlds"][label] = {"config": base.to_dict(), "summary": summary, "plots": plots,
                                    "shadow_runs": [r["run_dir"] for r in runs],
-                                   "shadow_rate_training": [statistics.fmean(
-                                       m.get("shadow_rate", 0.0) for m in read_jsonl(os.path.join(r["run_dir"],
-                                                                                                  "metrics.jsonl"))
-                                       if "loss" in m) for r in runs]}
+                                   "shadow_rate_during_training": training_rate}
         md += [f"## {label} world ({seeds} seed(s); {batches} batches of "
                f"{base.batch_size * base.samples_per_prompt} rollouts per seed and point)", "", setup_line(base), "",
                shadow_markdown(summary), "",
+               f"Would-be cut rate over the shadow run's own training rollouts (warm-up included): "
+               f"{100 * training_rate:.1f}%.", "",
                f"![cut positions]({os.path.basename(plots['cut_positions'])})", ""]
     with open(os.path.join(out, "shadow.json"), "w") as fh:
         json.dump(result, fh, indent=1)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from kat.config import Config, ConfigError, load_config
-from kat.experiment import (EVAL_CAP_FIELD, arm_overrides, markdown_table, run_table, shadow_rollouts,
-                            shadow_summary, summarize_run)
+from kat.experiment import (EVAL_CAP_FIELD, arm_overrides, markdown_table, run_shadow, run_table,
+                            shadow_rollouts, shadow_summary, summarize_run)
 from kat.plot import read_jsonl
 
 HAS_EVAL_CAP = EVAL_CAP_FIELD in {f.name for f in fields(Config)}
@@ -165,3 +165,21 @@ def test_shadow_rollouts_record_what_the_detector_decides(tiny_world):
             start = r["shadow_cut"]
             assert start >= 2 and r["z"][start + 3] < r["threshold"]
     assert any(r["shadow_cut"] is not None for r in recs) and all(not math.isnan(x) for r in recs for x in r["kl"])
+
+
+def test_shadow_experiment_summarises_its_rollout_files(tiny_world, tmp_path):
+    out = tmp_path / "shadow"
+    res = run_shadow(tiny_argv(tiny_world) + ["--warmup_steps", "0"], 1, str(out), [None], batches=1,
+                     log=lambda *a: None)
+    run = out / "custom" / "shadow" / "seed0"
+    cfg = load_config(["--config", str(run / "config.yaml")])
+    assert cfg.shadow and cfg.termination == "kat"
+    metrics = [m for m in read_jsonl(run / "metrics.jsonl") if "loss" in m]
+    assert all(m["cut_rate"] == 0 for m in metrics)  # shadow mode cuts nothing
+    world = res["worlds"]["custom"]
+    assert world["shadow_rate_during_training"] == pytest.approx(sum(m["shadow_rate"] for m in metrics) / 2)
+    for point in ("before", "after"):
+        recs = read_jsonl(run / "diagnostics" / f"rollouts_{point}.jsonl")
+        assert len(recs) == 4 and world["summary"][point] == shadow_summary(recs)
+    assert json.loads((out / "shadow.json").read_text())["worlds"]["custom"]["summary"] == world["summary"]
+    assert "| cut rollouts that still end correct |" in (out / "shadow.md").read_text()
