@@ -232,7 +232,9 @@ def fmt_mib(nbytes: int | None) -> str:
 
 
 def fmt_ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}x"
+    if value is None:
+        return "-"
+    return "<0.001x" if value < 1e-3 else f"{value:.3g}x"
 
 
 def fmt_share(value: float | None) -> str:

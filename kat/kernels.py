@@ -77,8 +77,22 @@ def triton_available() -> bool:
     return triton is not None and (_INTERPRET or torch.cuda.is_available())
 
 
+def supports(student_logits: Tensor, teacher_logits: Tensor) -> bool:
+    """Whether ``reverse_kl_triton`` takes these inputs: Triton usable, both on CUDA (or
+    interpreted), float32/float16/bfloat16, same shape, a non-empty vocabulary."""
+    return (triton_available()
+            and all((x.is_cuda or _INTERPRET) and x.dtype in _DTYPES for x in (student_logits, teacher_logits))
+            and student_logits.shape == teacher_logits.shape and student_logits.shape[-1:] != (0,)
+            and student_logits.device == teacher_logits.device)
+
+
 def _launch_config(vocab: int) -> tuple[int, int]:
-    """(block_v, num_warps) for a row of ``vocab`` logits: one warp per 512 logits of a block."""
+    """(block_v, num_warps) for a row of ``vocab`` logits: one warp per 512 logits of a block.
+
+    Not critical: on an H100 at 16384 x 152064 fp16, blocks of 2048-8192 with 4 or 8 warps all
+    stream the forward at 2.5-2.8 TB/s, and the backward is flat across configurations; 16 warps,
+    or 8 on 1024-wide blocks, are slower (the sweep in benchmarks/gpu_check.py).
+    """
     block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK_V)
     return block_v, max(1, min(16, block_v // 512))
 

@@ -199,6 +199,13 @@ def test_mixed_input_dtypes():
     assert_close_scaled(reverse_kl_triton(s, t), ref_kl(s, t), 1e-5)
 
 
+def test_supports():
+    s, t = logits((2, 10), torch.float16)
+    assert kernels.supports(s, t) and kernels.supports(s.float(), t.bfloat16())
+    assert not kernels.supports(s.double(), t)  # float64 stays on the PyTorch path
+    assert not kernels.supports(s, t[:, :9])
+
+
 def test_errors_name_the_argument():
     s, t = logits((2, 10), torch.float32)
     with pytest.raises(ValueError, match="same shape"):
