@@ -13,6 +13,8 @@ same value in that API is ``kl_div(teacher_logp, student_logp, log_target=True)`
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -93,8 +95,16 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, chunk_rows: int |
         chunk_rows: rows per fp32 chunk (default: about 64 MiB of fp32 per buffer).
     Returns:
         (...) float32. Differentiable w.r.t. both inputs (the `full` OPD loss).
+
+    On CUDA with triton installed and ``chunk_rows`` unset, the fused kernel of kat.kernels
+    computes the same value in one pass over the logits; ``KAT_TRITON=0`` keeps the PyTorch path.
     """
     _check_pair(student_logits, teacher_logits)
+    if chunk_rows is None and student_logits.is_cuda and os.environ.get("KAT_TRITON") != "0":
+        from kat.kernels import reverse_kl_triton, supports
+
+        if supports(student_logits, teacher_logits):
+            return reverse_kl_triton(student_logits, teacher_logits)
     lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     s = student_logits.reshape(-1, vocab)
     t = teacher_logits.reshape(-1, vocab)
