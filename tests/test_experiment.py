@@ -167,10 +167,11 @@ def test_shadow_rollouts_record_what_the_detector_decides(tiny_world):
     assert any(r["shadow_cut"] is not None for r in recs) and all(not math.isnan(x) for r in recs for x in r["kl"])
 
 
+@pytest.mark.slow
 def test_shadow_experiment_summarises_its_rollout_files(tiny_world, tmp_path):
     out = tmp_path / "shadow"
-    res = run_shadow(tiny_argv(tiny_world) + ["--warmup_steps", "0"], 1, str(out), [None], batches=1,
-                     log=lambda *a: None)
+    res = run_shadow(tiny_argv(tiny_world) + ["--warmup_steps", "0", "--eval_data", ""], 1, str(out), [None],
+                     batches=1, log=lambda *a: None)
     run = out / "custom" / "shadow" / "seed0"
     cfg = load_config(["--config", str(run / "config.yaml")])
     assert cfg.shadow and cfg.termination == "kat"
