@@ -179,6 +179,8 @@ def _open(spec: DataSpec):
     if ext in _LOCAL_FORMATS:
         if not os.path.isfile(source):
             raise DataError(f"data file {source!r} does not exist; check the path (train_data / eval_data)")
+        if os.path.getsize(source) == 0 or (ext != ".parquet" and not open(source).read(4096).strip()):
+            raise DataError(f"{source!r} holds no rows; give a file with at least one problem")
         return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files=source, split="train")
     if os.path.isdir(source) and any(os.path.isfile(os.path.join(source, f))
                                      for f in ("state.json", "dataset_dict.json")):
