@@ -179,7 +179,7 @@ def _open(spec: DataSpec):
     if ext in _LOCAL_FORMATS:
         if not os.path.isfile(source):
             raise DataError(f"data file {source!r} does not exist; check the path (train_data / eval_data)")
-        if os.path.getsize(source) == 0 or (ext != ".parquet" and not open(source).read(4096).strip()):
+        if os.path.getsize(source) == 0 or (ext != ".parquet" and _blank(source)):
             raise DataError(f"{source!r} holds no rows; give a file with at least one problem")
         return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files=source, split="train")
     if os.path.isdir(source) and any(os.path.isfile(os.path.join(source, f))
@@ -407,3 +407,9 @@ def word_problems(n: int, seed: int = 0) -> list[dict]:
                       f"{name} have now?"), a - b + c
         out.append({"prompt": q, "answer": str(ans)})
     return out
+
+
+def _blank(path: str) -> bool:
+    """A text file holding only whitespace (datasets fails on it with a bare StopIteration)."""
+    with open(path) as fh:
+        return not fh.read(4096).strip()
