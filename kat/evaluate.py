@@ -1,0 +1,284 @@
+"""Sampling-based evaluation: avg@k, unbiased pass@k, and answer graders.
+
+For each problem the model samples k completions; c of them are correct.
+
+    avg@k  = mean over problems of c / k
+    pass@k = mean over problems of 1 - C(n - c, k) / C(n, k)      (here n = k samples)
+
+Graders:
+- ``exact``: the toy world's final ``A=<int>``, compared as integers (as strings when the
+  reference is not an integer). A completion without a parsable answer is wrong, and counted.
+- ``math``: math-verify's parse + verify (``\\boxed{}``, LaTeX, plain numbers, symbolic
+  equivalence). Its default timeouts use ``signal.alarm``, which only works in the main thread,
+  so outside the main thread the grader runs without them.
+
+Command line: ``python -m kat eval --model PATH --data FILE -k 8 [--out FILE.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+GRADERS = ("exact", "math")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct.
+
+        pass@k = 1 - C(n-c, k) / C(n, k) = 1 - prod_{j=0}^{k-1} (n - c - j) / (n - j)
+
+    The product form never builds the (huge) binomial coefficients.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    miss = 1.0
+    for j in range(k):
+        miss *= (n - c - j) / (n - j)
+    return 1.0 - miss
+
+
+def avg_at_k(correct: Sequence[Sequence[bool]]) -> float:
+    """Mean over problems of the fraction of correct samples (``correct[i][j]``: problem i, sample j)."""
+    if len(correct) == 0:
+        raise ValueError("avg_at_k needs at least one problem")
+    return sum(sum(map(bool, row)) / len(row) for row in correct) / len(correct)
+
+
+def mean_pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
+    """pass@k averaged over problems, each with n = len(row) >= k samples."""
+    if len(correct) == 0:
+        raise ValueError("mean_pass_at_k needs at least one problem")
+    return sum(pass_at_k(len(row), sum(map(bool, row)), k) for row in correct) / len(correct)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graders
+
+def extract_answer(completion: str, grader: str = "exact") -> str | None:
+    """The final answer a grader would read from ``completion``, or None if there is none."""
+    if grader == "exact":
+        from kat.toy.world import extract_answer as toy_answer
+
+        return toy_answer(completion)
+    if grader == "math":
+        parsed = _math_parse(completion)
+        return str(parsed[-1]) if parsed else None
+    raise ValueError(f"unknown grader {grader!r}; choose one of {GRADERS}")
+
+
+def grade(completion: str, answer: str, grader: str = "exact") -> bool:
+    """True when ``completion``'s final answer matches the reference ``answer``.
+
+    Never raises on a malformed completion: an answer that cannot be read is wrong.
+    """
+    if grader == "exact":
+        pred = extract_answer(completion, "exact")
+        if pred is None:
+            return False
+        ref = str(answer).strip()
+        try:
+            return int(pred) == int(ref)
+        except ValueError:
+            return pred == ref
+    if grader == "math":
+        return _math_grade(completion, str(answer))
+    raise ValueError(f"unknown grader {grader!r}; choose one of {GRADERS}")
+
+
+def _timeout_s() -> int | None:
+    # math-verify's timeouts use signal.alarm, which Python allows in the main thread only.
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+def _math_parse(text: str) -> list:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    try:
+        return parse(text, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+                     parsing_timeout=_timeout_s())
+    except Exception:  # a parser failure on model output is a wrong answer, not a crash
+        return []
+
+
+def _math_grade(completion: str, answer: str) -> bool:
+    from math_verify import verify
+
+    ref = answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
+    gold, pred = _math_parse(ref), _math_parse(completion)
+    if not gold or not pred:
+        return False
+    try:
+        return bool(verify(gold, pred, timeout_seconds=_timeout_s()))
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+def render_prompts(tokenizer, prompts: Sequence[str]) -> list[str]:
+    """Each question as the model sees it: one user turn through the chat template."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=False) for p in prompts]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0) -> tuple[list[str], list[int], list[bool]]:
+    """Sample one completion per prompt (greedy at temperature 0).
+
+    Returns (texts without special tokens, token counts including EOS, ended-with-EOS flags).
+    """
+    device = next(model.parameters()).device
+    enc = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True,
+                    padding_side="left", add_special_tokens=False).to(device)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, top_k=None, **sampling)
+    new = out[:, enc["input_ids"].shape[1]:]  # (B, T') generated ids, padded after EOS
+    is_eos = new == tokenizer.eos_token_id  # (B, T')
+    ended = is_eos.any(-1)  # (B,)
+    # length = index of the first EOS + 1 for rows that ended, else all generated tokens
+    lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, torch.full_like(ended, new.shape[1], dtype=torch.long))
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new.tolist(), lengths.tolist())]
+    return texts, lengths.tolist(), ended.tolist()
+
+
+def evaluate(model, tokenizer, problems: Sequence[dict], k: int, *, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, grader: str = "exact",
+             seed: int = 0) -> dict:
+    """Sample ``k`` completions for each problem and grade them.
+
+    Args:
+        problems: dicts with ``prompt`` (the question text) and ``answer`` (reference string).
+        k: samples per problem; avg@k and pass@k are computed from them.
+        temperature: sampling temperature; 0 means greedy decoding (then all k samples agree).
+    Returns:
+        ``avg@k``, ``pass@k``, ``k``, ``n_problems``, ``mean_length`` (completion tokens including
+        EOS), ``eos_rate``, ``unparsed_rate`` (completions without a readable answer), the
+        settings, and ``problems``: per problem its prompt, answer, completions, lengths, correct.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if grader not in GRADERS:
+        raise ValueError(f"unknown grader {grader!r}; choose one of {GRADERS}")
+    for i, p in enumerate(problems):
+        if "prompt" not in p or "answer" not in p:
+            raise ValueError(f"problem {i} needs the fields 'prompt' and 'answer', has {sorted(p)}")
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    flat = [(i, p) for i, p in enumerate(problems) for _ in range(k)]  # k copies of each problem
+    texts, lengths, ended = [], [], []
+    for s in range(0, len(flat), batch_size):
+        chunk = [p["prompt"] for _, p in flat[s:s + batch_size]]
+        t, n, e = generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p)
+        texts += t
+        lengths += n
+        ended += e
+    model.train(was_training)
+
+    rows = []
+    for i, p in enumerate(problems):
+        idx = range(i * k, (i + 1) * k)
+        rows.append({
+            "prompt": p["prompt"],
+            "answer": str(p["answer"]),
+            "completions": [texts[j] for j in idx],
+            "lengths": [lengths[j] for j in idx],
+            "correct": [grade(texts[j], str(p["answer"]), grader) for j in idx],
+        })
+    correct = [r["correct"] for r in rows]
+    n = len(texts)
+    return {
+        f"avg@{k}": avg_at_k(correct),
+        f"pass@{k}": mean_pass_at_k(correct, k),
+        "avg@k": avg_at_k(correct),
+        "pass@k": mean_pass_at_k(correct, k),
+        "k": k,
+        "n_problems": len(problems),
+        "mean_length": sum(lengths) / n,
+        "eos_rate": sum(ended) / n,
+        "unparsed_rate": sum(extract_answer(t, grader) is None for t in texts) / n,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "grader": grader,
+        "seed": seed,
+        "problems": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def load_problems(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Rows with ``prompt`` and ``answer`` from a .jsonl file or a .json list."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path} does not exist")
+    text = path.read_text()
+    rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+    return rows[:limit] if limit is not None else rows
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="kat eval", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="HF checkpoint directory or hub name")
+    p.add_argument("--data", required=True, help="jsonl/json file of {prompt, answer} rows")
+    p.add_argument("-k", type=int, default=8, help="samples per problem (default 8)")
+    p.add_argument("--out", default=None, help="write the full results (with completions) as JSON here")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="completion length limit (default 96)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
+    p.add_argument("--grader", choices=GRADERS, default="exact", help="exact (toy) or math (math-verify)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``python -m kat eval``: print a results table; with --out also write the JSON."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = build_parser().parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
+    problems = load_problems(args.data, args.limit)
+    t0 = time.time()
+    res = evaluate(model, tokenizer, problems, args.k, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+                   grader=args.grader, seed=args.seed)
+    res.update(model=str(args.model), data=str(args.data), seconds=round(time.time() - t0, 1))
+    k = args.k
+    table = [("model", args.model), ("data", args.data), ("problems", res["n_problems"]), ("k", k),
+             (f"avg@{k}", f"{100 * res['avg@k']:.2f}%"), (f"pass@{k}", f"{100 * res['pass@k']:.2f}%"),
+             ("mean length", f"{res['mean_length']:.1f} tokens"), ("ended with EOS", f"{100 * res['eos_rate']:.1f}%"),
+             ("no answer", f"{100 * res['unparsed_rate']:.1f}%"), ("seconds", res["seconds"])]
+    width = max(len(name) for name, _ in table)
+    for name, value in table:
+        print(f"{name:<{width}}  {value}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.out}")
+    return res

@@ -1,0 +1,229 @@
+"""Metrics (against brute force), graders (exact and math-verify) and the sampling loop."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import threading
+from fractions import Fraction
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kat.evaluate import avg_at_k, evaluate, extract_answer, generate, grade, load_problems, mean_pass_at_k, pass_at_k
+from kat.toy.tokenizer import build_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: one thread is fastest, and several spin at barriers on a busy CPU
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# pass@k and avg@k
+
+def brute_pass_at_k(outcomes: list[bool], k: int) -> Fraction:
+    """Share of the k-subsets of the samples that hold at least one correct sample."""
+    subsets = list(itertools.combinations(outcomes, k))
+    return Fraction(sum(any(s) for s in subsets), len(subsets))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_pass_at_k_matches_enumeration_of_subsets(n):
+    for c in range(n + 1):
+        outcomes = [True] * c + [False] * (n - c)
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(float(brute_pass_at_k(outcomes, k)), abs=1e-12)
+
+
+def test_pass_at_k_edge_values_and_large_n():
+    assert pass_at_k(8, 0, 8) == 0.0
+    assert pass_at_k(8, 1, 8) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    # n = 200 would overflow a float binomial ratio; the product stays exact to rounding
+    from math import comb
+    assert pass_at_k(200, 13, 50) == pytest.approx(1 - comb(187, 50) / comb(200, 50), rel=1e-12)
+
+
+@pytest.mark.parametrize("n, c, k", [(3, 4, 1), (3, -1, 1), (3, 1, 0), (3, 1, 4)])
+def test_pass_at_k_rejects_bad_arguments(n, c, k):
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+def test_avg_and_mean_pass_at_k_over_problems():
+    correct = [[True, False, False, False], [True, True, True, True], [False] * 4]
+    assert avg_at_k(correct) == pytest.approx((0.25 + 1.0 + 0.0) / 3)
+    assert mean_pass_at_k(correct, 1) == pytest.approx(avg_at_k(correct))  # pass@1 = avg
+    expected = (float(brute_pass_at_k(correct[0], 2)) + 1.0 + 0.0) / 3
+    assert mean_pass_at_k(correct, 2) == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        avg_at_k([])
+
+
+# ---------------------------------------------------------------------------------------------
+# exact grader (toy)
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("37+48=85;85-19=66;A=66", "66", True),
+    ("37+48=85;A=85", "66", False),
+    ("A=12;A=066", "66", True),  # the last answer counts, compared as integers
+    ("A=-3", "-3", True),
+    ("", "5", False),
+    ("A=", "5", False),
+    ("37+48=85;85-19=66;66-19=47;66-19=47;66-19=", "47", False),  # a repetition never answers
+    ("A=x1", "1", False),
+    ("???<unk>A", "1", False),
+    ("A=7", "seven", False),  # a non-integer reference is compared as a string
+])
+def test_exact_grader_on_wellformed_and_malformed_outputs(completion, answer, expected):
+    assert grade(completion, answer, "exact") is expected
+
+
+def test_exact_extraction_reports_unparsable_as_none():
+    assert extract_answer("37+48=85;", "exact") is None
+    assert extract_answer("A=007", "exact") == "7"
+
+
+def test_unknown_grader_is_rejected_by_name():
+    with pytest.raises(ValueError, match="unknown grader 'fuzzy'"):
+        grade("A=1", "1", "fuzzy")
+
+
+# ---------------------------------------------------------------------------------------------
+# math grader (math-verify)
+
+EQUIVALENT = [
+    ("The answer is \\boxed{\\frac{1}{2}}", "0.5"),
+    ("\\boxed{0.5}", "\\frac{1}{2}"),
+    ("so $x = \\boxed{2}$", "2"),
+    ("\\boxed{\\dfrac{3}{4}}", "3/4"),
+    ("The result is $\\boxed{10\\%}$", "10\\%"),
+    ("\\boxed{\\sqrt{4}}", "2"),
+    ("\\boxed{2\\pi}", "2\\pi"),
+    ("\\boxed{1,2,3}", "\\{1,2,3\\}"),
+    ("\\boxed{(1,2)}", "(1,2)"),
+    ("Final: \\boxed{-7}", "-7"),
+    ("\\boxed{x^2+2x+1}", "(x+1)^2"),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),
+    ("$\\boxed{\\frac{6}{4}}$", "\\frac{3}{2}"),
+    ("The answer is 42.", "42"),
+    ("\\boxed{2^{10}}", "1024"),
+    ("\\boxed{[0,1)}", "[0,1)"),
+    ("\\boxed{3\\sqrt{2}}", "\\sqrt{18}"),
+    ("\\boxed{0.25}", "\\frac14"),
+    ("\\boxed{e^{0}}", "1"),
+    ("\\boxed{1000}", "1000"),
+]
+NOT_EQUIVALENT = [
+    ("\\boxed{2}", "3"),
+    ("\\boxed{\\frac{1}{2}}", "0.2"),
+    ("\\boxed{-7}", "7"),
+    ("no answer here", "5"),
+    ("\\boxed{x+1}", "x-1"),
+    ("\\boxed{(1,2)}", "(2,1)"),
+    ("\\boxed{\\sqrt{2}}", "2"),
+    ("\\boxed{1000}", "100"),
+    ("\\boxed{[0,1]}", "(0,1)"),
+    ("\\boxed{", "3"),
+    ("", "0"),
+    ("\\boxed{2\\pi}", "\\pi"),
+]
+
+
+@pytest.mark.parametrize("completion, answer", EQUIVALENT)
+def test_math_grader_accepts_equivalent_answers(completion, answer):
+    assert grade(completion, answer, "math") is True
+
+
+@pytest.mark.parametrize("completion, answer", NOT_EQUIVALENT)
+def test_math_grader_rejects_different_answers(completion, answer):
+    assert grade(completion, answer, "math") is False
+
+
+def test_math_grader_works_in_worker_threads():
+    # math-verify's default timeouts use signal.alarm, which raises outside the main thread
+    pairs = EQUIVALENT[:6] + NOT_EQUIVALENT[:6]
+    expected = [True] * 6 + [False] * 6
+    results: dict[int, list[bool]] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            results[i] = [grade(c, a, "math") for c, a in pairs]
+        except BaseException as e:  # surfaced below; a thread's exception is otherwise lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert results == {i: expected for i in range(3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling loop
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(cfg).eval(), tokenizer
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny):
+    model, tokenizer = tiny
+    prompts = ["1+2", "37+48-19+25-61", "5-3+99"]  # different lengths -> left padding
+    batched, batched_len, _ = generate(model, tokenizer, prompts, max_new_tokens=12, temperature=0)
+    for i, p in enumerate(prompts):
+        alone, alone_len, _ = generate(model, tokenizer, [p], max_new_tokens=12, temperature=0)
+        assert alone == [batched[i]] and alone_len == [batched_len[i]]
+
+
+def test_evaluate_greedy_metrics_agree_with_its_own_grading(tiny):
+    model, tokenizer = tiny
+    problems = [{"prompt": "1+2", "answer": "3"}, {"prompt": "20-5+1", "answer": "16"}]
+    res = evaluate(model, tokenizer, problems, 3, max_new_tokens=10, temperature=0, batch_size=4)
+    assert res["k"] == 3 and res["n_problems"] == 2
+    for row, p in zip(res["problems"], problems):
+        assert len(set(row["completions"])) == 1  # greedy: all k samples agree
+        assert row["correct"] == [grade(c, p["answer"]) for c in row["completions"]]
+        assert all(1 <= n <= 10 for n in row["lengths"])
+    assert res["avg@k"] == pytest.approx(avg_at_k([r["correct"] for r in res["problems"]]))
+    assert res["pass@k"] == pytest.approx(res["avg@k"])  # identical samples: pass@k = avg@k
+    lengths = [n for r in res["problems"] for n in r["lengths"]]
+    assert res["mean_length"] == pytest.approx(sum(lengths) / len(lengths))
+
+
+def test_evaluate_sampling_is_seeded(tiny):
+    model, tokenizer = tiny
+    problems = [{"prompt": "12+34", "answer": "46"}] * 3
+    a = evaluate(model, tokenizer, problems, 2, max_new_tokens=8, seed=7)
+    b = evaluate(model, tokenizer, problems, 2, max_new_tokens=8, seed=7)
+    assert [r["completions"] for r in a["problems"]] == [r["completions"] for r in b["problems"]]
+
+
+def test_evaluate_names_the_missing_field(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="'prompt' and 'answer'"):
+        evaluate(model, tokenizer, [{"question": "1+1", "answer": "2"}], 1, max_new_tokens=4)
+
+
+def test_load_problems_reads_jsonl_and_limit(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"{i}+1", "answer": str(i + 1)}) for i in range(5)) + "\n")
+    assert load_problems(path, limit=2) == [{"prompt": "0+1", "answer": "1"}, {"prompt": "1+1", "answer": "2"}]
+    with pytest.raises(FileNotFoundError, match="--data"):
+        load_problems(tmp_path / "missing.jsonl")

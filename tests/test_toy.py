@@ -1,0 +1,236 @@
+"""The toy world: generator, solutions, tracing, tokenizer, and the shipped checkpoints."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from kat.toy.tokenizer import CHARS, build_tokenizer, vocab
+from kat.toy.world import (FORMS, SEPS, WorldSpec, extract_answer, grade, make_split, parse_prompt,
+                           read_jsonl, sample_problem, trace, world_specs, write_solution, write_step)
+
+TOY_DIR = Path(__file__).resolve().parents[1] / "kat" / "toy"
+WORLDS = ("rich", "plain")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Models this small gain nothing from more threads, and several threads on a busy CPU
+    # spin at every barrier (measured here: 30x slower generation on a loaded 2-core machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# generator
+
+def test_generator_is_deterministic_for_a_seed():
+    a = make_split(50, seed=3)
+    assert a == make_split(50, seed=3)
+    assert a != make_split(50, seed=4)
+    spec = world_specs("rich")[1]
+    sols = lambda seed: [write_solution(sample_problem(rng := random.Random(seed)), spec, rng) for _ in range(20)]
+    assert sols(5) == sols(5)
+
+
+def test_problems_respect_the_difficulty_knobs_and_stay_non_negative():
+    rng = random.Random(0)
+    for _ in range(500):
+        p = sample_problem(rng, min_ops=2, max_ops=4, digits=3)
+        assert 2 <= len(p.ops) <= 4 and len(p.numbers) == len(p.ops) + 1
+        assert all(100 <= n <= 999 for n in p.numbers)
+        assert all(c >= 0 for _, _, _, c in p.steps())
+        assert parse_prompt(p.prompt) == p
+        assert p.answer == eval(p.prompt)  # left-to-right + and - is Python's order too
+
+
+def test_a_split_has_distinct_prompts_and_avoids_excluded_ones():
+    test = make_split(200, seed=1)
+    train = make_split(500, seed=2, exclude={r["prompt"] for r in test})
+    assert len({r["prompt"] for r in train}) == 500
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert all(r["answer"] == str(eval(r["prompt"])) for r in train)
+
+
+def test_written_steps_are_arithmetically_true_in_every_form():
+    rng = random.Random(1)
+    for _ in range(200):
+        for r, op, b, c in sample_problem(rng).steps():
+            for form in FORMS:
+                lhs, rhs = write_step(r, op, b, c, form).split("=")
+                assert eval(lhs) == int(rhs) == c
+
+
+def test_plain_solution_is_the_single_canonical_one():
+    p = parse_prompt("37+48-19+25")
+    text, eos = write_solution(p, world_specs("plain")[0], random.Random(0))
+    assert (text, eos) == ("37+48=85;85-19=66;66+25=91;A=91", True)
+
+
+def test_rich_teacher_and_student_data_prefer_opposite_spellings():
+    def shares(spec: WorldSpec) -> tuple[float, float, float]:
+        rng, fwd, semi, steps, rep = random.Random(0), 0, 0, 0, 0
+        for _ in range(3000):
+            p = sample_problem(rng)
+            text, eos = write_solution(p, spec, rng)
+            rep += not eos
+            for step in p.steps():
+                for form in FORMS:
+                    for sep in SEPS:
+                        if write_step(*step, form) + sep in text:
+                            fwd, semi, steps = fwd + (form == "fwd"), semi + (sep == ";"), steps + 1
+                            break
+                    else:
+                        continue
+                    break
+        return fwd / steps, semi / steps, rep / 3000
+
+    teacher, student = world_specs("rich")
+    t_fwd, t_semi, t_rep = shares(teacher)
+    s_fwd, s_semi, s_rep = shares(student)
+    assert t_fwd == pytest.approx(0.75, abs=0.03) and t_semi == pytest.approx(0.75, abs=0.03)
+    assert s_fwd == pytest.approx(0.25, abs=0.03) and s_semi == pytest.approx(0.25, abs=0.03)
+    assert t_rep == pytest.approx(teacher.p_repeat, abs=0.01)
+    assert s_rep == pytest.approx(student.p_repeat, abs=0.02)
+
+
+def test_degenerate_solution_repeats_one_step_to_the_length_limit():
+    spec = WorldSpec("test", p_fwd=1.0, p_semicolon=1.0, p_repeat=1.0)
+    p = parse_prompt("37+48-19+25")
+    text, eos = write_solution(p, spec, random.Random(0), max_chars=60)
+    assert not eos and len(text) == 60 and extract_answer(text) is None
+    tr = trace(text, p)
+    assert not tr.correct and tr.repeat_start is not None and tr.first_error == tr.repeat_start
+    step = text[tr.repeat_start: tr.repeat_start + tr.repeat_len]
+    assert text[:tr.repeat_start].endswith(step)  # the step before is the same text
+    assert text[tr.repeat_start:] == (step * 20)[: 60 - tr.repeat_start]
+
+
+# ---------------------------------------------------------------------------------------------
+# grading and tracing
+
+def test_grading_reads_the_last_answer():
+    assert grade("37+48=85;A=85", "85") and not grade("37+48=85;A=84", "85")
+    assert not grade("37+48=85;85-19=", "66") and extract_answer("no answer") is None
+
+
+@pytest.mark.parametrize("completion, first_error, correct", [
+    ("37+48=85;85-19=66;66+25=91;A=91", None, True),
+    ("48+37=85,-19+85=66;25+66=91,A=91", None, True),  # any spelling of any world is valid
+    ("37+48=86;86-19=67;67+25=92;A=92", 7, False),  # slip at the last digit of the first result
+    ("37+48=85;85-19=66;66+25=91;A=9", 30, False),  # answer cut short: error where it stops
+    ("37+48=85;85-19=66;66+25=91;A=91;", 31, True),  # text after the answer is an error
+    ("37+48=85;85-19=66;85-19=66;85-19=66;", 18, False),
+])
+def test_trace_locates_the_first_error(completion, first_error, correct):
+    tr = trace(completion, parse_prompt("37+48-19+25"))
+    assert tr.first_error == first_error and tr.correct is correct
+
+
+def test_trace_finds_repetitions_after_an_error_too():
+    tr = trace("37+48=86;86-19=67;67-19=48;67-19=48;67-19", parse_prompt("37+48-19+25"))
+    assert tr.first_error == 7 and tr.repeat_start == 27 and tr.repeat_len == 9
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+def test_tokenizer_round_trip_one_token_per_character():
+    tok = build_tokenizer()
+    text = "48+37=85,-19+85=66;A=66"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)
+    assert ids == [vocab()[ch] for ch in text]
+    assert tok.decode(ids) == text
+    assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
+
+
+def test_tokenizer_special_tokens_and_unknown_characters():
+    tok = build_tokenizer()
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert len(tok) == 4 + len(CHARS)
+    assert tok("<bos>1<eos>", add_special_tokens=False)["input_ids"] == [1, vocab()["1"], 2]
+    assert tok("1x", add_special_tokens=False)["input_ids"] == [vocab()["1"], 3]
+
+
+def test_chat_template_renders_the_question():
+    tok = build_tokenizer()
+    msgs = [{"role": "user", "content": "37+48-19+25"}]
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == "<bos>Q:37+48-19+25\n"
+    full = msgs + [{"role": "assistant", "content": "37+48=85;A=85"}]
+    assert tok.apply_chat_template(full, tokenize=False) == "<bos>Q:37+48-19+25\n37+48=85;A=85<eos>"
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids[0] == tok.bos_token_id and tok.decode(ids) == "<bos>Q:37+48-19+25\n"
+
+
+def test_tokenizer_saves_and_loads_with_auto_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    build_tokenizer().save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.padding_side == "left" and tok.eos_token == "<eos>"
+    msgs = [{"role": "user", "content": "1+2"}]
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == "<bos>Q:1+2\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# shipped files
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_shipped_prompt_files(world):
+    data = TOY_DIR / world / "data"
+    if not data.exists():
+        pytest.skip(f"the {world} world is not built")
+    train, test = read_jsonl(data / "train.jsonl"), read_jsonl(data / "test.jsonl")
+    assert len(train) >= 2000 and len(test) == 200
+    assert set(train[0]) == {"prompt", "answer"}
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert all(r["answer"] == str(parse_prompt(r["prompt"]).answer) for r in train + test)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_shipped_checkpoints_load_offline(world, role, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = TOY_DIR / world / role
+    if not path.exists():
+        pytest.skip(f"the {world} world is not built")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (path / name).exists(), name
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert len(tok) == model.config.vocab_size == len(vocab())
+    ids = tok.apply_chat_template([{"role": "user", "content": "12+34"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], len(vocab())) and torch.isfinite(logits).all()
+
+
+def test_shipped_rich_teacher_solves_test_problems_greedily():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kat.evaluate import evaluate
+
+    path = TOY_DIR / "rich" / "teacher"
+    if not path.exists():
+        pytest.skip("the rich world is not built")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    problems = read_jsonl(TOY_DIR / "rich" / "data" / "test.jsonl")[:16]
+    res = evaluate(model, tok, problems, 1, max_new_tokens=96, temperature=0)
+    assert res["avg@k"] >= 14 / 16
+    # Greedy decoding mostly takes the teacher's preferred spelling (r op b, then ';', each
+    # 75% of its training data), so most correct greedy solutions are the canonical plain ones.
+    canonical = world_specs("plain")[0]
+    solved = [r for r in res["problems"] if r["correct"][0]]
+    same = [r["completions"][0] == write_solution(parse_prompt(r["prompt"]), canonical, random.Random(0))[0]
+            for r in solved]
+    assert sum(same) >= 0.75 * len(solved)
