@@ -147,9 +147,14 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, t
     device = next(model.parameters()).device
     enc = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True,
                     padding_side="left", add_special_tokens=False).to(device)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    # transformers fills an unset top_k with 50; top_k=0 switches it off, so sampling draws from
+    # the model's full distribution (at temperature / top_p) as the evaluation protocol says.
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        sampling = dict(do_sample=False)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, top_k=None, **sampling)
+                         eos_token_id=tokenizer.eos_token_id, **sampling)
     new = out[:, enc["input_ids"].shape[1]:]  # (B, T') generated ids, padded after EOS
     is_eos = new == tokenizer.eos_token_id  # (B, T')
     ended = is_eos.any(-1)  # (B,)

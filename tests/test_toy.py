@@ -234,3 +234,31 @@ def test_shipped_rich_teacher_solves_test_problems_greedily():
     same = [r["completions"][0] == write_solution(parse_prompt(r["prompt"]), canonical, random.Random(0))[0]
             for r in solved]
     assert sum(same) >= 0.75 * len(solved)
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics helpers
+
+def test_window_means_match_a_direct_loop():
+    from kat.toy.stats import window_means
+
+    g = torch.Generator().manual_seed(0)
+    kl = torch.rand(30, generator=g, dtype=torch.float64).float()
+    z = window_means(kl, 25, 8)
+    expected = [sum(kl[t - 7: t + 1].double().tolist()) / 8 for t in range(7, 25)]
+    assert z.tolist() == pytest.approx(expected, abs=1e-6)
+    assert window_means(kl, 5, 8).numel() == 0
+
+
+def test_offline_detector_cuts_a_long_low_stretch_at_its_first_window():
+    from kat.toy.stats import simulate_detector
+
+    healthy = torch.full((64,), 0.3)
+    trapped = torch.full((64,), 0.3)
+    trapped[24:] = 0.0  # agreement from token 24 on
+    kl = torch.stack([healthy, healthy, healthy, trapped])
+    cuts, threshold = simulate_detector(kl, [64] * 4, window=8, stride=8, patience=2, exempt=8, eta=0.3)
+    # minima 0.3, 0.3, 0.3, 0.0 -> 70% quantile is 0.3; z < 0.3 only in the trapped row
+    assert threshold == pytest.approx(0.3)
+    # windows end at 7, 15, ...; the first all-low window is [24, 31], the second confirms
+    assert cuts == [None, None, None, 24]

@@ -49,7 +49,7 @@ def sample_and_score(student, teacher, tokenizer, prompts: Sequence[str], *, max
     torch.manual_seed(seed)
     enc = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False)
-    out = student.generate(**enc, do_sample=True, temperature=temperature, top_p=1.0, top_k=None,
+    out = student.generate(**enc, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,  # 0: no top-k cut
                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                            eos_token_id=tokenizer.eos_token_id)
     n_prompt = enc["input_ids"].shape[1]
@@ -115,7 +115,7 @@ def _mean(xs: list[float]) -> float:
 
 
 def kl_table(scored: Scored, traces: list[Trace]) -> dict:
-    """Mean per-token KL by region, as token-weighted means with their token counts."""
+    """Per-token KL by region: token-weighted mean, median, share of tokens with d < 0.05, count."""
     regions: dict[str, list[float]] = {k: [] for k in (
         "correct: all tokens", "wrong: before first error", "wrong: at first error",
         "wrong, no repetition: after first error", "repetition: from its start",
@@ -134,17 +134,18 @@ def kl_table(scored: Scored, traces: list[Trace]) -> dict:
         if tr.repeat_start is not None:
             regions["repetition: from its start"] += d[tr.repeat_start:]
             regions["repetition: after one full copy"] += d[tr.repeat_start + tr.repeat_len:]
-    return {k: {"mean_kl": _mean(v), "tokens": len(v)} for k, v in regions.items()}
+    return {k: {"mean_kl": _mean(v), "median_kl": statistics.median(v) if v else float("nan"),
+                "share_below_0.05": _mean([x < 0.05 for x in v]), "tokens": len(v)} for k, v in regions.items()}
 
 
 def length_summary(lengths: list[int]) -> dict:
+    """Mean, quantiles and a 16-token histogram of completion lengths."""
     q = statistics.quantiles(lengths, n=10) if len(lengths) > 1 else lengths * 9
-    hist: dict[str, int] = {}
+    bins: dict[int, int] = {}
     for n in lengths:
-        lo = (n // 16) * 16
-        hist[f"{lo}-{lo + 15}"] = hist.get(f"{lo}-{lo + 15}", 0) + 1
+        bins[n // 16 * 16] = bins.get(n // 16 * 16, 0) + 1
     return {"mean": _mean(lengths), "min": min(lengths), "p10": q[0], "median": statistics.median(lengths),
-            "p90": q[-1], "max": max(lengths), "histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0].split('-')[0])))}
+            "p90": q[-1], "max": max(lengths), "histogram": {f"{lo}-{lo + 15}": bins[lo] for lo in sorted(bins)}}
 
 
 DETECTOR_GRID = [dict(window=w, stride=s, patience=p, exempt=e, eta=0.3)
@@ -208,9 +209,11 @@ def print_stats(res: dict) -> None:
     print(f"world {res['world']}: {res['n']} student rollouts (T=1) scored by the teacher")
     print(f"student accuracy {100 * res['accuracy']:.1f}%   repeating {100 * res['repeat_rate']:.1f}%   "
           f"ended with EOS {100 * res['eos_rate']:.1f}%   mean d over all tokens {res['mean_kl_all_tokens']:.4f}")
-    print("\nmean per-token reverse KL d by region")
+    print("\nper-token reverse KL d by region")
+    print(f"  {'region':<42} {'mean':>8} {'median':>8} {'d<0.05':>7} {'tokens':>7}")
     for name, v in res["kl"].items():
-        print(f"  {name:<42} {v['mean_kl']:8.4f}   ({v['tokens']} tokens)")
+        print(f"  {name:<42} {v['mean_kl']:8.4f} {v['median_kl']:8.4f} {100 * v['share_below_0.05']:6.1f}% "
+              f"{v['tokens']:7d}")
     L = res["lengths"]
     print(f"\ncompletion length (tokens, EOS included): mean {L['mean']:.1f}  min {L['min']}  p10 {L['p10']:.0f}  "
           f"median {L['median']:.0f}  p90 {L['p90']:.0f}  max {L['max']}")
