@@ -328,13 +328,18 @@ def load_eval_sets(text: str, *, split: str = "test", prompt_field: str = "promp
 # ---------------------------------------------------------------------------------------------
 # Prompts as the models see them
 
-def render_prompt(tokenizer, question: str, *, system_prompt: str = "", instruction: str = "") -> str:
-    """The text the model sees: chat template + generation prompt (plain text without a template)."""
+def render_prompt(tokenizer, question: str, *, system_prompt: str = "", instruction: str = "",
+                  template_kw: dict | None = None) -> str:
+    """The text the model sees: chat template + generation prompt (plain text without a template).
+
+    ``template_kw`` goes to the template, e.g. ``{"enable_thinking": False}`` for Qwen3's.
+    """
     content = f"{question}{instruction}" if instruction else question
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": content}]
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                             **(template_kw or {}))
     return f"{system_prompt}\n\n{content}" if system_prompt else content
 
 

@@ -196,7 +196,9 @@ def prune_layers(model, keep: Sequence[int]):
     keep = list(keep)
     if not keep or any(not 0 <= i < n for i in keep) or len(set(keep)) != len(keep):
         raise ValueError(f"keep must list distinct layer indices in [0, {n}), got {keep}")
-    cfg = model.config.__class__.from_dict(model.config.to_dict())
+    values = model.config.to_dict()
+    values.pop("quantization_config", None)  # a de-quantised GGUF model is saved as plain weights
+    cfg = model.config.__class__.from_dict(values)
     cfg.num_hidden_layers = len(keep)
     if isinstance(getattr(cfg, "layer_types", None), list):
         cfg.layer_types = [cfg.layer_types[i] for i in keep]

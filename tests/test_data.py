@@ -156,10 +156,25 @@ def test_eval_sets_with_their_own_k_and_fields():
 # ---------------------------------------------------------------------------------------------
 # Rendering, length filter, padding
 
+def byte_tokenizer_with_flag():
+    """A template with a switch, like Qwen3's `enable_thinking`."""
+    from fixtures.tiny_qwen import CHATML, byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = CHATML.replace("assistant\n{% endif %}",
+                                       "assistant\n{% if enable_thinking is not defined or enable_thinking %}"
+                                       "<think>{% endif %}{% endif %}")
+    return tok
+
+
 def test_render_prompt_chat_template_and_plain(tokenizer):
     text = render_prompt(tokenizer, "What is 2+2?", system_prompt="Be brief.", instruction=" Use \\boxed{}.")
     assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2? Use \\boxed{}."
                     "<|im_end|>\n<|im_start|>assistant\n")
+
+    thinking = byte_tokenizer_with_flag()
+    assert render_prompt(thinking, "Q").endswith("<|im_start|>assistant\n<think>")
+    assert render_prompt(thinking, "Q", template_kw={"enable_thinking": False}).endswith("<|im_start|>assistant\n")
 
     class NoTemplate:
         chat_template = None
@@ -227,3 +242,27 @@ def test_shipped_word_problem_files_match_the_generator():
     test = [p for p in word_problems(64, seed=2) if p["prompt"] not in seen][:48]
     assert rows(ROOT / "configs" / "data" / "word_problems_train.jsonl") == train
     assert rows(ROOT / "configs" / "data" / "word_problems_test.jsonl") == test
+
+
+@pytest.mark.parametrize("name", ["qwen3_1.7b.yaml", "qwen3_4b.yaml"])
+def test_paper_configs_name_the_benchmarks_with_their_columns_and_k(name):
+    from kat.config import load_config
+
+    cfg = load_config(["--config", str(ROOT / "configs" / name)])
+    specs = parse_data_specs(cfg.eval_data, split=cfg.eval_split, prompt_field=cfg.prompt_field,
+                             answer_field=cfg.answer_field, k=cfg.eval_k, limit=cfg.eval_limit)
+    assert [(s.name, s.source, s.split, s.prompt_field, s.answer_field, s.k) for s in specs] == [
+        ("amc", "AI-MO/aimo-validation-amc", "train", "problem", "answer", 8),
+        ("math500", "HuggingFaceH4/MATH-500", "test", "problem", "answer", 8),
+        ("minerva", "math-ai/minervamath", "test", "question", "answer", 8),
+        ("aime24", "HuggingFaceH4/aime_2024", "train", "problem", "answer", 32),
+    ]
+    train = parse_data_spec(cfg.train_data, split=cfg.train_split, prompt_field=cfg.prompt_field,
+                            answer_field=cfg.answer_field)
+    assert (train.source, train.split, train.prompt_field, train.answer_field, train.unwrap) == (
+        "BytedTsinghua-SIA/DAPO-Math-17k", "train", "prompt", "reward_model.ground_truth", "dapo")
+    # the fixture has the hub dataset's columns: the same spec reads it
+    with pytest.warns(UserWarning, match="duplicate"):
+        problems = load_problems(DAPO + cfg.train_data[cfg.train_data.index("["):], split=cfg.train_split,
+                                 prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)
+    assert problems[3] == {"prompt": "If $x + 2y = 7$ and $2x - y = 4$, what is $x$?", "answer": "3"}
