@@ -33,6 +33,10 @@ Rows:
 - ``ours, KAT``: ``sample`` with the toy's TrapDetector (configs/toy.yaml: chunk 8, W 8, stride 4,
   patience 2, exempt 8, eta 0.3) made active by two untimed calibration batches; its buffer keeps
   updating every step, as in training. Cut rows stop early and their cut segment leaves the loss.
+- ``..., topk K=V``: the same with ``learn(kind="topk")`` and K = the vocabulary size (23 on the
+  toy). With K >= V the top-K + tail loss is the exact reverse KL (same value and gradient as
+  ``full``), and the teacher's numbers it needs are captured while sampling, so ``learn`` does not
+  run the teacher again. Only sensible for small vocabularies: the rollout holds (B, T, V) of them.
 
 A step is timed from the start of sampling to the end of the optimiser step (TRL: from
 ``on_step_begin`` to ``on_step_end`` of a callback). Median over ``--steps`` steps after
@@ -53,6 +57,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -126,10 +131,13 @@ def encode(tokenizer, texts: list[str], device: torch.device) -> tuple[torch.Ten
 # Ours
 
 def ours_steps(student, teacher, tokenizer, texts: list[str], device: torch.device, *, max_new_tokens: int,
-               lr: float, warmup: int, steps: int, seed: int, eos: bool = True, kat: bool = False) -> list[dict]:
-    """Time `steps` training steps (after `warmup`): sample + learn(kind="full") + optimiser step.
+               lr: float, warmup: int, steps: int, seed: int, eos: bool = True, kat: bool = False,
+               loss: str = "full") -> list[dict]:
+    """Time `steps` training steps (after `warmup`): sample + learn + optimiser step.
 
     eos False: no EOS stops, every row generates `max_new_tokens`. kat: the toy's TrapDetector.
+    loss "full": the learner recomputes the teacher's logits. "topk": K = the whole vocabulary, so
+    the loss is the same exact reverse KL, from teacher numbers captured while sampling.
     """
     from accelerate import Accelerator
 
@@ -139,6 +147,7 @@ def ours_steps(student, teacher, tokenizer, texts: list[str], device: torch.devi
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     teacher = teacher.to(accelerator.device)
     prompt_ids, prompt_mask = encode(tokenizer, texts, accelerator.device)
+    topk = teacher.get_output_embeddings().weight.shape[0] if loss == "topk" else 0  # K = V
     terminator = chunk = None
     if kat:
         terminator = detector.TrapDetector(**KAT_DETECTOR, min_buffer=len(texts), warmup_steps=1)
@@ -150,7 +159,7 @@ def ours_steps(student, teacher, tokenizer, texts: list[str], device: torch.devi
         out, state = sampler.sample(accelerator.unwrap_model(student), teacher, prompt_ids, prompt_mask,
                                     max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id if eos else [],
                                     pad_token_id=tokenizer.pad_token_id, temperature=1.0, top_p=1.0,
-                                    chunk=chunk or 8, terminator=terminator, generator=gen)
+                                    chunk=chunk or 8, terminator=terminator, topk=topk, generator=gen)
         student.train()
         if terminator is not None:
             terminator.end_batch(state, step)
@@ -167,8 +176,9 @@ def ours_steps(student, teacher, tokenizer, texts: list[str], device: torch.devi
             common.synchronize(accelerator.device)
             start = time.perf_counter()
             r = rollout(step)
-            stats = learner.learn(student, r, optimizer, scheduler, accelerator, kind="full",
-                                  micro_batch_size=len(texts), teacher=teacher, max_grad_norm=1.0)
+            stats = learner.learn(student, r, optimizer, scheduler, accelerator, kind=loss,
+                                  micro_batch_size=len(texts), teacher=teacher if loss == "full" else None,
+                                  max_grad_norm=1.0)
             common.synchronize(accelerator.device)
             seconds = time.perf_counter() - start
             if step >= warmup:
@@ -259,14 +269,29 @@ def trl_steps(student, teacher, tokenizer, texts: list[str], device: torch.devic
 # ---------------------------------------------------------------------------------------------
 # Report
 
-# (table, row, trainer, eos, kat): the fixed-length table isolates the step's machinery (both sides
-# generate exactly max_new_tokens per row); the toy-task table is what training on the toy does.
+@dataclass(frozen=True)
+class Run:
+    """One row: which table, its label, whose trainer, EOS stops, KAT, and our loss estimator."""
+
+    table: str
+    name: str
+    trainer: str  # "trl" | "ours"
+    eos: bool
+    kat: bool = False
+    loss: str = "full"
+
+
+# The fixed-length table isolates the step's machinery (both sides generate exactly max_new_tokens
+# per row); the toy-task table is what training on the toy does. "topk K=V" rows: see ours_steps.
 RUNS = [
-    ("fixed", "TRL", "trl", False, False),
-    ("fixed", "ours", "ours", False, False),
-    ("toy", "TRL", "trl", True, False),
-    ("toy", "ours, no termination", "ours", True, False),
-    ("toy", "ours, KAT", "ours", True, True),
+    Run("fixed", "TRL", "trl", eos=False),
+    Run("fixed", "ours", "ours", eos=False),
+    Run("fixed", "ours, topk K=V", "ours", eos=False, loss="topk"),
+    Run("toy", "TRL", "trl", eos=True),
+    Run("toy", "ours, no termination", "ours", eos=True),
+    Run("toy", "ours, KAT", "ours", eos=True, kat=True),
+    Run("toy", "ours, no termination, topk K=V", "ours", eos=True, loss="topk"),
+    Run("toy", "ours, KAT, topk K=V", "ours", eos=True, kat=True, loss="topk"),
 ]
 TABLES = {"fixed": "Fixed length: no EOS stop on either side, every row generates max_new_tokens",
           "toy": "Toy task: completions end on EOS"}
@@ -288,7 +313,7 @@ def table(summary: dict[str, dict], batch: int) -> str:
     for name, s in summary.items():
         rows.append([
             name, f"{s['tokens']:.0f}", f"{s['loss_tokens']:.0f}",
-            f"{s['cut_rows']:.1f} / {batch}" if name.endswith("KAT") else "-",
+            f"{s['cut_rows']:.1f} / {batch}" if "KAT" in name else "-",
             f"{s['seconds'] * 1e3:.0f}", common.fmt_ratio(s["seconds"] / trl["seconds"]) if trl else "-",
             f"{s['teacher'] * 1e3:.0f} ({s['teacher_calls']})",
             common.fmt_ratio(s["tokens"] / trl["tokens"]) if trl else "-",
@@ -336,19 +361,21 @@ def main(argv: list[str] | None = None) -> None:
           f"max_new_tokens {args.max_new_tokens}, lr {args.lr}")
 
     kw = dict(max_new_tokens=args.max_new_tokens, lr=args.lr, warmup=args.warmup, steps=args.steps)
-    runs = [r for r in RUNS if r[0] in args.tables and (r[2] == "ours" or version is not None)]
-    steps = {(group, name): [] for group, name, *_ in runs}
+    runs = [r for r in RUNS if r.table in args.tables and (r.trainer == "ours" or version is not None)]
+    steps = {(r.table, r.name): [] for r in runs}
     configs = {}
     for block in range(args.blocks):
         seed = args.seed + 7919 * block
-        for group, name, trainer, eos, kat in runs:
+        for run in runs:
             student = copy.deepcopy(student0)
-            if trainer == "trl":
-                done, configs[group] = trl_steps(student, teacher, tokenizer, texts, device, seed=seed, eos=eos, **kw)
+            if run.trainer == "trl":
+                done, configs[run.table] = trl_steps(student, teacher, tokenizer, texts, device, seed=seed,
+                                                     eos=run.eos, **kw)
             else:
-                done = ours_steps(student, teacher, tokenizer, texts, device, seed=seed, eos=eos, kat=kat, **kw)
-            steps[group, name] += done
-            print(f"  block {block}: {group} / {name}: {[round(s['seconds'], 2) for s in done]}",
+                done = ours_steps(student, teacher, tokenizer, texts, device, seed=seed, eos=run.eos, kat=run.kat,
+                                  loss=run.loss, **kw)
+            steps[run.table, run.name] += done
+            print(f"  block {block}: {run.table} / {run.name}: {[round(s['seconds'], 2) for s in done]}",
                   file=sys.stderr, flush=True)
 
     for group in args.tables:
