@@ -25,7 +25,6 @@ _DELEGATED = {
     "experiment": ("kat.experiment", "paper-style experiments: table1, shadow, sensitivity"),
     "plot": ("kat.plot", "draw figures from a training run"),
     "bench": ("kat.bench", "speed and memory benchmarks"),
-    "experiment": ("kat.experiment", "Table 1 with length-matched controls, shadow diagnostics, sensitivity"),
 }
 
 
