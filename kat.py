@@ -732,7 +732,8 @@ def main(cfg: Config | None = None) -> list[dict]:
     cfg = cfg or parse_config(sys.argv[1:])
     cuda = torch.cuda.is_available()
     dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (torch.bfloat16 if cuda else torch.float32)
-    acc = Accelerator(mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"))
+    acc = Accelerator(mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
+                      step_scheduler_with_optimizer=False)  # else the schedule advances once per process
     set_seed(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
 

@@ -223,8 +223,10 @@ def stop_requests():
 # ----------------------------------------------------------------------------------------------
 
 def train(cfg: Config) -> dict:
+    # step_scheduler_with_optimizer=False: Accelerate would otherwise advance the schedule once per
+    # process at every step (it assumes each process's batch is a shard of one data loader)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with=cfg.log_with or None,
-                              project_dir=cfg.output_dir)
+                              project_dir=cfg.output_dir, step_scheduler_with_optimizer=False)
     set_seed(cfg.seed)
     device = accelerator.device
     dtype = compute_dtype(cfg, device)

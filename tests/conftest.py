@@ -12,6 +12,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Triton decorates its own library functions when it is first imported, by whichever module
+# imports it first; on a machine without CUDA they must be built for the interpreter, or the
+# fused-kernel tests (tests/test_kernels.py) fail depending on test order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def tiny_llama(vocab: int, seed: int, layers: int, hidden: int):
     from transformers import LlamaConfig, LlamaForCausalLM
