@@ -100,9 +100,15 @@ def grade(completion: str, answer: str, grader: str = "exact") -> bool:
     raise ValueError(f"unknown grader {grader!r}; choose one of {GRADERS}")
 
 
+# Seconds math-verify may spend parsing or comparing one answer. Generous on purpose: the first
+# symbolic comparison in a process also pays for sympy's lazy set-up, which took over 5 s on a
+# busy CPU and turned a correct answer into a timeout (graded wrong).
+MATH_TIMEOUT_S = 30
+
+
 def _timeout_s() -> int | None:
     # math-verify's timeouts use signal.alarm, which Python allows in the main thread only.
-    return 5 if threading.current_thread() is threading.main_thread() else None
+    return MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
 def _math_parse(text: str) -> list:
