@@ -665,16 +665,18 @@ def learn(student, teacher, r: dict, optimizer, scheduler, acc: Accelerator, cfg
 # (with n = k samples the unbiased estimator 1 - C(n-c, k) / C(n, k) is exactly that)
 # =====================================================================================================
 
-def grade(text: str, answer: str) -> bool:
-    """Toy answers are the integer after the last `A=`; anything else goes to math-verify."""
-    import re
-    found = re.findall(r"A=(-?\d+)", text)
-    if found and re.fullmatch(r"-?\d+", answer.strip()):
-        return int(found[-1]) == int(answer)
+def grade(text: str, answer: str, grader: str = "exact") -> bool:
+    """exact: the integer after the last `A=` (the toy); math: math-verify on boxed/LaTeX answers.
+    An answer that cannot be read is wrong, never a crash."""
+    if grader == "exact":
+        import re
+        found = re.findall(r"A=(-?\d+)", text)
+        return bool(found) and str(int(found[-1])) == answer.strip()
     try:
         from math_verify import parse, verify
-        return bool(verify(parse(answer, parsing_timeout=None), parse(text, parsing_timeout=None), timeout_seconds=None))
-    except Exception:  # noqa: BLE001 - an unparsable answer is a wrong answer, never a crash
+        return bool(verify(parse(answer, parsing_timeout=None), parse(text, parsing_timeout=None),
+                           timeout_seconds=None))
+    except Exception:  # noqa: BLE001
         return False
 
 
@@ -694,7 +696,7 @@ def evaluate(model, tok, problems: list[dict], cfg: Config, acc: Accelerator) ->
         outs = tok.batch_decode(new, skip_special_tokens=True)
         for j, p in enumerate(batch):
             sl = slice(j * cfg.eval_k, (j + 1) * cfg.eval_k)
-            rows.append(([grade(o, str(p["answer"])) for o in outs[sl]], lengths[sl]))
+            rows.append(([grade(o, str(p["answer"]), cfg.grader) for o in outs[sl]], lengths[sl]))
     model.train()
     rows = acc.gather_for_metrics(rows, use_gather_object=True)
     return {"avg@k": sum(sum(c) / len(c) for c, _ in rows) / len(rows),
