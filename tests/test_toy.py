@@ -262,3 +262,35 @@ def test_offline_detector_cuts_a_long_low_stretch_at_its_first_window():
     assert threshold == pytest.approx(0.3)
     # windows end at 7, 15, ...; the first all-low window is [24, 31], the second confirms
     assert cuts == [None, None, None, 24]
+
+
+def test_sft_is_deterministic_for_a_seed():
+    from kat.toy.build import Recipe, train
+
+    tok = build_tokenizer()
+    recipe = Recipe(layers=1, hidden=16, ffn=32, heads=2, steps=3, lr=1e-3, warmup=1, batch_size=8, eval_every=3)
+    spec = world_specs("rich")[0]
+    dev = make_split(4, seed=9)
+    runs = [train("t", recipe, spec, tok, seed=5, exclude=set(), dev=dev, log=lambda _: None) for _ in range(2)]
+    (a, hist_a), (b, hist_b) = runs
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert [h["loss"] for h in hist_a] == [h["loss"] for h in hist_b]
+    c, _ = train("t", recipe, spec, tok, seed=6, exclude=set(), dev=dev, log=lambda _: None)
+    assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
+
+
+def test_sft_batch_masks_the_prompt_and_ends_healthy_rows_with_eos():
+    from kat.toy.build import sft_batch
+
+    tok = build_tokenizer()
+    batch = sft_batch(world_specs("plain")[0], random.Random(0), 4, set(), tok)
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        n = int(mask.sum())
+        text = tok.decode(ids[:n])
+        prompt_end = text.index("\n") + 1  # '<bos>Q:...\n' is 5 characters longer than its token count
+        n_prompt = len(tok(text[:prompt_end], add_special_tokens=False)["input_ids"])
+        assert (labels[:n_prompt] == -100).all() and (labels[n_prompt:n] == ids[n_prompt:n]).all()
+        assert (labels[n:] == -100).all() and ids[n - 1] == tok.eos_token_id
+        prompt = text[len("<bos>Q:"): prompt_end - 1]
+        assert grade(tok.decode(ids[n_prompt:n], skip_special_tokens=True), str(parse_prompt(prompt).answer))

@@ -1,13 +1,16 @@
 """Build the toy world: prompt files, tokenizer, and a teacher and a student trained from scratch.
 
-    python -m kat toy build [--world rich|plain] [--seed 0] [--out kat/toy]
+    python -m kat toy build [--world rich|plain] [--seed 0] [--out kat/toy] [--threads 1] [--device cpu]
 
 Both models are Llama decoders built from a config and trained by supervised fine-tuning on
 fresh random problems (never a test prompt), loss on the completion tokens only. The teacher is
 larger and trained on the teacher-style data of the world; the student is smaller, trained on the
 student-style data, and stopped early (the first evaluation at which its sampled accuracy on a
 dev set reaches ``stop_at``), so that on-policy distillation has something to teach. Everything
-is seeded: the same seed and thread count give the same checkpoints.
+is seeded: the same seed, device and thread count give the same checkpoints.
+
+The shipped rich world came from the default command (CPU, one thread): 58 minutes on a 2-core
+machine shared with other jobs (load 5-7); the teacher's 1600 steps cost about 0.7 s each alone.
 """
 
 from __future__ import annotations
