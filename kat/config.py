@@ -39,10 +39,12 @@ class Config:
     teacher_gguf: str = _f("", "GGUF file name inside `teacher` (transformers de-quantises it); empty: none")
     student_gguf: str = _f("", "GGUF file name inside `student`; empty: none")
     train_data: str = _f(os.path.join(TOY_DIR, "data", "train.jsonl"),
-                         "training prompts: local json/jsonl/parquet file or hub dataset name")
+                         "training prompts: json/jsonl/parquet file, directory or hub dataset, optionally "
+                         "source[prompt=..., answer=a.b, split=..., subset=..., unwrap=dapo] (see kat.data)")
     train_split: str = _f("train", "split of a hub training dataset")
     eval_data: str = _f(os.path.join(TOY_DIR, "data", "test.jsonl"),
-                        "evaluation set(s): comma-separated files or hub names; empty: no evaluation")
+                        "evaluation sets, comma-separated [name=]source[split=..., prompt=..., answer=..., "
+                        "k=..., limit=...] (see kat.data); empty: no evaluation")
     eval_split: str = _f("test", "split of hub evaluation datasets")
     prompt_field: str = _f("prompt", "dataset column holding the question")
     answer_field: str = _f("answer", "dataset column holding the reference answer")

@@ -159,10 +159,13 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, t
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:
         sampling = dict(do_sample=False)
+    from kat.models import eos_ids
+
+    stop = eos_ids(tokenizer, model)  # EOS and the chat template's end-of-turn (a base model's EOS is not it)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **sampling)
+                         eos_token_id=stop, **sampling)
     new = out[:, enc["input_ids"].shape[1]:]  # (B, T') generated ids, padded after EOS
-    is_eos = new == tokenizer.eos_token_id  # (B, T')
+    is_eos = torch.isin(new, torch.tensor(stop, device=new.device))  # (B, T')
     ended = is_eos.any(-1)  # (B,)
     # length = index of the first EOS + 1 for rows that ended, else all generated tokens
     lengths = torch.where(ended, is_eos.int().argmax(-1) + 1, torch.full_like(ended, new.shape[1], dtype=torch.long))

@@ -23,9 +23,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from kat.config import Config, ConfigError, help_text, load_config
-from kat.data import DataError, encode_prompts, filter_long_prompts, load_problems, render_prompt
+from kat.data import DataError, encode_prompts, filter_long_prompts, load_eval_sets, load_problems, render_prompt
 from kat.detector import make_terminator
-from kat.models import check_tokenizers, eos_ids, load_model, load_tokenizer
+from kat.models import align_vocab, check_tokenizers, eos_ids, load_model, load_tokenizer
 from kat.learner import build_optimizer, learn
 from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
 from kat.sampler import sample
@@ -143,17 +143,17 @@ def run_eval(accelerator: Accelerator, model, tokenizer, eval_sets: dict, cfg: C
 
     unwrapped = accelerator.unwrap_model(model)
     out = {}
-    for name, problems in eval_sets.items():
+    for name, eval_set in eval_sets.items():  # each set with its own k (kat.data.EvalSet)
         mine = [{**p, "prompt": p["prompt"] + cfg.instruction}
-                for p in problems[accelerator.process_index::accelerator.num_processes]]
-        res = evaluate(unwrapped, tokenizer, mine, cfg.eval_k, max_new_tokens=cfg.max_new_tokens,
+                for p in eval_set.problems[accelerator.process_index::accelerator.num_processes]]
+        res = evaluate(unwrapped, tokenizer, mine, eval_set.k, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, grader=cfg.grader,
                        seed=cfg.seed + 7919 * accelerator.process_index) if mine else {"problems": []}
         rows = accelerator.gather_for_metrics(res["problems"], use_gather_object=True)
         correct = [r["correct"] for r in rows]
         lengths = [n for r in rows for n in r["lengths"]]
         out[f"{name}/avg@k"] = avg_at_k(correct)
-        out[f"{name}/pass@k"] = mean_pass_at_k(correct, cfg.eval_k)
+        out[f"{name}/pass@k"] = mean_pass_at_k(correct, eval_set.k)
         out[f"{name}/mean_length"] = sum(lengths) / max(len(lengths), 1)
     accelerator.print(f"[eval {tag}] " + "  ".join(f"{k}={v:.4f}" for k, v in out.items()))
     return out
@@ -233,10 +233,11 @@ def train(cfg: Config) -> dict:
     os.makedirs(cfg.output_dir, exist_ok=True)
 
     # --- models: the student is trained (fp32 master weights), the teacher frozen in the compute dtype
-    tokenizer = load_tokenizer(cfg.student, cfg.student_gguf)
-    check_tokenizers(tokenizer, load_tokenizer(cfg.teacher, cfg.teacher_gguf))
+    tokenizer = load_tokenizer(cfg.student, cfg.student_gguf, "student")
+    check_tokenizers(tokenizer, load_tokenizer(cfg.teacher, cfg.teacher_gguf, "teacher"))
     student = load_model(cfg.student, cfg.student_gguf, torch.float32, "student")
     teacher = load_model(cfg.teacher, cfg.teacher_gguf, dtype, "teacher").to(device).eval().requires_grad_(False)
+    align_vocab(student, teacher, tokenizer)  # one logit width: padded embedding rows past the tokenizer trimmed
     eos = eos_ids(tokenizer, student)
 
     # --- data
@@ -244,11 +245,8 @@ def train(cfg: Config) -> dict:
     problems = filter_long_prompts(tokenizer, load_problems(cfg.train_data, split=cfg.train_split,
                                    prompt_field=cfg.prompt_field, answer_field=cfg.answer_field),
                                    cfg.max_prompt_length, render_kw=render_kw, name="train_data")
-    eval_sets = {}
-    for src in filter(None, (s.strip() for s in cfg.eval_data.split(","))):
-        name = os.path.splitext(os.path.basename(src))[0] or src
-        eval_sets[name] = load_problems(src, split=cfg.eval_split, prompt_field=cfg.prompt_field,
-                                        answer_field=cfg.answer_field, limit=cfg.eval_limit)
+    eval_sets = load_eval_sets(cfg.eval_data, split=cfg.eval_split, prompt_field=cfg.prompt_field,
+                               answer_field=cfg.answer_field, k=cfg.eval_k, limit=cfg.eval_limit)
 
     optimizer, scheduler = build_optimizer(student, cfg.lr, cfg.steps, cfg.warmup_ratio, cfg.weight_decay)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
