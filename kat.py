@@ -73,7 +73,7 @@ class Config:
     """training prompts: a json/jsonl/parquet file with `prompt` and `answer` fields"""
     eval_data: str = os.path.join(TOY, "data", "test.jsonl")
     """evaluation problems (same schema); empty: no evaluation"""
-    steps: int = 60
+    steps: int = 30
     """optimiser steps"""
     batch_size: int = 16
     """prompts per step on each process"""

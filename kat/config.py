@@ -54,7 +54,7 @@ class Config:
     grader: str = _f("exact", "answer checker for evaluation", choices=("exact", "math"))
 
     # --- rollouts --------------------------------------------------------------------------------
-    steps: int = _f(60, "optimiser steps", low=1)
+    steps: int = _f(30, "optimiser steps", low=1)
     batch_size: int = _f(16, "prompts per step on each process", low=1)
     samples_per_prompt: int = _f(4, "rollouts sampled per prompt", low=1)
     max_new_tokens: int = _f(96, "completion length limit", low=1)
