@@ -267,7 +267,11 @@ TRAIN_COLUMNS = ("mean_length", "kept_length", "cut_rate", "tokens", "train_s", 
 
 
 def table_rows(summaries: dict[str, list[dict]], teacher: list[dict]) -> list[dict]:
-    """Rows of the table: teacher, student before (from each seed's first run), then the arms."""
+    """Rows of the table: teacher, student before (from each seed's first run), then the arms.
+
+    Each statistic is the mean and std over seeds; train_s_vs_opd is the ratio of an arm's training
+    time to OPD's in the same seed.
+    """
     rows = []
     if teacher:
         rows.append({"arm": "teacher", "seeds": len(teacher),
@@ -280,6 +284,8 @@ def table_rows(summaries: dict[str, list[dict]], teacher: list[dict]) -> list[di
         runs = summaries[arm]
         stats = {k: mean_std([s["after"][k] for s in runs]) for k in runs[0]["after"]}
         stats.update({k: mean_std([s[k] for s in runs]) for k in TRAIN_COLUMNS})
+        if "opd" in summaries:  # the machine's load drifts between seeds; within a seed arms run back to back
+            stats["train_s_vs_opd"] = mean_std([s["train_s"] / o["train_s"] for s, o in zip(runs, summaries["opd"])])
         rows.append({"arm": arm, "seeds": len(runs), "runs": [s["run_dir"] for s in runs], "stats": stats})
     for row in rows:
         row["label"] = LABELS.get(row["arm"], row["arm"])
@@ -297,14 +303,15 @@ def markdown_table(rows: list[dict], k: int) -> str:
     """avg@k, pass@k and the eval length per evaluation set, then the training columns."""
     sets = sorted({key.split("/")[0] for r in rows for key in r["stats"] if key.endswith("/avg@k")})
     head = [f"{s} {m}@{k}" for s in sets for m in ("avg", "pass")] + [f"{s} eval length" for s in sets]
-    head += ["gen. length", "kept length", "cut rate", "tokens generated", "train s", "wall s"]
+    head += ["gen. length", "kept length", "cut rate", "tokens generated", "train s", "train time / OPD", "wall s"]
     lines = ["| arm | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for r in rows:
         st = r["stats"].get
         cells = [_fmt(st(f"{s}/{m}@k"), 100) for s in sets for m in ("avg", "pass")]
         cells += [_fmt(st(f"{s}/mean_length")) for s in sets]
         cells += [_fmt(st("mean_length")), _fmt(st("kept_length")), _fmt(st("cut_rate"), 100),
-                  _fmt(st("tokens"), digits=0), _fmt(st("train_s"), digits=0), _fmt(st("wall_s"), digits=0)]
+                  _fmt(st("tokens"), digits=0), _fmt(st("train_s"), digits=0), _fmt(st("train_s_vs_opd"), digits=2),
+                  _fmt(st("wall_s"), digits=0)]
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -354,9 +361,10 @@ def plot_learning_curves(summaries: dict[str, list[dict]], path: str, title: str
     for row, key in enumerate(keys):
         for col in range(2):
             ax = axes[row, col]
-            for j, (name, value) in enumerate((references or {}).items()):
+            for name, value in (references or {}).items():
                 if key in name:
-                    ax.axhline(100 * value, color="0.3", ls=("--", ":")[j % 2], lw=1, label=name.split(" ")[0])
+                    ax.axhline(100 * value, color="0.3", ls="--" if name.startswith("teacher") else ":", lw=1,
+                               label=name.rsplit(" ", 1)[0])
             ax.set_ylabel(f"{key} (%)")
             ax.set_xlabel(("step", "tokens generated")[col])
             ax.grid(alpha=0.3)
