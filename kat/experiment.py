@@ -179,22 +179,19 @@ def run_arm(cfg: Config, arm: str, seed: int, log=print) -> str:
     return cfg.output_dir
 
 
-def load_eval_sets(cfg: Config) -> dict[str, list[dict]]:
-    """The evaluation sets exactly as kat.train.train reads them."""
-    from kat.data import load_problems
+def eval_specs(cfg: Config) -> list:
+    """The evaluation sets a run of `cfg` uses (kat.data.DataSpec: name, k, limit, ...)."""
+    from kat.data import parse_data_specs
 
-    sets = {}
-    for src in filter(None, (s.strip() for s in cfg.eval_data.split(","))):
-        name = os.path.splitext(os.path.basename(src))[0] or src
-        sets[name] = load_problems(src, split=cfg.eval_split, prompt_field=cfg.prompt_field,
-                                   answer_field=cfg.answer_field, limit=cfg.eval_limit)
-    return sets
+    return parse_data_specs(cfg.eval_data, split=cfg.eval_split, prompt_field=cfg.prompt_field,
+                            answer_field=cfg.answer_field, k=cfg.eval_k, limit=cfg.eval_limit)
 
 
 def evaluate_teacher(cfg: Config, log=print) -> str:
     """Evaluate the teacher with the runs' protocol (kat.train.run_eval); results.json in cfg.output_dir."""
     from accelerate import Accelerator
 
+    from kat.data import load_eval_sets
     from kat.models import load_model, load_tokenizer
     from kat.train import run_eval
 
@@ -204,10 +201,12 @@ def evaluate_teacher(cfg: Config, log=print) -> str:
         return out_dir
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.teacher, cfg.teacher_gguf)
+    tokenizer = load_tokenizer(cfg.teacher, cfg.teacher_gguf, "teacher")
     teacher = load_model(cfg.teacher, cfg.teacher_gguf, torch.float32, "teacher").eval()
-    res = run_eval(Accelerator(cpu=not torch.cuda.is_available()), teacher, tokenizer, load_eval_sets(cfg),
-                   cfg, "teacher")
+    # the sets exactly as kat.train.train reads them
+    sets = load_eval_sets(cfg.eval_data, split=cfg.eval_split, prompt_field=cfg.prompt_field,
+                          answer_field=cfg.answer_field, k=cfg.eval_k, limit=cfg.eval_limit)
+    res = run_eval(Accelerator(cpu=not torch.cuda.is_available()), teacher, tokenizer, sets, cfg, "teacher")
     with open(path, "w") as fh:
         json.dump({"after": res, "wall_s": time.perf_counter() - t0}, fh, indent=1)
     with open(os.path.join(out_dir, "config.yaml"), "w") as fh:
@@ -299,10 +298,11 @@ def _fmt(stat: dict | None, scale: float = 1.0, digits: int = 1) -> str:
     return text if stat["std"] is None else f"{text} ± {scale * stat['std']:.{digits}f}"
 
 
-def markdown_table(rows: list[dict], k: int) -> str:
-    """avg@k, pass@k and the eval length per evaluation set, then the training columns."""
+def markdown_table(rows: list[dict], ks: dict[str, int] | None = None) -> str:
+    """avg@k, pass@k and the eval length per evaluation set (`ks`: each set's k), then the training columns."""
     sets = sorted({key.split("/")[0] for r in rows for key in r["stats"] if key.endswith("/avg@k")})
-    head = [f"{s} {m}@{k}" for s in sets for m in ("avg", "pass")] + [f"{s} eval length" for s in sets]
+    k = {s: (ks or {}).get(s, "k") for s in sets}
+    head = [f"{s} {m}@{k[s]}" for s in sets for m in ("avg", "pass")] + [f"{s} eval length" for s in sets]
     head += ["gen. length", "kept length", "cut rate", "tokens generated", "train s", "train time / OPD", "wall s"]
     lines = ["| arm | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for r in rows:
@@ -320,9 +320,9 @@ def setup_line(cfg: Config) -> str:
     det = (f"quantile eta={cfg.eta}" if cfg.rule == "quantile" else f"zscore kappa={cfg.kappa}")
     return (f"{cfg.steps} steps x {cfg.batch_size} prompts x {cfg.samples_per_prompt} samples, "
             f"max_new_tokens {cfg.max_new_tokens}, loss {cfg.loss}, lr {cfg.lr}; detector W={cfg.window} "
-            f"stride={cfg.stride} patience={cfg.patience} exempt={cfg.exempt} {det}; evaluation: first "
-            f"{cfg.eval_limit or 'all'} problems x k={cfg.eval_k} at temperature {cfg.eval_temperature}, "
-            f"every {cfg.eval_every} steps")
+            f"stride={cfg.stride} patience={cfg.patience} exempt={cfg.exempt} {det}; evaluation: "
+            + ", ".join(f"{s.name} ({s.limit or 'all'} problems x k={s.k})" for s in eval_specs(cfg))
+            + f" at temperature {cfg.eval_temperature}, every {cfg.eval_every} steps")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,10 +383,10 @@ def plot_learning_curves(summaries: dict[str, list[dict]], path: str, title: str
 def plan_line(name: str, order: list[str], seeds: int, cfg: Config, label: str) -> str:
     """What an experiment will run, printed before it starts."""
     evals = (cfg.steps - 1) // cfg.eval_every + 2  # before, periodic ones, after
-    n_sets = len([s for s in cfg.eval_data.split(",") if s.strip()])
+    sets = ", ".join(f"{s.name} ({s.limit or 'all'} problems x k={s.k})" for s in eval_specs(cfg))
     return (f"[{name}] world {label}: {len(order)} arms x {seeds} seeds = {len(order) * seeds} runs of {cfg.steps} "
             f"steps x {cfg.batch_size * cfg.samples_per_prompt} rollouts (<= {cfg.max_new_tokens} tokens), "
-            f"{evals} evaluations per run of {n_sets * cfg.eval_limit * cfg.eval_k} samples; arms: {', '.join(order)}")
+            f"{evals} evaluations per run on {sets or 'no set'}; arms: {', '.join(order)}")
 
 
 def run_arms(order: list[str], base: Config, seeds: int, out: str, label: str, teacher: bool,
@@ -454,7 +454,7 @@ def run_table(name: str, arms: list[str], argv: list[str], seeds: int, out: str,
         result["worlds"][label] = {"config": base.to_dict(), "rows": rows, "matching": matching,
                                    "curves": curves, "minutes": (time.perf_counter() - t0) / 60}
         md += [f"## {label} world ({seeds} seed(s), mean ± std over seeds)", "", setup_line(base), "",
-               markdown_table(rows, base.eval_k), ""]
+               markdown_table(rows, {s.name: s.k for s in eval_specs(base)}), ""]
         if any(len(m) > 2 for m in matching.values()):
             md += ["Length matching per seed: " + "; ".join(
                 f"seed {s}: KAT generated {m['kat_mean_length']:.1f} / kept {m['kat_kept_length']:.1f} tokens per "
@@ -647,7 +647,7 @@ def diagnose(run_dir: str, cfg: Config, point: str, teacher, tokenizer, problems
     Before: the initial student, a fresh detector calibrated on its own rollouts. After: the run's
     trained student and the detector state of its last checkpoint. Cached in the run directory.
     """
-    from kat.models import load_model
+    from kat.models import align_vocab, load_model
     from kat.train import build_terminator
 
     path = os.path.join(run_dir, "diagnostics", f"rollouts_{point}.jsonl")
@@ -659,6 +659,7 @@ def diagnose(run_dir: str, cfg: Config, point: str, teacher, tokenizer, problems
         detector.load_state_dict(torch.load(ckpt, weights_only=False))
         student_path = os.path.join(run_dir, "student")
     student = load_model(student_path, "", torch.float32, "student").eval()
+    align_vocab(student, teacher, tokenizer)  # as kat.train.train does: one logit width for both models
     t0 = time.perf_counter()
     records = shadow_rollouts(student, teacher, tokenizer, problems, cfg, detector, batches=batches,
                               first_step=cfg.steps)

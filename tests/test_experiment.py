@@ -117,7 +117,7 @@ def test_mean_and_std_over_seeds_in_markdown():
     rows = [{"arm": "kat", "label": "KAT", "stats": {
         "test/avg@k": {"mean": 0.25, "std": 0.05, "values": [0.2, 0.3]},
         "mean_length": {"mean": 40.0, "std": statistics.stdev([38.0, 42.0]), "values": [38.0, 42.0]}}}]
-    line = markdown_table(rows, 4).splitlines()[2]
+    line = markdown_table(rows, {"test": 4}).splitlines()[2]
     assert line.startswith("| KAT | 25.0 ± 5.0 | - | - | 40.0 ± 2.8 |")
 
 
