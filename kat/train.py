@@ -170,6 +170,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, step: int, terminator
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every process writes its own RNG state into tmp first
     if accelerator.is_main_process:
         torch.save(terminator.state_dict(), os.path.join(tmp, "terminator.pt"))
         with open(os.path.join(tmp, "progress.json"), "w") as fh:

@@ -195,7 +195,8 @@ def test_two_processes_match_one(tiny_world, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                str(n_proc), str(script), json.dumps(args)],
                               env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        failed = [line for line in proc.stderr.splitlines() if "[rank1]" in line or "Error" in line]
+        assert proc.returncode == 0, "\n".join(failed[-40:]) or proc.stderr[-3000:]
     r1, r2 = read_rows(tmp_path / "p1" / "metrics.jsonl"), read_rows(tmp_path / "p2" / "metrics.jsonl")
     assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2]
     for a, b in zip(r1, r2):
