@@ -605,9 +605,14 @@ def as_traces(records: list[dict], cfg: Config) -> list[dict]:
 
 
 def pick_examples(records: list[dict], correct: bool, n: int = 4) -> list[dict]:
-    """Up to n rollouts that end correct (or wrong), would-be-cut ones first."""
+    """Up to n rollouts of different prompts that end correct (or wrong), would-be-cut ones first."""
     rows = [r for r in records if r["correct"] == correct]
-    return ([r for r in rows if r["shadow_cut"] is not None] + [r for r in rows if r["shadow_cut"] is None])[:n]
+    picked, prompts = [], set()
+    for r in [r for r in rows if r["shadow_cut"] is not None] + [r for r in rows if r["shadow_cut"] is None]:
+        if r["prompt"] not in prompts and len(picked) < n:
+            picked.append(r)
+            prompts.add(r["prompt"])
+    return picked
 
 
 def plot_cut_positions(records: dict[str, list[dict]], path: str, title: str = "", bin_width: int = 8) -> str:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from kat.config import Config, ConfigError, load_config
-from kat.experiment import (EVAL_CAP_FIELD, arm_overrides, markdown_table, run_shadow, run_table,
-                            shadow_rollouts, shadow_summary, summarize_run)
+from kat.experiment import (EVAL_CAP_FIELD, arm_overrides, markdown_table, pick_examples, run_shadow,
+                            run_table, shadow_rollouts, shadow_summary, summarize_run)
 from kat.plot import read_jsonl
 
 HAS_EVAL_CAP = EVAL_CAP_FIELD in {f.name for f in fields(Config)}
@@ -141,6 +141,13 @@ def test_shadow_summary_counts():
     assert (s["repeat_rate"], s["cut_rate_repeating"], s["repeat_cut_inside_repeat"]) == (1 / 8, 1.0, 1.0)
     assert s["cut_rate_wrong_no_repeat"] == pytest.approx(2 / 3)
     assert s["cut_positions"] == [8, 12, 20, 30] and s["cut_position_median"] == 16
+
+
+def test_examples_are_cut_rollouts_of_distinct_prompts_first():
+    recs = [{**record(ok, cut), "prompt": p} for ok, cut, p in
+            ((False, None, "a"), (False, 5, "b"), (False, 7, "b"), (True, 3, "c"), (False, 9, "c"))]
+    assert [(r["prompt"], r["shadow_cut"]) for r in pick_examples(recs, False, n=3)] == [("b", 5), ("c", 9), ("a", None)]
+    assert [r["prompt"] for r in pick_examples(recs, True)] == ["c"]
 
 
 def test_shadow_rollouts_record_what_the_detector_decides(tiny_world):
