@@ -64,23 +64,24 @@ EVAL_CAP_FIELD = "eval_max_new_tokens"
 
 TABLE1_ARMS = ("opd", "kat", "random", "fixed_prefix", "fixed_n")
 LENGTH_MATCHED = ("random", "fixed_prefix", "fixed_n")  # their settings come from the seed's KAT run
-SENSITIVITY_ARMS = ("opd", "kat", "kat_q0.1", "kat_q0.5", "kat_zscore")  # "kat": the config's own rule
+SENSITIVITY_ARMS = ("opd", "kat", "kat_q0.1", "kat_q0.5", "kat_zscore", "kat_p3")  # "kat": the config's own rule
 STATIC_ARMS = {
     "opd": {"termination": "none"},
     "kat": {"termination": "kat"},
     "kat_q0.1": {"termination": "kat", "rule": "quantile", "eta": 0.1},
     "kat_q0.5": {"termination": "kat", "rule": "quantile", "eta": 0.5},
     "kat_zscore": {"termination": "kat", "rule": "zscore"},
+    "kat_p3": {"termination": "kat", "patience": 3},
     "shadow": {"termination": "kat", "shadow": True},
 }
 LABELS = {
     "teacher": "teacher", "before": "student (before)", "opd": "OPD", "kat": "KAT",
     "random": "RandomTerm (kept length = KAT's)", "fixed_prefix": "FixedPrefix (cap = KAT's generated length)",
     "fixed_n": "Fixed-N (cap = KAT's kept length)", "kat_q0.1": "KAT quantile eta=0.1",
-    "kat_q0.5": "KAT quantile eta=0.5", "kat_zscore": "KAT zscore",
+    "kat_q0.5": "KAT quantile eta=0.5", "kat_zscore": "KAT zscore", "kat_p3": "KAT patience 3",
 }
 ROW_ORDER = ("teacher", "before", "opd", "random", "fixed_prefix", "fixed_n", "kat", "kat_q0.1", "kat_q0.5",
-             "kat_zscore")
+             "kat_zscore", "kat_p3")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,7 +677,7 @@ def diagnose(run_dir: str, cfg: Config, point: str, teacher, tokenizer, problems
 
 
 def run_shadow(argv: list[str], seeds: int, out: str, worlds: list[str | None], batches: int = 8,
-               log=print) -> dict:
+               dry_run: bool = False, log=print) -> dict:
     """Shadow KAT runs, then graded shadow rollouts of the student before and after training."""
     from kat.data import filter_long_prompts, load_problems
     from kat.models import load_model, load_tokenizer
@@ -687,10 +688,15 @@ def run_shadow(argv: list[str], seeds: int, out: str, worlds: list[str | None], 
           "of training prompts sampled by the student before training (detector calibrated on that student's "
           "own rollouts first) and by the student after the shadow run (detector state of its last checkpoint), "
           "threshold held fixed, every rollout graded.", ""]
-    os.makedirs(out, exist_ok=True)
+    if not dry_run:
+        os.makedirs(out, exist_ok=True)
     for world in worlds:
         base = replace(base_config(argv, world), **STATIC_ARMS["shadow"])
         label = world or world_name(base)
+        log(plan_line("shadow", ["shadow"], seeds, base, label) + f"; then {batches} graded batches of "
+            f"{base.batch_size * base.samples_per_prompt} rollouts per seed before and after training")
+        if dry_run:
+            continue
         tokenizer = load_tokenizer(base.student, base.student_gguf)
         teacher = load_model(base.teacher, base.teacher_gguf, torch.float32, "teacher").eval()
         render_kw = {"system_prompt": base.system_prompt, "instruction": base.instruction}
@@ -722,6 +728,8 @@ def run_shadow(argv: list[str], seeds: int, out: str, worlds: list[str | None], 
                f"Would-be cut rate over the shadow run's own training rollouts (warm-up included): "
                f"{100 * training_rate:.1f}%.", "",
                f"![cut positions]({os.path.basename(plots['cut_positions'])})", ""]
+    if dry_run:
+        return result
     with open(os.path.join(out, "shadow.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     with open(os.path.join(out, "shadow.md"), "w") as fh:
@@ -789,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.what == "shadow":
-            run_shadow(rest, seeds, args.out, worlds, args.batches)
+            run_shadow(rest, seeds, args.out, worlds, args.batches, args.dry_run)
         else:
             arms = [a.strip() for a in args.only.split(",") if a.strip()] or list(
                 TABLE1_ARMS if args.what == "table1" else SENSITIVITY_ARMS)

@@ -191,3 +191,14 @@ def test_shadow_experiment_summarises_its_rollout_files(tiny_world, tmp_path):
         assert len(recs) == 4 and world["summary"][point] == shadow_summary(recs)
     assert json.loads((out / "shadow.json").read_text())["worlds"]["custom"]["summary"] == world["summary"]
     assert "| cut rollouts that still end correct |" in (out / "shadow.md").read_text()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_world, tmp_path):
+    lines = []
+    out = tmp_path / "experiments"
+    run_shadow(tiny_argv(tiny_world), 2, str(out), [None], batches=3, dry_run=True, log=lines.append)
+    run_table("sensitivity", ["kat_p3", "opd"], tiny_argv(tiny_world), 1, str(out), [None], dry_run=True,
+              log=lines.append)
+    assert not out.exists()
+    assert lines[0].startswith("[shadow] world ") and "2 runs of 2 steps" in lines[0] and "3 graded batches" in lines[0]
+    assert lines[1].startswith("[sensitivity] world ") and lines[1].endswith("arms: kat_p3, opd")
