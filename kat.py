@@ -45,8 +45,7 @@ import json
 import math
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import yaml
@@ -295,7 +294,7 @@ def sample_token(logits: Tensor, u: Tensor | None, temperature: float, top_p: fl
     if top_p < 1.0:  # keep token i while the mass before it is < top_p
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
     cdf = probs.cumsum(-1)  # (A, V) unnormalised
-    total = cdf[:, -1:]
+    total = cdf[:, -1:].contiguous()
     idx = torch.searchsorted(cdf, u[:, None].to(cdf.dtype) * total, right=True)
     idx = torch.minimum(idx, torch.searchsorted(cdf, total))  # rounding guard: a token with mass
     return order.gather(-1, idx).squeeze(-1)
@@ -311,14 +310,18 @@ def forward(model, ids: Tensor, mask: Tensor, positions: Tensor, cache, keep: in
 @torch.no_grad()
 def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator, cfg: Config,
            eos: Tensor, pad: int, generator: torch.Generator, first: int = 0,
-           world_rows: int | None = None) -> tuple[dict, object]:
+           world_rows: int | None = None, score: bool = True) -> tuple[dict, object]:
     """Lockstep chunked decoding. The teacher's output at token t predicts t+1, so a chunk's teacher
-    logits are the carried last logits plus the first C-1 outputs of its forward over the chunk."""
+    logits are the carried last logits plus the first C-1 outputs of its forward over the chunk.
+    score=False (no KL-driven terminator, `full` loss): the teacher never runs here, the learner's
+    teacher pass yields the KL; kl / student_logp / teacher_logp stay NaN ("scored" False)."""
     B, dev, T_max = prompt_ids.shape[0], prompt_ids.device, cfg.max_new_tokens
     world_rows = world_rows or B  # rows first..first+B-1 of the batch over all processes
     lockstep = terminator.needs_kl
+    posthoc = score and not lockstep  # one teacher forward over the finished rollouts
     state = terminator.start(B, device=dev)
-    out = {k: torch.zeros(B, T_max, dtype=torch.float32, device=dev) for k in ("kl", "student_logp", "teacher_logp")}
+    out = {k: torch.full((B, T_max), 0.0 if lockstep or posthoc else float("nan"), device=dev)
+           for k in ("kl", "student_logp", "teacher_logp")}
     ids = torch.full((B, T_max), pad, dtype=torch.long, device=dev)  # (B, T)
     gen_mask = torch.zeros(B, T_max, dtype=torch.bool, device=dev)  # (B, T)
     stop = torch.full((B,), STOP_LENGTH, dtype=torch.long, device=dev)
@@ -364,7 +367,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
             t_last = t_out[:, -1]
             score_into(out, topk_ids, topk_logq, rows, t, s_chunk, t_chunk, tokens, valid)
             kl_full[rows] = out["kl"][rows, t:t + c]
-        else:
+        elif posthoc:
             held.append((rows, t, s_chunk))
         pos = pos + c
         ended = ~alive | (t + c >= T_max)  # --- which rows end: EOS, length, or the terminator
@@ -384,7 +387,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
             rows, attn, pos, s_last = rows[keep], attn[keep], pos[keep], s_last[keep]
             t_last = t_last[keep] if t_last is not None else None
     T = int(gen_mask.sum(-1).max())
-    if not lockstep:  # post-hoc: one teacher forward over the finished sequences
+    if posthoc:  # one teacher forward over the finished sequences
         full = torch.cat([prompt_mask.long(), gen_mask[:, :T].long()], 1)
         t_logits, _ = forward(teacher, torch.cat([prompt_ids, ids[:, :T]], 1), full,
                               (full.cumsum(-1) - 1).clamp(min=0), None, keep=T + 1)
@@ -400,7 +403,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
                    topk_ids=None if topk_ids is None else topk_ids[:, :T],
                    teacher_topk_logp=None if topk_logq is None else topk_logq[:, :T],
                    shadow_cut=state.would_cut.clone() if terminator.shadow else None,
-                   **{k: v[:, :T] for k, v in out.items()})
+                   scored=lockstep or posthoc, **{k: v[:, :T] for k, v in out.items()})
     return rollout, state
 
 
@@ -635,29 +638,39 @@ def learn(student, teacher, r: dict, optimizer, scheduler, acc: Accelerator, cfg
     ALL processes (DDP averages over processes), so neither micro-batching nor the number of processes
     changes the update. A non-finite loss anywhere skips the step on every process."""
     n = acc.reduce(r["loss_mask"].sum().float(), "sum").item()
-    if n == 0:
+    if n == 0 and cfg.loss != "full":
         return {"loss": 0.0, "grad_norm": 0.0, "finite": True, "bad_rows": []}
     B = r["completion_ids"].shape[0]
     starts, total, bad = list(range(0, B, cfg.micro_batch_size)), torch.zeros((), device=acc.device), []
+    kls = []  # full loss: d_t at every generated position, the rollout's KL when sampled unscored
     for i in starts:
         mb = {k: v[i:i + cfg.micro_batch_size] if isinstance(v, Tensor) else v for k, v in r.items()}
-        with contextlib.nullcontext() if i == starts[-1] else acc.no_sync(student):  # sync once
+        with contextlib.nullcontext() if i == starts[-1] else acc.no_sync(student), torch.set_grad_enabled(n > 0):
             logits = completion_logits(student, mb)  # (b, T, V)
-            with torch.no_grad():
-                t_logits = completion_logits(teacher, mb) if cfg.loss == "full" else None
-            row_loss = token_losses(logits, mb, cfg.loss, t_logits).sum(-1)  # (b,)
-            acc.backward(row_loss.sum() / n * acc.num_processes)
+            if cfg.loss == "full":  # the per-token loss IS d_t, the teacher a constant target
+                with torch.no_grad():
+                    t_logits = completion_logits(teacher, mb)  # (b, T, V)
+                kl = reverse_kl(logits, t_logits)  # (b, T)
+                kls.append(torch.where(mb["completion_mask"], kl.detach(), 0.0))
+                row_loss = torch.where(mb["loss_mask"], kl, 0.0).sum(-1)  # (b,)
+            else:
+                row_loss = token_losses(logits, mb, cfg.loss, None).sum(-1)  # (b,)
+            if n > 0:
+                acc.backward(row_loss.sum() / n * acc.num_processes)
         bad += (torch.nonzero(~row_loss.detach().isfinite()).squeeze(-1) + i).tolist()
         total += row_loss.sum().detach()
+    extra = {"token_kl": torch.cat(kls)} if kls else {}
+    if n == 0:  # nothing kept anywhere: no step (every process skips alike)
+        return {"loss": 0.0, "grad_norm": 0.0, "finite": True, "bad_rows": [], **extra}
     loss = acc.reduce(total, "sum").item() / n
     if acc.reduce(torch.tensor(float(len(bad)), device=acc.device), "sum").item() > 0:
         optimizer.zero_grad(set_to_none=True)  # never step on NaN: report and skip
-        return {"loss": loss, "grad_norm": float("nan"), "finite": False, "bad_rows": bad}
+        return {"loss": loss, "grad_norm": float("nan"), "finite": False, "bad_rows": bad, **extra}
     grad_norm = float(acc.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": grad_norm, "finite": True, "bad_rows": []}
+    return {"loss": loss, "grad_norm": grad_norm, "finite": True, "bad_rows": [], **extra}
 
 
 # =====================================================================================================
@@ -767,10 +780,11 @@ def main(cfg: Config | None = None) -> list[dict]:
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(acc.device)
         gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step * 1009)
         threshold = terminator.threshold
+        score = cfg.loss != "full" or terminator.needs_kl  # else the learner's teacher pass gives the KL
         student.eval()
         r, state = sample(acc.unwrap_model(student), teacher, enc["input_ids"], enc["attention_mask"].bool(),
                           terminator, cfg, eos, tok.pad_token_id, gen, acc.process_index * len(texts),
-                          acc.num_processes * len(texts))
+                          acc.num_processes * len(texts), score)
         student.train()
 
         # --- 2. detect: this batch's minima (from every process) move the threshold for the next one
@@ -778,6 +792,8 @@ def main(cfg: Config | None = None) -> list[dict]:
 
         # --- 3. learn: one step on the kept tokens
         stats = learn(student, teacher, r, optimizer, scheduler, acc, cfg)
+        if not score:
+            r["kl"] = stats["token_kl"]
 
         # --- 4. log: sums over processes, then ratios
         m = r["completion_mask"]

@@ -100,6 +100,7 @@ class Config:
     eval_limit: int = _f(64, "evaluate on the first N problems of each set (0: all)", low=0)
     eval_temperature: float = _f(1.0, "evaluation sampling temperature", low=0.0)
     eval_top_p: float = _f(1.0, "evaluation nucleus mass", low=0.0, high=1.0, low_open=True)
+    eval_max_new_tokens: int = _f(0, "completion length limit when evaluating (0: max_new_tokens)", low=0)
     save_every: int = _f(0, "write a resumable checkpoint every N steps (0: only at the end)", low=0)
     keep_last: int = _f(2, "resumable checkpoints kept on disk", low=1)
     output_dir: str = _f("runs/toy", "where metrics, traces, plots, checkpoints and the student go")

@@ -6,6 +6,8 @@ Objective (the student minimises reverse KL on its own samples, teacher frozen):
 
 Three estimators of the per-token term (`kind`):
 - ``full``:    exact d_t over the vocabulary; the teacher's logits are recomputed (no grad).
+               Its per-token values are d_t itself, so `learn` also returns them (`token_kl`)
+               for rollouts sampled with ``score=False``.
 - ``topk``:    the student's top-K set S captured at rollout time plus one pooled tail bucket,
                d_t ~= sum_{v in S} p(v) log(p(v)/q(v)) + p_tail log(p_tail/q_tail);
                only the teacher's K+1 log-probs stored in the rollout are needed.
@@ -87,6 +89,8 @@ def _topk_kl(student_logits: Tensor, topk_ids: Tensor, teacher_topk_logp: Tensor
 
 def _sampled_pg(student_logits: Tensor, rollout: Rollout, mask: Tensor) -> Tensor:
     """(B, T): -exp(log p(y_t) - log p_old(y_t)) * A_t with A_t = -(log p_old(y_t) - log q(y_t))."""
+    if not rollout.scored:
+        raise ValueError("loss 'sampled' needs the rollout's student_logp and teacher_logp: sample with score=True")
     logp_old = torch.where(mask, rollout.student_logp, 0.0)  # (B, T) behaviour policy, at rollout time
     teacher_logp = torch.where(mask, rollout.teacher_logp, 0.0)  # (B, T)
     advantage = -(logp_old - teacher_logp)  # (B, T) constant: the rollout carries no graph
@@ -132,19 +136,38 @@ def opd_loss(student_logits: Tensor, rollout: Rollout, kind: str,
     return loss.sum(), rollout.loss_mask.sum()
 
 
-def _backward_micro_batch(student, teacher, part: Rollout, kind: str, accelerator, scale: float) -> Tensor:
-    """Backpropagate scale * loss_sum of one micro-batch; returns its per-row loss sums (b,), detached.
+def _backward_micro_batch(student, teacher, part: Rollout, kind: str, accelerator,
+                          scale: float) -> tuple[Tensor, Tensor | None]:
+    """Backpropagate scale * loss_sum of one micro-batch.
 
-    A function of its own so the micro-batch's logits are freed before the next one is computed.
+    Returns its per-row loss sums (b,) and, for ``full``, d_t at every generated position (b, T)
+    (0 elsewhere), both detached. A function of its own so the micro-batch's logits are freed
+    before the next one is computed.
     """
     student_logits = completion_logits(student, part)  # (b, T, V)
-    teacher_logits = None
+    token_kl = None
     if kind == "full":
         with torch.no_grad():
             teacher_logits = completion_logits(teacher, part)  # (b, T, V)
-    row_loss = token_losses(student_logits, part, kind, teacher_logits).sum(-1)  # (b,)
+        kl = _full_kl(student_logits, teacher_logits)  # (b, T) with gradient
+        loss = torch.where(part.loss_mask.bool(), kl, 0.0)  # = token_losses(..., "full", ...)
+        token_kl = torch.where(part.completion_mask.bool(), kl.detach(), 0.0)
+    else:
+        loss = token_losses(student_logits, part, kind)
+    row_loss = loss.sum(-1)  # (b,)
     accelerator.backward(row_loss.sum() * scale)
-    return row_loss.detach()
+    return row_loss.detach(), token_kl
+
+
+@torch.no_grad()
+def _token_kl(student, teacher, rollout: Rollout, micro_batch_size: int, device) -> Tensor:
+    """d_t at every generated position (B, T), 0 elsewhere, without gradient."""
+    parts = []
+    for i in range(0, rollout.prompt_ids.shape[0], micro_batch_size):
+        part = rollout.select(slice(i, i + micro_batch_size)).to(device)
+        kl = _full_kl(completion_logits(student, part), completion_logits(teacher, part))  # (b, T)
+        parts.append(torch.where(part.completion_mask.bool(), kl, 0.0))
+    return torch.cat(parts)
 
 
 def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, accelerator, *, kind: str,
@@ -160,7 +183,9 @@ def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, acce
     (gradients zeroed, no optimiser or scheduler step), and the rows at fault here are reported.
 
     Returns plain values: loss (global mean per token), grad_norm, n_tokens (global), finite,
-    bad_rows (this process's row indices with a non-finite loss).
+    bad_rows (this process's row indices with a non-finite loss); for ``full`` also token_kl,
+    the (B, T) float32 d_t of this process's rows at the pre-step parameters (0 where not
+    generated): the rollout's KL when it was sampled with ``score=False``.
     """
     if kind not in LOSSES:
         raise ValueError(f"loss kind must be one of {LOSSES}, got {kind!r}")
@@ -175,19 +200,26 @@ def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, acce
     n_global = accelerator.reduce(rollout.loss_mask.sum().to(device, torch.float32), "sum").item()
     if n_global == 0:  # nothing to learn anywhere: every process skips alike
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": 0.0, "grad_norm": 0.0, "n_tokens": 0, "finite": True, "bad_rows": []}
+        out = {"loss": 0.0, "grad_norm": 0.0, "n_tokens": 0, "finite": True, "bad_rows": []}
+        if kind == "full":
+            out["token_kl"] = _token_kl(student, teacher, rollout, micro_batch_size, device)
+        return out
 
     batch = rollout.prompt_ids.shape[0]
     starts = list(range(0, batch, micro_batch_size))
     loss_total = torch.zeros((), dtype=torch.float32, device=device)
     bad_rows: list[int] = []
+    token_kl: list[Tensor] = []
     for i in starts:
         part = rollout.select(slice(i, i + micro_batch_size)).to(device)
         with contextlib.nullcontext() if i == starts[-1] else accelerator.no_sync(student):
-            row_loss = _backward_micro_batch(student, teacher, part, kind, accelerator,
-                                             scale=accelerator.num_processes / n_global)  # (b,)
+            row_loss, kl = _backward_micro_batch(student, teacher, part, kind, accelerator,
+                                                 scale=accelerator.num_processes / n_global)  # (b,), (b, T)
         bad_rows += (~torch.isfinite(row_loss)).nonzero().squeeze(-1).add(i).tolist()
         loss_total += row_loss.sum()
+        if kl is not None:
+            token_kl.append(kl)
+    extra = {"token_kl": torch.cat(token_kl)} if token_kl else {}
 
     # Every process must agree to skip, or their parameters would drift apart.
     n_bad = accelerator.reduce(torch.tensor(float(len(bad_rows)), device=device), "sum").item()
@@ -195,18 +227,19 @@ def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, acce
     if n_bad > 0:
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": float("nan"), "n_tokens": int(n_global), "finite": False,
-                "bad_rows": bad_rows}
+                "bad_rows": bad_rows, **extra}
     # max_grad_norm None: no clipping, but the norm is still measured for logging.
     grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), max_grad_norm or float("inf")))
     if not math.isfinite(grad_norm) and accelerator.scaler is None:
         # (with an fp16 loss scaler an overflow is routine: its optimizer step skips by itself)
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": grad_norm, "n_tokens": int(n_global), "finite": False,
-                "bad_rows": []}
+                "bad_rows": [], **extra}
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": grad_norm, "n_tokens": int(n_global), "finite": True, "bad_rows": []}
+    return {"loss": loss, "grad_norm": grad_norm, "n_tokens": int(n_global), "finite": True, "bad_rows": [],
+            **extra}
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup_ratio: float,

@@ -18,7 +18,9 @@ class Rollout:
 
     Position t of a completion is the t-th generated token (0-based). Per-token quantities are
     aligned with the token they score: ``kl[b, t]`` is d_t for the distribution that produced
-    ``completion_ids[b, t]``.
+    ``completion_ids[b, t]``. A rollout sampled with ``score=False`` has not been through the
+    teacher (``scored`` False): student_logp and teacher_logp are NaN, and so is kl until a
+    caller fills it from the learner's ``token_kl`` (as `kat.train` does).
     """
 
     prompt_ids: Tensor  # (B, P) long, left-padded
@@ -34,6 +36,7 @@ class Rollout:
     topk_ids: Tensor | None = None  # (B, T, K) long: the student's top-K ids (loss `topk`)
     teacher_topk_logp: Tensor | None = None  # (B, T, K+1) float32: teacher log-probs, last = tail
     shadow_cut: Tensor | None = None  # (B,) long: where a shadow detector would have cut, -1 if not
+    scored: bool = True  # False: sampled with score=False; student_logp / teacher_logp are NaN
 
     @property
     def lengths(self) -> Tensor:

@@ -29,6 +29,11 @@ prompt + completion, and the KL is computed chunk by chunk over the kept student
 memory is one (rows, T, V) tensor per model in the model dtype, the same as the teacher's own
 post-hoc logits; no (B, T, V) fp32 tensor exists in either mode.
 
+`score=False` skips that post-hoc pass when nothing needs it before the learner: with the `full`
+loss the learner runs the teacher over the rollout anyway and its per-token KL is exactly d_t
+(`learn` returns it as `token_kl`), so scoring here would run the teacher twice. The rollout's
+kl, student_logp and teacher_logp are then NaN ("not scored") and no student logits are held.
+
 Temperature and top-p shape only which token is drawn. Every number the rollout records (kl,
 student_logp, teacher_logp, top-k) is computed at temperature 1 on the raw logits, because the
 objective and the learner's recomputed log-probs are defined on the student policy itself. With
@@ -201,7 +206,7 @@ class _RolloutBuffer:
             self.teacher_topk_logp[rows, t0 : t0 + c] = torch.where(v, scores.teacher_topk_logp, 0.0)
 
     def to_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, stop: Tensor, cut: Tensor,
-                   shadow_cut: Tensor | None) -> Rollout:
+                   shadow_cut: Tensor | None, scored: bool) -> Rollout:
         """Trim to T = the longest completion and fill `cut` / `loss_mask` for rows that were not cut."""
         lengths = self.completion_mask.sum(dim=-1)  # (B,)
         T = int(lengths.max())
@@ -216,7 +221,7 @@ class _RolloutBuffer:
             kl=self.kl[:, :T], stop=stop, cut=cut,
             topk_ids=None if self.topk_ids is None else self.topk_ids[:, :T],
             teacher_topk_logp=None if self.teacher_topk_logp is None else self.teacher_topk_logp[:, :T],
-            shadow_cut=shadow_cut,
+            shadow_cut=shadow_cut, scored=scored,
         )
 
 
@@ -256,7 +261,8 @@ def _check_args(prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, te
 def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
            eos_token_id: int | Sequence[int], pad_token_id: int, temperature: float = 1.0,
            top_p: float = 1.0, chunk: int = 8, terminator=None, topk: int = 0,
-           generator: torch.Generator | None = None, global_rows: tuple[int, int] | None = None):
+           generator: torch.Generator | None = None, global_rows: tuple[int, int] | None = None,
+           score: bool = True):
     """Sample completions from `student`, scored by `teacher`, with online termination.
 
     Args:
@@ -276,6 +282,8 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
         global_rows: (offset, total) when these B rows are rows offset..offset+B-1 of a batch of
             `total` rows split across processes: every step draws `total` uniforms and uses this
             process's slice, so with one seed the tokens do not depend on the number of processes.
+        score: False leaves kl / student_logp / teacher_logp unscored (NaN) when no terminator
+            needs the KL while decoding, so the teacher never runs here (see the module docstring).
     Returns:
         (rollout, state): the `Rollout` (T = longest completion) and the terminator state to pass
         to `terminator.end_batch` (None without a terminator).
@@ -289,6 +297,9 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
     if not (0 <= first and first + B <= n_draw):
         raise ValueError(f"global_rows={global_rows} must satisfy 0 <= offset and offset + B <= total (B={B})")
     lockstep = terminator is not None and bool(terminator.needs_kl)
+    if not score and topk:
+        raise ValueError("topk > 0 captures the teacher's top-K log-probs, which needs score=True")
+    posthoc = score and not lockstep  # score the finished rollout with one teacher forward
     state = terminator.start(B, device=device) if terminator is not None else None
 
     stop = torch.full((B,), STOP_LENGTH, dtype=torch.long, device=device)  # overwritten on EOS / fire
@@ -303,6 +314,9 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
     s_last = s_last[:, -1]  # (A, V) student logits for the next position
     topk = min(topk, s_last.shape[-1])  # K >= V keeps the whole vocabulary (empty tail)
     buf = _RolloutBuffer(B, max_new_tokens, topk, pad_token_id, device)
+    if not (lockstep or posthoc):  # nothing will score these rows: mark the numbers as absent
+        for name in ("kl", "student_logp", "teacher_logp"):
+            getattr(buf, name).fill_(float("nan"))
     t_cache = t_last = None
     if lockstep:
         t_last, t_cache = _forward(teacher, prompt_ids, attn, _positions(attn), None, True, logits_to_keep=1)
@@ -341,7 +355,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
             scores = score_chunk(s_chunk, t_chunk, tokens, topk)
             _check_finite(scores, valid, rows, t, s_chunk, t_chunk)
             buf.write_scores(rows, t, scores, valid)
-        else:
+        elif posthoc:
             held.append((rows, t, s_chunk))
         pos = pos + c
 
@@ -378,7 +392,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
                 t_last = t_last[keep]
 
     # Post-hoc: one teacher forward over prompt + completion, then the KL chunk by chunk.
-    if not lockstep:
+    if posthoc:
         T = int(buf.completion_mask.sum(dim=-1).max())
         ids = torch.cat([prompt_ids, buf.completion_ids[:, :T]], dim=1)  # (B, P + T)
         mask = torch.cat([prompt_mask, buf.completion_mask[:, :T]], dim=1).long()  # (B, P + T)
@@ -397,4 +411,4 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
     shadow_cut = None
     if terminator is not None and terminator.shadow:
         shadow_cut = state.would_cut.clone()  # (B,)
-    return buf.to_rollout(prompt_ids, prompt_mask, stop, cut, shadow_cut), state
+    return buf.to_rollout(prompt_ids, prompt_mask, stop, cut, shadow_cut, lockstep or posthoc), state

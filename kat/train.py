@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from accelerate import Accelerator
@@ -146,7 +147,8 @@ def run_eval(accelerator: Accelerator, model, tokenizer, eval_sets: dict, cfg: C
     for name, eval_set in eval_sets.items():  # each set with its own k (kat.data.EvalSet)
         mine = [{**p, "prompt": p["prompt"] + cfg.instruction}
                 for p in eval_set.problems[accelerator.process_index::accelerator.num_processes]]
-        res = evaluate(unwrapped, tokenizer, mine, eval_set.k, max_new_tokens=cfg.max_new_tokens,
+        res = evaluate(unwrapped, tokenizer, mine, eval_set.k,
+                       max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, grader=cfg.grader,
                        seed=cfg.seed + 7919 * accelerator.process_index) if mine else {"problems": []}
         rows = accelerator.gather_for_metrics(res["problems"], use_gather_object=True)
@@ -302,7 +304,6 @@ def train(cfg: Config) -> dict:
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="kat",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    last = None
     with stop_requests() as stop:
         for step in bar:
             # --- 1. rollouts: student samples, teacher scores chunk by chunk, terminator cuts
@@ -316,6 +317,9 @@ def train(cfg: Config) -> dict:
             # (global_rows), so the tokens do not depend on how many processes share the batch
             gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 1009)
             rows = prompt_ids.shape[0]
+            # with the `full` loss and no KL-driven terminator, the learner's teacher pass gives
+            # the KL: sampling skips its own post-hoc teacher pass (score=False)
+            scored = cfg.loss != "full" or terminator.needs_kl
             student.eval()
             try:
                 rollout, state = sample(accelerator.unwrap_model(student), teacher, prompt_ids, prompt_mask,
@@ -324,7 +328,7 @@ def train(cfg: Config) -> dict:
                                         top_p=cfg.top_p, chunk=cfg.chunk, terminator=terminator,
                                         topk=cfg.topk if cfg.loss == "topk" else 0, generator=gen,
                                         global_rows=(accelerator.process_index * rows,
-                                                     accelerator.num_processes * rows))
+                                                     accelerator.num_processes * rows), score=scored)
                 problem = None
             except FloatingPointError as err:  # non-finite logits or KL: reported with rows and positions
                 problem = f"step {step + 1}, process {accelerator.process_index}: {err}"
@@ -348,6 +352,8 @@ def train(cfg: Config) -> dict:
                            f"(process {accelerator.process_index})")
                 continue
             counters["bad_in_a_row"] = 0
+            if not scored:
+                rollout = replace(rollout, kl=stats["token_kl"].to(rollout.kl.device))
 
             # --- 3. log (sums reduced over processes, then divided)
             sums = rollout_metrics(rollout, terminator)
@@ -379,7 +385,6 @@ def train(cfg: Config) -> dict:
             bar.set_postfix(loss=f"{row['loss']:.3f}", kl=f"{row['kl']:.3f}",
                             thr="-" if threshold_used is None else f"{threshold_used:.3f}",
                             cut=f"{row['cut_rate']:.2f}", len=f"{row['mean_length']:.0f}")
-            last = rollout
 
             # --- 4. evaluate, write traces, checkpoint
             done = step + 1

@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import fields
 
 import pytest
 import torch
 
-from kat.config import Config, ConfigError, load_config
-from kat.experiment import (EVAL_CAP_FIELD, arm_overrides, markdown_table, pick_examples, run_shadow,
+from kat.config import Config, load_config
+from kat.experiment import (arm_overrides, markdown_table, pick_examples, run_shadow,
                             run_table, shadow_rollouts, shadow_summary, summarize_run)
 from kat.plot import read_jsonl
 
-HAS_EVAL_CAP = EVAL_CAP_FIELD in {f.name for f in fields(Config)}
 
 
 def tiny_argv(world: dict) -> list[str]:
@@ -49,12 +47,8 @@ def test_random_term_targets_kats_kept_length():
 
 def test_fixed_caps_come_from_kats_lengths():
     base = Config(max_new_tokens=96)
-    if not HAS_EVAL_CAP:
-        with pytest.raises(ConfigError, match=EVAL_CAP_FIELD):
-            arm_overrides("fixed_prefix", base, KAT_RUN)
-        return
     assert arm_overrides("fixed_prefix", base, KAT_RUN) == {"termination": "none", "max_new_tokens": 42,
-                                                            EVAL_CAP_FIELD: 96}
+                                                            "eval_max_new_tokens": 96}
     assert arm_overrides("fixed_n", base, KAT_RUN)["max_new_tokens"] == 34
     assert arm_overrides("fixed_n", base, {"mean_length": 500.0, "kept_length": 400.0})["max_new_tokens"] == 96
 

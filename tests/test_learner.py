@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -255,6 +256,29 @@ def test_micro_batches_do_not_change_the_step(models, rollout, kind):
     assert stats_whole["grad_norm"] == pytest.approx(stats_split["grad_norm"], rel=1e-4)
     if kind == "full":  # before the step the student is the rollout's policy: loss = mean kept KL
         assert stats_whole["loss"] == pytest.approx((rollout.kl * rollout.loss_mask).sum().item() / n, rel=1e-5)
+
+
+@pytest.mark.parametrize("micro_batch_size", [4, 3])
+def test_full_step_returns_the_rollouts_kl_and_unscored_rollouts_learn_the_same(models, rollout, micro_batch_size):
+    """token_kl is d_t at every generated position (cut ones too); an unscored rollout gives the same step."""
+    student, teacher = models
+    scored, stats = one_step(student, teacher, rollout, "full", micro_batch_size)
+    assert rollout.loss_mask.sum() < rollout.completion_mask.sum()  # some generated tokens are cut
+    expect = torch.where(rollout.completion_mask, rollout.kl, 0.0)
+    torch.testing.assert_close(stats["token_kl"], expect, rtol=1e-5, atol=1e-6)
+    nan = torch.full_like(rollout.kl, float("nan"))
+    bare = dataclasses.replace(rollout, kl=nan, student_logp=nan, teacher_logp=nan, scored=False)
+    unscored, stats_bare = one_step(student, teacher, bare, "full", micro_batch_size)
+    assert torch.equal(stats_bare["token_kl"], stats["token_kl"]) and stats_bare["loss"] == stats["loss"]
+    for a, b in zip(scored.parameters(), unscored.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="sample with score=True"):
+        one_step(student, teacher, bare, "sampled", micro_batch_size)
+    # nothing kept anywhere: no step, but the KL of what was generated is still returned
+    empty = dataclasses.replace(bare, loss_mask=torch.zeros_like(rollout.loss_mask))
+    _, stats_empty = one_step(student, teacher, empty, "full", micro_batch_size)
+    assert stats_empty["n_tokens"] == 0
+    torch.testing.assert_close(stats_empty["token_kl"], stats["token_kl"], rtol=1e-6, atol=1e-7)
 
 
 def test_non_finite_loss_skips_the_step_and_names_the_rows(models, rollout):

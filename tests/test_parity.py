@@ -135,8 +135,10 @@ def models(tiny_world):
     return student, teacher, enc["input_ids"], enc["attention_mask"].bool()
 
 
-@pytest.mark.parametrize("termination,loss,chunk", [("kat", "full", 4), ("none", "topk", 8), ("random", "sampled", 3)])
-def test_sample_and_losses_identical(single_file, models, termination, loss, chunk):
+@pytest.mark.parametrize("termination,loss,chunk,score", [("kat", "full", 4, True), ("none", "topk", 8, True),
+                                                          ("random", "sampled", 3, True), ("none", "full", 8, False),
+                                                          ("random", "full", 3, False)])
+def test_sample_and_losses_identical(single_file, models, termination, loss, chunk, score):
     student, teacher, ids, mask = models
     cfg = single_file.Config(max_new_tokens=24, chunk=chunk, loss=loss, topk=5, termination=termination,
                              window=4, stride=2, patience=1, exempt=0, eta=0.9, min_buffer=1, warmup_steps=0,
@@ -154,15 +156,17 @@ def test_sample_and_losses_identical(single_file, models, termination, loss, chu
         return single_file.NoTerminator(), None
 
     ta, tb = terminators()
-    ra, _ = single_file.sample(student, teacher, ids, mask, ta, cfg, eos, 0, torch.Generator().manual_seed(5))
+    ra, _ = single_file.sample(student, teacher, ids, mask, ta, cfg, eos, 0, torch.Generator().manual_seed(5),
+                               score=score)
     rb, _ = sample(student, teacher, ids, mask, max_new_tokens=24, eos_token_id=2, pad_token_id=0,
                    chunk=chunk, terminator=tb, topk=5 if loss == "topk" else 0,
-                   generator=torch.Generator().manual_seed(5))
+                   generator=torch.Generator().manual_seed(5), score=score)
     rb = as_dict(rb)
+    assert set(ra) == set(rb) and ra["scored"] is rb["scored"] is (score or termination == "kat")
     for key, value in rb.items():
         assert (value is None) == (ra[key] is None), key
-        if value is not None:
-            assert torch.equal(ra[key], value), key
+        if isinstance(value, torch.Tensor):  # unscored rollouts hold NaN in both
+            torch.testing.assert_close(ra[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
     if termination != "none":
         assert (rb["stop"] >= 2).any(), "the terminator should have cut some rows"
 
@@ -192,10 +196,11 @@ def param_checksum(path: str) -> float:
     return sum(float(t.double().abs().sum()) for t in tensors.values())
 
 
-def test_three_step_trajectory_identical(single_file, tiny_world, tmp_path):
+@pytest.mark.parametrize("termination", ["kat", "none"])  # "none": rollouts unscored, KL from the learner
+def test_three_step_trajectory_identical(single_file, tiny_world, tmp_path, termination):
     from kat.train import train
 
-    common = dict(teacher=tiny_world["teacher"], student=tiny_world["student"], train_data=tiny_world["train"],
+    common = dict(termination=termination, teacher=tiny_world["teacher"], student=tiny_world["student"], train_data=tiny_world["train"],
                   eval_data="", steps=3, batch_size=4, samples_per_prompt=2, micro_batch_size=3,
                   max_new_tokens=24, chunk=4, window=4, stride=2, patience=1, exempt=0, eta=0.8,
                   min_buffer=4, warmup_steps=1, lr=3e-3, seed=11)
@@ -207,7 +212,10 @@ def test_three_step_trajectory_identical(single_file, tiny_world, tmp_path):
     for a, b in zip(rows_a, rows_b):
         for key in ("loss", "kl", "cut_rate", "mean_length", "kept_length"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
-    assert sum(r["cut_rate"] for r in rows_b) > 0, "the detector should cut within three steps"
+    if termination == "kat":
+        assert sum(r["cut_rate"] for r in rows_b) > 0, "the detector should cut within three steps"
+    else:  # nothing cut: the loss is the mean KL of the generated tokens
+        assert all(r["loss"] == pytest.approx(r["kl"], rel=1e-6) for r in rows_a + rows_b)
     assert param_checksum(str(tmp_path / "a" / "student")) == pytest.approx(
         param_checksum(str(tmp_path / "b" / "student")), rel=1e-9)
 

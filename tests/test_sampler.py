@@ -172,6 +172,27 @@ def test_posthoc_with_position_only_terminator_calls_observe_with_zero_kl(models
     assert torch.equal(torch.cat(state.valid, 1)[:, : r.completion_ids.shape[1]], r.completion_mask)
 
 
+@pytest.mark.parametrize("term", [None, "position_only"])
+def test_unscored_sampling_never_runs_the_teacher(models, prompts, term):
+    """score=False: the same tokens as a scored run, no teacher forward, scores marked absent."""
+    student, teacher = models
+    make = (lambda: None) if term is None else (lambda: FakeTerminator({2: (5, 4)}, needs_kl=False, stop_code=STOP_RANDOM))
+    ref, _ = run(models, prompts, chunk=4, terminator=make())
+    calls = []
+    hook = teacher.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        r, _ = run(models, prompts, chunk=4, terminator=make(), score=False)
+    finally:
+        hook.remove()
+    assert calls == [] and ref.scored and not r.scored
+    for name in ("completion_ids", "completion_mask", "loss_mask", "stop", "cut"):
+        assert torch.equal(getattr(r, name), getattr(ref, name)), name
+    for name in ("kl", "student_logp", "teacher_logp"):
+        assert getattr(r, name).isnan().all(), name
+    with pytest.raises(ValueError, match="score=True"):
+        run(models, prompts, chunk=4, topk=3, score=False)
+
+
 def test_finished_rows_leave_both_caches(models, prompts):
     student, teacher = models
     sizes = {"student": [], "teacher": []}

@@ -234,3 +234,16 @@ def test_two_processes_match_one(tiny_world, tmp_path):
     assert r1[1]["threshold"] is not None, "the second step must use a threshold built from both processes"
     wa, wb = weights(tmp_path / "p1"), weights(tmp_path / "p2")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0) for k in wa)
+
+
+def test_evaluation_length_can_exceed_the_training_cap(tiny_world, tmp_path):
+    """A training length cap (FixedPrefix) leaves evaluation at eval_max_new_tokens."""
+    rows = {}
+    for eval_cap in (0, 24):
+        out = tmp_path / f"cap{eval_cap}"
+        train(load_config([], **tiny_args(tiny_world, out, steps=1, max_new_tokens=4, eval_max_new_tokens=eval_cap,
+                                          eval_data=tiny_world["test"], eval_limit=4, eval_k=2)))
+        rows[eval_cap] = read_rows(out / "metrics.jsonl")
+    assert rows[0][1]["mean_length"] <= 4 and rows[24][1]["mean_length"] <= 4  # training rollouts capped
+    assert max(r["test/mean_length"] for r in rows[0] if "eval" in r) <= 4
+    assert max(r["test/mean_length"] for r in rows[24] if "eval" in r) > 4

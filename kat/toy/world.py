@@ -222,14 +222,14 @@ def trace(completion: str, problem: Problem) -> Trace:
     equals the step before it character for character, including its separator; a repeated step
     is also an error, since a valid next step always has a different result.
     """
-    pos, prev, first_error = 0, None, None
+    pos, first_error = 0, None
     for step in problem.steps():
         options = [write_step(*step, f) + s for f in FORMS for s in SEPS]
         hit = next((o for o in options if completion.startswith(o, pos)), None)
         if hit is None:
             first_error = pos + max(_common_prefix(completion[pos:], o) for o in options)
             break
-        prev, pos = hit, pos + len(hit)
+        pos += len(hit)
     else:
         final = f"{ANSWER_PREFIX}{problem.answer}"
         n = _common_prefix(completion[pos:], final)
