@@ -28,8 +28,9 @@ Rows:
 - ``TRL``: ``trl.DistillationTrainer`` (on-policy: the student generates with ``model.generate``;
   ``beta=1.0`` selects the reverse KL in its generalised JSD, per the config's documentation and
   its kernel). The exact configuration is printed with the tables.
-- ``ours`` / ``ours, no termination``: ``sample`` without a terminator (student decodes alone, the
-  teacher scores the finished rollouts once), then ``learn(kind="full")`` on an Accelerator.
+- ``ours`` / ``ours, no termination``: ``sample(score=False)`` without a terminator (the student
+  decodes alone, the teacher does not run), then ``learn(kind="full")`` on an Accelerator, whose
+  teacher pass also yields the per-token KL: the teacher runs once per step, as in ``kat.train``.
 - ``ours, KAT``: ``sample`` with the toy's TrapDetector (configs/toy.yaml: chunk 8, W 8, stride 4,
   patience 2, exempt 8, eta 0.3) made active by two untimed calibration batches; its buffer keeps
   updating every step, as in training. Cut rows stop early and their cut segment leaves the loss.
@@ -44,8 +45,9 @@ A step is timed from the start of sampling to the end of the optimiser step (TRL
 load change on a shared machine hits every row alike. "teacher backbone" is the time inside the
 teacher's decoder stack (a forward hook on ``teacher.base_model``, which both sides call; the
 LM head and the KL are not in it) and the number of its calls per step: TRL runs the teacher once
-per step, after generation; ours runs it in the sampler (to record d_t for the detector, the
-logs and the traces) and again in ``learn`` for the ``full`` loss.
+per step, after generation; so does ours without termination. With KAT, ours runs it in the
+sampler (lockstep: the detector needs d_t while decoding) and again in ``learn`` for the ``full``
+loss; ``topk`` runs it in the sampler only.
 """
 
 from __future__ import annotations
@@ -159,7 +161,8 @@ def ours_steps(student, teacher, tokenizer, texts: list[str], device: torch.devi
         out, state = sampler.sample(accelerator.unwrap_model(student), teacher, prompt_ids, prompt_mask,
                                     max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id if eos else [],
                                     pad_token_id=tokenizer.pad_token_id, temperature=1.0, top_p=1.0,
-                                    chunk=chunk or 8, terminator=terminator, topk=topk, generator=gen)
+                                    chunk=chunk or 8, terminator=terminator, topk=topk, generator=gen,
+                                    score=kat or loss != "full")  # as kat.train: the KL from learn()
         student.train()
         if terminator is not None:
             terminator.end_batch(state, step)

@@ -136,21 +136,24 @@ def _math_grade(completion: str, answer: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Sampling
 
-def render_prompts(tokenizer, prompts: Sequence[str]) -> list[str]:
-    """Each question as the model sees it: one user turn through the chat template."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                          tokenize=False) for p in prompts]
+def render_prompts(tokenizer, prompts: Sequence[str], system_prompt: str = "", instruction: str = "") -> list[str]:
+    """Each question as the model sees it in training (`kat.data.render_prompt`): an optional system
+    turn, then one user turn (question + instruction) through the chat template."""
+    from kat.data import render_prompt
+
+    return [render_prompt(tokenizer, p, system_prompt=system_prompt, instruction=instruction) for p in prompts]
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0) -> tuple[list[str], list[int], list[bool]]:
-    """Sample one completion per prompt (greedy at temperature 0).
+             top_p: float = 1.0, system_prompt: str = "",
+             instruction: str = "") -> tuple[list[str], list[int], list[bool]]:
+    """Sample one completion per prompt (greedy at temperature 0), rendered as in `render_prompts`.
 
     Returns (texts without special tokens, token counts including EOS, ended-with-EOS flags).
     """
     device = next(model.parameters()).device
-    enc = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True,
+    enc = tokenizer(render_prompts(tokenizer, prompts, system_prompt, instruction), return_tensors="pt", padding=True,
                     padding_side="left", add_special_tokens=False).to(device)
     # transformers fills an unset top_k with 50; top_k=0 switches it off, so sampling draws from
     # the model's full distribution (at temperature / top_p) as the evaluation protocol says.
@@ -174,13 +177,14 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, t
 
 def evaluate(model, tokenizer, problems: Sequence[dict], k: int, *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, grader: str = "exact",
-             seed: int = 0) -> dict:
+             seed: int = 0, system_prompt: str = "", instruction: str = "") -> dict:
     """Sample ``k`` completions for each problem and grade them.
 
     Args:
         problems: dicts with ``prompt`` (the question text) and ``answer`` (reference string).
         k: samples per problem; avg@k and pass@k are computed from them.
         temperature: sampling temperature; 0 means greedy decoding (then all k samples agree).
+        system_prompt, instruction: prompt rendering, as in training (`kat.data.render_prompt`).
     Returns:
         ``avg@k``, ``pass@k``, ``k``, ``n_problems``, ``mean_length`` (completion tokens including
         EOS), ``eos_rate``, ``unparsed_rate`` (completions without a readable answer), the
@@ -200,8 +204,8 @@ def evaluate(model, tokenizer, problems: Sequence[dict], k: int, *, max_new_toke
     texts, lengths, ended = [], [], []
     for s in range(0, len(flat), batch_size):
         chunk = [p["prompt"] for _, p in flat[s:s + batch_size]]
-        t, n, e = generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p)
+        t, n, e = generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, system_prompt=system_prompt, instruction=instruction)
         texts += t
         lengths += n
         ended += e
@@ -264,6 +268,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--grader", choices=GRADERS, default="exact", help="exact (toy) or math (math-verify)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (default 64)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--system-prompt", default="", help="system turn before each question (default none)")
+    p.add_argument("--instruction", default="", help="text appended to each question (default none)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
@@ -283,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t0 = time.time()
     res = evaluate(model, tokenizer, problems, args.k, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                   grader=args.grader, seed=args.seed)
+                   grader=args.grader, seed=args.seed, system_prompt=args.system_prompt,
+                   instruction=args.instruction)
     res.update(model=str(args.model), data=str(args.data), seconds=round(time.time() - t0, 1))
     k = args.k
     table = [("model", args.model), ("data", args.data), ("problems", res["n_problems"]), ("k", k),

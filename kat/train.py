@@ -145,12 +145,12 @@ def run_eval(accelerator: Accelerator, model, tokenizer, eval_sets: dict, cfg: C
     unwrapped = accelerator.unwrap_model(model)
     out = {}
     for name, eval_set in eval_sets.items():  # each set with its own k (kat.data.EvalSet)
-        mine = [{**p, "prompt": p["prompt"] + cfg.instruction}
-                for p in eval_set.problems[accelerator.process_index::accelerator.num_processes]]
+        mine = eval_set.problems[accelerator.process_index::accelerator.num_processes]
         res = evaluate(unwrapped, tokenizer, mine, eval_set.k,
                        max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, grader=cfg.grader,
-                       seed=cfg.seed + 7919 * accelerator.process_index) if mine else {"problems": []}
+                       seed=cfg.seed + 7919 * accelerator.process_index, system_prompt=cfg.system_prompt,
+                       instruction=cfg.instruction) if mine else {"problems": []}
         rows = accelerator.gather_for_metrics(res["problems"], use_gather_object=True)
         correct = [r["correct"] for r in rows]
         lengths = [n for r in rows for n in r["lengths"]]

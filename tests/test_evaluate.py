@@ -226,3 +226,22 @@ def test_load_problems_reads_jsonl_and_limit(tmp_path):
     assert load_problems(path, limit=2) == [{"prompt": "0+1", "answer": "1"}, {"prompt": "1+1", "answer": "2"}]
     with pytest.raises(FileNotFoundError, match="--data"):
         load_problems(tmp_path / "missing.jsonl")
+
+
+def test_evaluation_renders_prompts_as_training_does(tiny, monkeypatch):
+    """System prompt and instruction reach the evaluated model exactly as kat.data renders them."""
+    import copy
+
+    import kat.evaluate as ev
+    from kat.data import render_prompt
+
+    model, tokenizer = tiny
+    seen = []
+    original = ev.render_prompts
+    monkeypatch.setattr(ev, "render_prompts", lambda *a: seen.extend(original(*a)) or original(*a))
+    evaluate(model, tokenizer, [{"prompt": "1+2", "answer": "3"}], 1, max_new_tokens=4, temperature=0,
+             instruction="+0")  # the toy vocabulary has no letters
+    assert seen == [render_prompt(tokenizer, "1+2", instruction="+0")] and "1+2+0" in seen[0]
+    plain = copy.copy(tokenizer)
+    plain.chat_template = None  # (the toy template knows no system role)
+    assert original(plain, ["1+2"], "Be exact.", " Answer with A=.") == ["Be exact.\n\n1+2 Answer with A=."]
