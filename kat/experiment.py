@@ -714,7 +714,10 @@ def run_shadow(argv: list[str], seeds: int, out: str, worlds: list[str | None], 
         for point, recs in records.items():
             for ok in (True, False):
                 name = f"shadow_{label}_{point}_traces_{'correct' if ok else 'wrong'}.png"
-                plots[name] = plot_traces(as_traces(pick_examples(recs, ok), base), os.path.join(out, name))
+                title = (f"{label} world, shadow rollouts of the student {point} training that end "
+                         f"{'correct' if ok else 'wrong'} (would-be cuts first)")
+                plots[name] = plot_traces(as_traces(pick_examples(recs, ok), base), os.path.join(out, name),
+                                          title=title)
         training_rate = statistics.fmean(r["shadow_rate"] for r in runs)
         result["worlds"][label] = {"config": base.to_dict(), "summary": summary, "plots": plots,
                                    "shadow_runs": [r["run_dir"] for r in runs],

@@ -19,7 +19,7 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def plot_traces(traces: list[dict], path: str, max_rows: int = 6) -> str | None:
+def plot_traces(traces: list[dict], path: str, max_rows: int = 6, title: str = "") -> str | None:
     """One panel per rollout: d_t, the window mean z_t, the threshold and the cut."""
     import matplotlib
     matplotlib.use("Agg")
@@ -46,7 +46,7 @@ def plot_traces(traces: list[dict], path: str, max_rows: int = 6) -> str | None:
         ax.set_yscale("symlog", linthresh=0.05)
     axes[0, 0].legend(fontsize=7, ncol=3, loc="upper right")
     axes[-1, 0].set_xlabel("completion position t")
-    fig.suptitle(f"KL traces at step {last_step}", fontsize=10)
+    fig.suptitle(title or f"KL traces at step {last_step}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
