@@ -674,13 +674,17 @@ def diagnose(run_dir: str, cfg: Config, point: str, teacher, tokenizer, problems
 
 
 def run_shadow(argv: list[str], seeds: int, out: str, worlds: list[str | None], batches: int = 8,
-               dry_run: bool = False, log=print) -> dict:
-    """Shadow KAT runs, then graded shadow rollouts of the student before and after training."""
+               dry_run: bool = False, command: str = "", log=print) -> dict:
+    """Shadow KAT runs, then graded shadow rollouts of the student before and after training.
+
+    Finished runs and graded rollouts found under `out` are reused (`run_arm`, `diagnose`).
+    """
     from kat.data import filter_long_prompts, load_problems
     from kat.models import load_model, load_tokenizer
 
-    result = {"commit": git_commit(), "worlds": {}}
-    md = ["# Shadow-mode diagnostics", "",
+    result = {"command": command, "commit": git_commit(), "worlds": {}}
+    md = ["# Shadow-mode diagnostics", "", f"`{command}` at commit {result['commit']} (runs and graded rollouts "
+          "found in the output directory are reused, not redone)", "",
           "A KAT run with shadow=True (nothing cut, would-be cuts recorded). Then, with its settings, batches "
           "of training prompts sampled by the student before training (detector calibrated on that student's "
           "own rollouts first) and by the student after the shadow run (detector state of its last checkpoint), "
@@ -795,13 +799,13 @@ def main(argv: list[str] | None = None) -> int:
     if seeds < 1:
         print("error: --seeds must be >= 1", file=sys.stderr)
         return 2
+    command = "python -m kat experiment " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         if args.what == "shadow":
-            run_shadow(rest, seeds, args.out, worlds, args.batches, args.dry_run)
+            run_shadow(rest, seeds, args.out, worlds, args.batches, args.dry_run, command)
         else:
             arms = [a.strip() for a in args.only.split(",") if a.strip()] or list(
                 TABLE1_ARMS if args.what == "table1" else SENSITIVITY_ARMS)
-            command = "python -m kat experiment " + " ".join(sys.argv[1:] if argv is None else argv)
             run_table(args.what, arms, rest, seeds, args.out, worlds, args.dry_run, command)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
