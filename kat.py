@@ -39,11 +39,11 @@ Run (the package `kat/` holds the same maths for import and multi-GPU use; tests
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 
@@ -64,80 +64,43 @@ STOP_EOS, STOP_LENGTH, STOP_TRAP, STOP_RANDOM = 0, 1, 2, 3
 
 @dataclass
 class Config:
-    teacher: str = os.path.join(TOY, "teacher")
-    """teacher model: local path or hub name"""
-    student: str = os.path.join(TOY, "student")
-    """student model: local path or hub name"""
-    train_data: str = os.path.join(TOY, "data", "train.jsonl")
-    """training prompts: a json/jsonl/parquet file with `prompt` and `answer` fields"""
-    eval_data: str = os.path.join(TOY, "data", "test.jsonl")
-    """evaluation problems (same schema); empty: no evaluation"""
-    steps: int = 30
-    """optimiser steps"""
-    batch_size: int = 16
-    """prompts per step on each process"""
-    samples_per_prompt: int = 4
-    """rollouts sampled per prompt"""
-    max_new_tokens: int = 96
-    """completion length limit"""
-    temperature: float = 1.0
-    """student sampling temperature (0: greedy)"""
-    top_p: float = 1.0
-    """nucleus sampling mass"""
-    chunk: int = 8
-    """tokens per lockstep chunk C: the teacher scores C new tokens per cached forward"""
-    loss: str = "full"
-    """OPD loss: full | topk | sampled"""
-    topk: int = 64
-    """K for the topk loss"""
-    micro_batch_size: int = 16
-    """rows per forward/backward; gradients accumulate over the step"""
-    lr: float = 1e-3
-    """peak learning rate (cosine schedule, linear warm-up)"""
-    warmup_ratio: float = 0.03
-    """share of steps with linear warm-up"""
-    max_grad_norm: float = 1.0
-    """gradient clipping norm"""
-    termination: str = "kat"
-    """kat | none | random"""
-    rule: str = "quantile"
-    """threshold rule: quantile (paper) | zscore (running mean - kappa * std)"""
-    window: int = 8
-    """W: tokens per window mean z"""
-    stride: int = 4
-    """evaluate a window every `stride` tokens"""
-    patience: int = 2
-    """consecutive low windows that confirm a trap"""
-    exempt: int = 8
-    """E: windows starting before this position never count"""
-    eta: float = 0.3
-    """threshold = (1 - eta) quantile of the minima buffer"""
-    buffer_size: int = 1024
-    """FIFO size of per-rollout minima"""
-    min_buffer: int = 128
-    """the detector stays off until the buffer holds this many minima"""
-    warmup_steps: int = 5
-    """the detector stays off for this many steps"""
-    kappa: float = 1.0
-    """zscore rule: threshold = mean - kappa * std"""
-    ema: float = 0.1
-    """zscore rule: weight of each batch in the running mean/variance"""
-    shadow: bool = False
-    """detect and record would-be cuts without cutting"""
-    random_target_length: float = 0.0
-    """random termination: target mean length (0: max_new_tokens / 2)"""
-    eval_k: int = 4
-    """samples per evaluation problem (avg@k, pass@k)"""
-    eval_limit: int = 64
-    """evaluate on the first N problems (0: all)"""
-    output_dir: str = "runs/kat_py"
-    """metrics.jsonl, kl_traces.png and the trained student go here"""
-    grader: str = "exact"
-    """answer checker: exact (toy) | math (math-verify)"""
-    seed: int = 0
-    """random seed"""
-    dtype: str = "auto"
-    """teacher dtype / student mixed precision: auto | float32 | bfloat16 | float16"""
+    teacher: str = os.path.join(TOY, "teacher")  # teacher model: local path or hub name
+    student: str = os.path.join(TOY, "student")  # student model: local path or hub name
+    train_data: str = os.path.join(TOY, "data", "train.jsonl")  # prompts: json/jsonl/parquet, `prompt`, `answer`
+    eval_data: str = os.path.join(TOY, "data", "test.jsonl")  # evaluation problems (same schema); "": none
+    steps: int = 30  # optimiser steps
+    batch_size: int = 16  # prompts per step on each process
+    samples_per_prompt: int = 4  # rollouts sampled per prompt
+    max_new_tokens: int = 96  # completion length limit
+    temperature: float = 1.0  # student sampling temperature (0: greedy)
+    top_p: float = 1.0  # nucleus sampling mass
+    chunk: int = 8  # tokens per lockstep chunk C: the teacher scores C new tokens per cached forward
+    loss: str = "full"  # OPD loss: full | topk | sampled
+    topk: int = 64  # K for the topk loss
+    micro_batch_size: int = 16  # rows per forward/backward; gradients accumulate over the step
+    lr: float = 1e-3  # peak learning rate (cosine schedule, linear warm-up)
+    warmup_ratio: float = 0.03  # share of steps with linear warm-up
+    max_grad_norm: float = 1.0  # gradient clipping norm
+    termination: str = "kat"  # kat | none | random
+    rule: str = "quantile"  # threshold rule: quantile (paper) | zscore (running mean - kappa * std)
+    window: int = 8  # W: tokens per window mean z
+    stride: int = 4  # evaluate a window every `stride` tokens
+    patience: int = 2  # consecutive low windows that confirm a trap
+    exempt: int = 8  # E: windows starting before this position never count
+    eta: float = 0.3  # threshold = (1 - eta) quantile of the minima buffer
+    buffer_size: int = 1024  # FIFO size of per-rollout minima
+    min_buffer: int = 128  # the detector stays off until the buffer holds this many minima
+    warmup_steps: int = 5  # the detector stays off for this many steps
+    kappa: float = 1.0  # zscore rule: threshold = mean - kappa * std
+    ema: float = 0.1  # zscore rule: weight of each batch in the running mean/variance
+    shadow: bool = False  # detect and record would-be cuts without cutting
+    random_target_length: float = 0.0  # random termination: target mean length (0: max_new_tokens / 2)
+    eval_k: int = 4  # samples per evaluation problem (avg@k, pass@k)
+    eval_limit: int = 64  # evaluate on the first N problems (0: all)
+    output_dir: str = "runs/kat_py"  # metrics.jsonl, kl_traces.png and the trained student go here
+    grader: str = "exact"  # answer checker: exact (toy) | math (math-verify)
+    seed: int = 0  # random seed
+    dtype: str = "auto"  # teacher dtype / student mixed precision: auto | float32 | bfloat16 | float16
 
 
 CHOICES = {"loss": ("full", "topk", "sampled"), "termination": ("kat", "none", "random"),
@@ -147,10 +110,8 @@ CHOICES = {"loss": ("full", "topk", "sampled"), "termination": ("kat", "none", "
 
 def parse_config(argv: list[str]) -> Config:
     """`--config FILE` (YAML) then `--field value` / `--field=value` pairs; `--help` lists the fields."""
-    tree = ast.parse(open(__file__).read())  # field docstrings become the help text
-    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config").body
-    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+    source = open(__file__).read()  # each field's comment is its help text
+    docs = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", source[source.index("class Config"):], re.M))
     if "-h" in argv or "--help" in argv:
         sys.exit("usage: kat.py [--config FILE] [--field value ...]\n" + "\n".join(
             f"  --{f.name} ({f.default!r}): {docs[f.name]}" for f in fields(Config)))
