@@ -643,7 +643,6 @@ def grade(text: str, answer: str, grader: str = "exact") -> bool:
     """exact: the integer after the last `A=` (the toy); math: math-verify on boxed/LaTeX answers.
     An answer that cannot be read is wrong, never a crash."""
     if grader == "exact":
-        import re
         found = re.findall(r"A=(-?\d+)", text)
         return bool(found) and str(int(found[-1])) == answer.strip()
     try:
