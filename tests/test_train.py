@@ -207,13 +207,15 @@ train(load_config([], **json.loads(sys.argv[1])))
 """
 
 
-def test_two_processes_match_one(tiny_world, tmp_path):
+@pytest.mark.parametrize("termination", ["kat", "none"])  # "none": unscored rollouts, KL from the learner
+def test_two_processes_match_one(tiny_world, tmp_path, termination):
     """torchrun with 2 CPU processes (gloo) vs 1 process on the same global batch of prompts."""
     script = tmp_path / "run.py"
     script.write_text(TWO_PROC.format(root=str(ROOT)))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for n_proc, batch in ((1, 4), (2, 2)):
-        args = tiny_args(tiny_world, tmp_path / f"p{n_proc}", batch_size=batch, steps=2, min_buffer=2)
+        args = tiny_args(tiny_world, tmp_path / f"p{n_proc}", batch_size=batch, steps=2, min_buffer=2,
+                         termination=termination)
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                str(n_proc), str(script), json.dumps(args)],
                               env=env, capture_output=True, text=True, timeout=300)
@@ -231,7 +233,11 @@ def test_two_processes_match_one(tiny_world, tmp_path):
             assert a["threshold"] == pytest.approx(b["threshold"], rel=1e-5)
         # the loss is normalised by the global token count, not per process
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
-    assert r1[1]["threshold"] is not None, "the second step must use a threshold built from both processes"
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-5), a["step"]
+    if termination == "kat":
+        assert r1[1]["threshold"] is not None, "the second step must use a threshold built from both processes"
+    else:  # nothing cut: the loss is the mean KL of all generated tokens
+        assert all(r["loss"] == pytest.approx(r["kl"], rel=1e-5) for r in r1 + r2)
     wa, wb = weights(tmp_path / "p1"), weights(tmp_path / "p2")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0) for k in wa)
 
