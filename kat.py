@@ -314,22 +314,22 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
             token = sample_token(s_last, u, cfg.temperature, cfg.top_p)  # (A,)
             tokens[:, j], valid[:, j] = torch.where(alive, token, pad), alive
             alive = alive & ~torch.isin(token, eos)
-            s_chunk.append(s_last)
+            if lockstep or posthoc:  # unscored rollouts keep no student logits
+                s_chunk.append(s_last)
             attn = torch.cat([attn, valid[:, j:j + 1].long()], 1)
             if t + j + 1 < T_max:
                 s_last, s_cache = forward(student, tokens[:, j:j + 1], attn, (pos + j)[:, None], s_cache)
                 s_last = s_last[:, -1]
-        s_chunk = torch.stack(s_chunk, 1)  # (A, c, V)
         ids[rows, t:t + c], gen_mask[rows, t:t + c] = tokens, valid
         kl_full = torch.zeros(B, c, device=dev)
         if lockstep:  # --- the teacher reads the chunk in one cached forward; score it
             t_out, t_cache = forward(teacher, tokens, attn, pos[:, None] + torch.arange(c, device=dev), t_cache)
             t_chunk = torch.cat([t_last[:, None], t_out[:, :-1]], 1)  # (A, c, V) positions t..t+c-1
             t_last = t_out[:, -1]
-            score_into(out, topk_ids, topk_logq, rows, t, s_chunk, t_chunk, tokens, valid)
+            score_into(out, topk_ids, topk_logq, rows, t, torch.stack(s_chunk, 1), t_chunk, tokens, valid)
             kl_full[rows] = out["kl"][rows, t:t + c]
         elif posthoc:
-            held.append((rows, t, s_chunk))
+            held.append((rows, t, torch.stack(s_chunk, 1)))  # (A, c, V)
         pos = pos + c
         ended = ~alive | (t + c >= T_max)  # --- which rows end: EOS, length, or the terminator
         stop[rows[~alive]] = STOP_EOS

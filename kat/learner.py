@@ -90,7 +90,8 @@ def _topk_kl(student_logits: Tensor, topk_ids: Tensor, teacher_topk_logp: Tensor
 def _sampled_pg(student_logits: Tensor, rollout: Rollout, mask: Tensor) -> Tensor:
     """(B, T): -exp(log p(y_t) - log p_old(y_t)) * A_t with A_t = -(log p_old(y_t) - log q(y_t))."""
     if not rollout.scored:
-        raise ValueError("loss 'sampled' needs the rollout's student_logp and teacher_logp: sample with score=True")
+        raise ValueError("loss 'sampled' needs the rollout's student_logp and teacher_logp: "
+                         "sample with score=True")
     logp_old = torch.where(mask, rollout.student_logp, 0.0)  # (B, T) behaviour policy, at rollout time
     teacher_logp = torch.where(mask, rollout.teacher_logp, 0.0)  # (B, T)
     advantage = -(logp_old - teacher_logp)  # (B, T) constant: the rollout carries no graph
@@ -101,6 +102,13 @@ def _sampled_pg(student_logits: Tensor, rollout: Rollout, mask: Tensor) -> Tenso
 def token_losses(student_logits: Tensor, rollout: Rollout, kind: str,
                  teacher_logits: Tensor | None = None) -> Tensor:
     """Per-token loss (B, T) float32, exactly 0 outside ``rollout.loss_mask``. See `opd_loss`."""
+    mask = rollout.loss_mask.to(student_logits.device).bool()  # (B, T)
+    return torch.where(mask, _unmasked_losses(student_logits, rollout, kind, teacher_logits), 0.0)
+
+
+def _unmasked_losses(student_logits: Tensor, rollout: Rollout, kind: str,
+                     teacher_logits: Tensor | None) -> Tensor:
+    """(B, T) per-token loss before ``loss_mask`` is applied; for ``full`` it is d_t everywhere."""
     if kind not in LOSSES:
         raise ValueError(f"loss kind must be one of {LOSSES}, got {kind!r}")
     mask = rollout.loss_mask.to(student_logits.device).bool()  # (B, T)
@@ -108,15 +116,13 @@ def token_losses(student_logits: Tensor, rollout: Rollout, kind: str,
         if teacher_logits is None:
             raise ValueError("loss 'full' needs teacher_logits (B, T, V): run the teacher over the rollout "
                              "with `completion_logits` under torch.no_grad()")
-        loss = _full_kl(student_logits, teacher_logits.to(student_logits.device))
-    elif kind == "topk":
+        return _full_kl(student_logits, teacher_logits.to(student_logits.device))
+    if kind == "topk":
         if rollout.topk_ids is None or rollout.teacher_topk_logp is None:
             raise ValueError("loss 'topk' needs rollout.topk_ids and rollout.teacher_topk_logp: sample with topk > 0")
-        loss = _topk_kl(student_logits, rollout.topk_ids.to(mask.device),
+        return _topk_kl(student_logits, rollout.topk_ids.to(mask.device),
                         rollout.teacher_topk_logp.to(mask.device), mask)
-    else:
-        loss = _sampled_pg(student_logits, rollout.to(mask.device), mask)
-    return torch.where(mask, loss, 0.0)  # (B, T)
+    return _sampled_pg(student_logits, rollout.to(mask.device), mask)
 
 
 def opd_loss(student_logits: Tensor, rollout: Rollout, kind: str,
@@ -145,16 +151,13 @@ def _backward_micro_batch(student, teacher, part: Rollout, kind: str, accelerato
     before the next one is computed.
     """
     student_logits = completion_logits(student, part)  # (b, T, V)
-    token_kl = None
+    teacher_logits = None
     if kind == "full":
         with torch.no_grad():
             teacher_logits = completion_logits(teacher, part)  # (b, T, V)
-        kl = _full_kl(student_logits, teacher_logits)  # (b, T) with gradient
-        loss = torch.where(part.loss_mask.bool(), kl, 0.0)  # = token_losses(..., "full", ...)
-        token_kl = torch.where(part.completion_mask.bool(), kl.detach(), 0.0)
-    else:
-        loss = token_losses(student_logits, part, kind)
-    row_loss = loss.sum(-1)  # (b,)
+    loss = _unmasked_losses(student_logits, part, kind, teacher_logits)  # (b, T); full: d_t
+    token_kl = torch.where(part.completion_mask.bool(), loss.detach(), 0.0) if kind == "full" else None
+    row_loss = torch.where(part.loss_mask.bool(), loss, 0.0).sum(-1)  # (b,)
     accelerator.backward(row_loss.sum() * scale)
     return row_loss.detach(), token_kl
 

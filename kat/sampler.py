@@ -338,16 +338,17 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
             tokens[:, j] = torch.where(alive, token, pad_token_id)
             valid[:, j] = alive
             alive = alive & ~torch.isin(token, eos)
-            s_chunk.append(s_last)
+            if lockstep or posthoc:  # unscored rollouts keep no student logits
+                s_chunk.append(s_last)
             attn = torch.cat([attn, valid[:, j : j + 1].long()], dim=1)  # (A, P + t + j + 1)
             if t + j + 1 < max_new_tokens:  # the rollout's last token needs no next-token logits
                 s_last, s_cache = _forward(student, tokens[:, j : j + 1], attn, (pos + j)[:, None], s_cache, True)
                 s_last = s_last[:, -1]  # (A, V)
-        s_chunk = torch.stack(s_chunk, dim=1)  # (A, c, V) model dtype
         buf.write_tokens(rows, t, tokens, valid)
 
         # 2. The teacher reads the chunk in one forward; its output at token t+j predicts t+j+1.
         if lockstep:
+            s_chunk = torch.stack(s_chunk, dim=1)  # (A, c, V) model dtype
             chunk_pos = pos[:, None] + torch.arange(c, device=device)  # (A, c)
             t_out, t_cache = _forward(teacher, tokens, attn, chunk_pos, t_cache, True)  # (A, c, V)
             t_chunk = torch.cat([t_last[:, None], t_out[:, :-1]], dim=1)  # (A, c, V) positions t..t+c-1
@@ -356,7 +357,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
             _check_finite(scores, valid, rows, t, s_chunk, t_chunk)
             buf.write_scores(rows, t, scores, valid)
         elif posthoc:
-            held.append((rows, t, s_chunk))
+            held.append((rows, t, torch.stack(s_chunk, dim=1)))  # (A, c, V) model dtype
         pos = pos + c
 
         # 3. Which rows end here: EOS, length, or the terminator (which takes precedence for stop/cut).

@@ -64,3 +64,13 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("ACCELERATE_USE_CPU", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from more threads, and several threads on a busy CPU spin at every
+    barrier (measured here: 30x slower generation on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,13 +15,7 @@ from kat.evaluate import avg_at_k, evaluate, extract_answer, generate, grade, lo
 from kat.toy.tokenizer import build_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread is fastest, and several spin at barriers on a busy CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 # ---------------------------------------------------------------------------------------------

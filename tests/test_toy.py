@@ -16,14 +16,7 @@ TOY_DIR = Path(__file__).resolve().parents[1] / "kat" / "toy"
 WORLDS = ("rich", "plain")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Models this small gain nothing from more threads, and several threads on a busy CPU
-    # spin at every barrier (measured here: 30x slower generation on a loaded 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 # ---------------------------------------------------------------------------------------------
