@@ -385,6 +385,24 @@ _NAMES = ("Ana", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hugo", "Ine
 _ITEMS = ("apples", "marbles", "stickers", "books", "pencils", "cookies", "stamps", "shells")
 
 
+def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int, seed: int) -> list[dict]:
+    """The prompts of `step` for process `rank`: a fresh seeded permutation per epoch, no repeats
+    within an epoch, a pure function of (step, rank) so a resumed run sees the same batches."""
+    per_step = n * world
+    out = []
+    for j in range(per_step * step + n * rank, per_step * step + n * (rank + 1)):
+        epoch, i = divmod(j, len(problems))
+        perm = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(problems[perm[i].item()])
+    return out
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The sampling generator of `step`: one seed per step, the same on every process (each process
+    takes its rows' uniforms from the global draw), so a resumed run samples the same tokens."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1009)
+
+
 def word_problems(n: int, seed: int = 0) -> list[dict]:
     """``n`` one- or two-step arithmetic word problems with integer answers (deterministic in ``seed``)."""
     import random

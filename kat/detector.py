@@ -112,6 +112,15 @@ def all_gather_cat(x: Tensor) -> Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu()
 
 
+def window_means(kl: torch.Tensor, window: int) -> torch.Tensor:
+    """z_t = (1/W) sum_{i=t-W+1..t} d_i for every t >= W-1 (NaN before), for one row."""
+    z = torch.full_like(kl, float("nan"))
+    if kl.numel() >= window:
+        z[window - 1:] = kl.unfold(0, window, 1).mean(-1)
+    return z
+
+
+
 class TrapDetector:
     """KAT: stop a rollout when its smoothed reverse KL stays below an adaptive threshold.
 

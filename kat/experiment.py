@@ -502,7 +502,8 @@ def shadow_rollouts(student, teacher, tokenizer, problems: list[dict], cfg: Conf
     from kat.evaluate import grade
     from kat.models import eos_ids
     from kat.sampler import sample
-    from kat.train import step_prompts, window_means
+    from kat.data import step_generator, step_prompts
+    from kat.detector import window_means
 
     if not getattr(detector, "shadow", False):
         raise ValueError("detector: shadow_rollouts needs a TrapDetector built with shadow=True")
@@ -513,7 +514,7 @@ def shadow_rollouts(student, teacher, tokenizer, problems: list[dict], cfg: Conf
         batch = step_prompts(problems, step, cfg.batch_size, 0, 1, cfg.seed)
         rows = [p for p in batch for _ in range(cfg.samples_per_prompt)]
         ids, mask = encode_prompts(tokenizer, [render_prompt(tokenizer, p["prompt"], **render_kw) for p in rows])
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009)
+        gen = step_generator(cfg.seed, step)
         rollout, state = sample(student, teacher, ids, mask, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                                 pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
                                 chunk=cfg.chunk, terminator=detector, generator=gen)

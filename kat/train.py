@@ -24,8 +24,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from kat.config import Config, ConfigError, help_text, load_config
-from kat.data import DataError, encode_prompts, filter_long_prompts, load_eval_sets, load_problems, render_prompt
-from kat.detector import make_terminator
+from kat.data import (DataError, encode_prompts, filter_long_prompts, load_eval_sets, load_problems, render_prompt,
+                      step_generator, step_prompts)
+from kat.detector import make_terminator, window_means
 from kat.models import align_vocab, check_tokenizers, eos_ids, load_model, load_tokenizer
 from kat.learner import build_optimizer, learn
 from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
@@ -68,18 +69,6 @@ def build_terminator(cfg: Config, rank: int = 0):
     return make_terminator("none")
 
 
-def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int, seed: int) -> list[dict]:
-    """The prompts of `step` for process `rank`: a fresh seeded permutation per epoch, no repeats
-    within an epoch, a pure function of (step, rank) so a resumed run sees the same batches."""
-    per_step = n * world
-    out = []
-    for j in range(per_step * step + n * rank, per_step * step + n * (rank + 1)):
-        epoch, i = divmod(j, len(problems))
-        perm = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(problems[perm[i].item()])
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Metrics and traces
 # ----------------------------------------------------------------------------------------------
@@ -100,14 +89,6 @@ def rollout_metrics(r: Rollout, terminator) -> dict:
     if r.shadow_cut is not None:
         out["shadow_rows"] = float((r.shadow_cut >= 0).sum())
     return out
-
-
-def window_means(kl: torch.Tensor, window: int) -> torch.Tensor:
-    """z_t = (1/W) sum_{i=t-W+1..t} d_i for every t >= W-1 (NaN before), for one row."""
-    z = torch.full_like(kl, float("nan"))
-    if kl.numel() >= window:
-        z[window - 1:] = kl.unfold(0, window, 1).mean(-1)
-    return z
 
 
 def make_traces(r: Rollout, tokenizer, terminator, cfg: Config, step: int) -> list[dict]:
@@ -315,7 +296,7 @@ def train(cfg: Config) -> dict:
             prompt_ids, prompt_mask = encode_prompts(tokenizer, texts, device)
             # one generator seed per step on every process; each process takes its rows' uniforms
             # (global_rows), so the tokens do not depend on how many processes share the batch
-            gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 1009)
+            gen = step_generator(cfg.seed, step, device)
             rows = prompt_ids.shape[0]
             # with the `full` loss and no KL-driven terminator, the learner's teacher pass gives
             # the KL: sampling skips its own post-hoc teacher pass (score=False)
