@@ -719,7 +719,8 @@ def main(cfg: Config | None = None) -> list[dict]:
     student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype).to(acc.device).eval().requires_grad_(False)
     eos = torch.tensor([tok.eos_token_id], device=acc.device)
-    problems, tests = read_problems(cfg.train_data), read_problems(cfg.eval_data, cfg.eval_limit) if cfg.eval_data else []
+    problems = read_problems(cfg.train_data)
+    tests = read_problems(cfg.eval_data, cfg.eval_limit) if cfg.eval_data else []
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * cfg.steps), cfg.steps)
     student, optimizer, scheduler = acc.prepare(student, optimizer, scheduler)

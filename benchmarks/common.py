@@ -24,7 +24,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -139,9 +139,10 @@ def launch_sweep(device: torch.device, rows: int = 16384, vocab: int = 152064, r
     grad_out = torch.ones(rows, device=device)
     bytes_fwd = 2 * s.numel() * s.element_size()  # read s, t
     for block_v, num_warps in configs:
-        fwd = common.median(common.time_call(lambda: kernels._forward(s, t, block_v, num_warps), device, repeats))
+        fwd = common.median(common.time_call(
+            lambda b=block_v, w=num_warps: kernels._forward(s, t, b, w), device, repeats))
         bwd = common.median(common.time_call(
-            lambda: kernels._backward(s, t, lse_s, lse_t, kl_, grad_out, True, False, block_v, num_warps),
+            lambda b=block_v, w=num_warps: kernels._backward(s, t, lse_s, lse_t, kl_, grad_out, True, False, b, w),
             device, repeats))
         mark = " (default)" if (block_v, num_warps) == default else ""
         table.append([f"{block_v}{mark}", num_warps, common.fmt_ms(fwd), f"{bytes_fwd / fwd / 1e9:.0f}",

@@ -164,7 +164,8 @@ def table(results: list[dict], copy_bytes_per_s: float) -> str:
     for r in results:
         base = naive.get((r["rows"], r["vocab"], r["dtype"], r["passes"]), {})
         ok, base_ok = "error" not in r, "seconds" in base
-        bandwidth = traffic_bytes(Case(r["impl"], r["rows"], r["vocab"], r["dtype"], r["passes"])) / r["seconds"] if ok else None
+        case = Case(r["impl"], r["rows"], r["vocab"], r["dtype"], r["passes"])
+        bandwidth = traffic_bytes(case) / r["seconds"] if ok else None
         rows.append([
             f"{r['rows']} x {r['vocab']}", r["dtype"], r["passes"], r["impl"],
             common.fmt_ms(r["seconds"]) if ok else r["error"],

@@ -311,7 +311,8 @@ def table(results: list[dict]) -> str:
         rows.append([
             r["mode"], tokens if kept == tokens else f"{tokens} ({kept} kept)",
             f"{r['wall']:.3g}", common.fmt_ratio(r["wall"] / base["wall"]),
-            f"{tokens / r['wall']:.0f}", common.fmt_ratio((tokens / r["wall"]) / (int(ref.completion_mask.sum()) / base["wall"])),
+            f"{tokens / r['wall']:.0f}",
+            common.fmt_ratio((tokens / r["wall"]) / (int(ref.completion_mask.sum()) / base["wall"])),
             f"{r['teacher']:.3g}", common.fmt_ratio(r["teacher"] / base["teacher"]), r["calls"],
             "yes" if same else "NO", f"{dkl:.1e}",
         ])
@@ -365,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--toy-batch", type=int, help="rows of the toy setup (default 64)")
     parser.add_argument("--llm-batch", type=int, help="rows of the llm setup (default 8 on CPU, 32 on GPU)")
     parser.add_argument("--toy-tokens", type=int, help="max_new_tokens of the toy setup (default 96)")
-    parser.add_argument("--llm-tokens", type=int, help="max_new_tokens of the llm setup (default 128 on CPU, 256 on GPU)")
+    parser.add_argument("--llm-tokens", type=int,
+                        help="max_new_tokens of the llm setup (default 128 on CPU, 256 on GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (pass 1 on a shared machine)")
     args = parser.parse_args(argv)

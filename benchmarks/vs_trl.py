@@ -120,7 +120,8 @@ def toy_world(batch: int, seed: int):
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": world.sample_problem(rng).prompt}],
                                            tokenize=False, add_generation_prompt=True) for _ in range(batch)]
     n = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"  # noqa: E731
-    return tokenizer, teacher.eval().requires_grad_(False), student, texts, f"{note}: teacher {n(teacher)}, student {n(student)}"
+    label = f"{note}: teacher {n(teacher)}, student {n(student)}"
+    return tokenizer, teacher.eval().requires_grad_(False), student, texts, label
 
 
 def encode(tokenizer, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

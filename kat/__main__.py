@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # Commands that own their whole argument list: everything after the command name is passed on.
 _DELEGATED = {

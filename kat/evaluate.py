@@ -22,7 +22,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -251,7 +251,10 @@ def load_problems(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"--data {path} does not exist")
     text = path.read_text()
-    rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+    if path.suffix == ".json":
+        rows = json.loads(text)
+    else:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return rows[:limit] if limit is not None else rows
 
 

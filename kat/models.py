@@ -24,7 +24,7 @@ import importlib.util
 import os
 import re
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

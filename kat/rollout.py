@@ -43,7 +43,7 @@ class Rollout:
         """(B,) number of generated tokens per row."""
         return self.completion_mask.sum(-1)
 
-    def select(self, rows: Tensor | slice) -> "Rollout":
+    def select(self, rows: Tensor | slice) -> Rollout:
         """A Rollout of a subset of rows (micro-batching)."""
         out = {}
         for f in fields(self):
@@ -51,7 +51,7 @@ class Rollout:
             out[f.name] = v[rows] if isinstance(v, Tensor) else v
         return Rollout(**out)
 
-    def to(self, device: torch.device | str) -> "Rollout":
+    def to(self, device: torch.device | str) -> Rollout:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)

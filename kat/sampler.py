@@ -47,7 +47,8 @@ give the same tokens for one seed whenever the terminator decides the same way.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -140,7 +140,8 @@ def test_shadow_summary_counts():
 def test_examples_are_cut_rollouts_of_distinct_prompts_first():
     recs = [{**record(ok, cut), "prompt": p} for ok, cut, p in
             ((False, None, "a"), (False, 5, "b"), (False, 7, "b"), (True, 3, "c"), (False, 9, "c"))]
-    assert [(r["prompt"], r["shadow_cut"]) for r in pick_examples(recs, False, n=3)] == [("b", 5), ("c", 9), ("a", None)]
+    picked = pick_examples(recs, False, n=3)
+    assert [(r["prompt"], r["shadow_cut"]) for r in picked] == [("b", 5), ("c", 9), ("a", None)]
     assert [r["prompt"] for r in pick_examples(recs, True)] == ["c"]
 
 

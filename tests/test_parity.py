@@ -200,7 +200,8 @@ def param_checksum(path: str) -> float:
 def test_three_step_trajectory_identical(single_file, tiny_world, tmp_path, termination):
     from kat.train import train
 
-    common = dict(termination=termination, teacher=tiny_world["teacher"], student=tiny_world["student"], train_data=tiny_world["train"],
+    common = dict(termination=termination, teacher=tiny_world["teacher"], student=tiny_world["student"],
+                  train_data=tiny_world["train"],
                   eval_data="", steps=3, batch_size=4, samples_per_prompt=2, micro_batch_size=3,
                   max_new_tokens=24, chunk=4, window=4, stride=2, patience=1, exempt=0, eta=0.8,
                   min_buffer=4, warmup_steps=1, lr=3e-3, seed=11)

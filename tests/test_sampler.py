@@ -176,7 +176,9 @@ def test_posthoc_with_position_only_terminator_calls_observe_with_zero_kl(models
 def test_unscored_sampling_never_runs_the_teacher(models, prompts, term):
     """score=False: the same tokens as a scored run, no teacher forward, scores marked absent."""
     student, teacher = models
-    make = (lambda: None) if term is None else (lambda: FakeTerminator({2: (5, 4)}, needs_kl=False, stop_code=STOP_RANDOM))
+    def make():
+        return None if term is None else FakeTerminator({2: (5, 4)}, needs_kl=False, stop_code=STOP_RANDOM)
+
     ref, _ = run(models, prompts, chunk=4, terminator=make())
     calls = []
     hook = teacher.register_forward_hook(lambda *a: calls.append(1))
@@ -280,7 +282,8 @@ def test_greedy_and_tiny_top_p_equal_argmax_by_hand(models, prompts):
 
 def test_sample_token_inverse_cdf_and_nucleus():
     logits = torch.log(torch.tensor([[0.1, 0.5, 0.15, 0.25]]))  # sorted: 1 (.5), 3 (.25), 2 (.15), 0 (.1)
-    draw = lambda u, **kw: int(sample_token(logits, torch.tensor([u]), **kw))
+    def draw(u, **kw):
+        return int(sample_token(logits, torch.tensor([u]), **kw))
     assert [draw(u) for u in (0.0, 0.49, 0.51, 0.74, 0.76, 0.89, 0.91, 0.999999)] == [1, 1, 3, 3, 2, 2, 0, 0]
     # top_p = 0.7: mass before token 2 is 0.75 >= 0.7, so only {1, 3} remain, renormalised to 2/3, 1/3
     assert [draw(u, top_p=0.7) for u in (0.0, 0.66, 0.67, 0.999999)] == [1, 1, 3, 3]

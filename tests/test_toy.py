@@ -27,7 +27,8 @@ def test_generator_is_deterministic_for_a_seed():
     assert a == make_split(50, seed=3)
     assert a != make_split(50, seed=4)
     spec = world_specs("rich")[1]
-    sols = lambda seed: [write_solution(sample_problem(rng := random.Random(seed)), spec, rng) for _ in range(20)]
+    def sols(seed):
+        return [write_solution(sample_problem(rng := random.Random(seed)), spec, rng) for _ in range(20)]
     assert sols(5) == sols(5)
 
 

@@ -53,7 +53,8 @@ def test_run_writes_everything(tiny_world, tmp_path):
     # the detector becomes active after its warm-up and cuts something in this configuration
     assert not steps[0]["active"] and any(r["cut_rate"] > 0 for r in steps[1:])
     traces = read_rows(out / "traces.jsonl")
-    assert {t["step"] for t in traces} == {2, 4} and all(len(t["kl"]) == len(t["tokens"]) == len(t["z"]) for t in traces)
+    assert {t["step"] for t in traces} == {2, 4}
+    assert all(len(t["kl"]) == len(t["tokens"]) == len(t["z"]) for t in traces)
     from transformers import AutoModelForCausalLM
     trained = AutoModelForCausalLM.from_pretrained(out / "student")
     assert torch.equal(trained.model.embed_tokens.weight, weights(out)["model.embed_tokens.weight"])

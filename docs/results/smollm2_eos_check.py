@@ -8,7 +8,8 @@ runs/smollm2_cpu/student_init and runs/smollm2_cpu/student):
 
 32 training prompts x 2 samples, temperature 1, top-p 0.95, the run's instruction.
 """
-import json, sys, torch
+import json
+import torch
 torch.set_num_threads(1)
 from kat.models import load_model, load_tokenizer
 from kat.evaluate import evaluate

@@ -20,7 +20,7 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
