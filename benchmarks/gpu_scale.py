@@ -325,7 +325,8 @@ def profile_section(run: Run, student, teacher, ids, mask, tokens: int) -> None:
     term = detector.TrapDetector(window=min(64, tokens), stride=min(64, tokens), exempt=0)  # inactive
     gen = torch.Generator(device=dev).manual_seed(5)
     scopes = [Scope(student, "student forward"), Scope(teacher, "teacher forward")]
-    with profile(activities=activities) as prof:
+    wall = {}
+    with profile(activities=activities, acc_events=True) as prof, timed(dev, wall, "sample"):
         with record_function("sample"):
             sampler.sample(student, teacher, ids, mask, max_new_tokens=tokens, eos_token_id=[], pad_token_id=0,
                            temperature=1.0, top_p=0.95, chunk=s.chunk, terminator=term, generator=gen, score=True)
@@ -334,22 +335,21 @@ def profile_section(run: Run, student, teacher, ids, mask, tokens: int) -> None:
         scope.remove()
     events = {e.key: e for e in prof.key_averages()}
     cuda = dev.type == "cuda"
-    rows, whole = [], events["sample"]
-    for key in ("sample", "student forward", "teacher forward"):
+    rows, total_us = [], max(wall["sample"] * 1e6, 1.0)  # the profiler's own total can read 0 on CUDA
+    for key in ("student forward", "teacher forward"):
         e = events.get(key)
         if e is None:
             continue
         device_us = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) if cuda else None
         rows.append([key, e.count, f"{e.cpu_time_total / 1e3:.1f}",
-                     common.fmt_share(e.cpu_time_total / whole.cpu_time_total),
+                     common.fmt_share(e.cpu_time_total / total_us),
                      "-" if device_us is None else f"{device_us / 1e3:.1f}"])
-    outside = whole.cpu_time_total - sum(events[k].cpu_time_total for k in ("student forward", "teacher forward")
+    outside = total_us - sum(events[k].cpu_time_total for k in ("student forward", "teacher forward")
                                          if k in events)
-    rows.append(["outside the forwards", "-", f"{outside / 1e3:.1f}", common.fmt_share(outside / whole.cpu_time_total),
-                 "-"])
+    rows.append(["outside the forwards", "-", f"{outside / 1e3:.1f}", common.fmt_share(outside / total_us), "-"])
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     ops = prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=50)
-    run.results["profile"] = {"tokens": tokens, "outside_share": outside / whole.cpu_time_total}
+    run.results["profile"] = {"tokens": tokens, "wall_s": wall["sample"], "outside_share": outside / total_us}
     run.emit(f"Profile: one lockstep rollout of {tokens} tokens, chunk {s.chunk} ({s.rows} rows, profiler on)",
              common.markdown_table(["range", "calls", "CPU ms (incl. waits)", "share", "GPU ms"], rows)
              + f"\n\nOperators by {sort}:\n\n```\n{ops}\n```")
@@ -441,9 +441,9 @@ def whole_step(run: Run, trainer, ids, mask, T: int, kat: bool) -> dict:
     return out
 
 
-def step_section(run: Run, trainer, ids, mask, decode_step_s: float | None) -> None:
+def step_section(run: Run, trainer, ids, mask, decode_step_s: float | None, T: int | None = None) -> None:
     s = run.shape
-    T = s.new_tokens
+    T = T or s.new_tokens
     if decode_step_s is not None:  # two steps, each decoding T tokens plus teacher and learner work
         fits = int(run.left() / (2 * 1.5 * decode_step_s))
         if fits < T:
@@ -488,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     p.add_argument("--budget-s", type=float, default=330.0, help="wall-clock budget of the whole run")
     p.add_argument("--new-tokens", type=int, help="step section's rollout budget (default 4096; tiny 48)")
+    p.add_argument("--step-tokens", type=int, help="step section's rollout budget (default: --new-tokens, shortened "
+                   "to fit --budget-s)")
     p.add_argument("--decode-tokens", type=int, help="decode/teacher sections' rollout length (default 512; tiny 24)")
     p.add_argument("--out", help="write PREFIX.md and PREFIX.json")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -537,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     if "learner" in sections and run.left() > 0:
         learner_section(run, trainer, s_cfg.vocab_size, ids, mask)
     if "step" in sections and run.left() > 0:
-        step_section(run, trainer, ids, mask, decode_step_s)
+        step_section(run, trainer, ids, mask, decode_step_s, args.step_tokens)
     if "compiled" in sections and run.left() > 150:  # compilation alone takes a minute or more
         bf16 = build_model(s_cfg, device, dtype, seed=1)
         compiled_section(run, bf16, ids, mask)
