@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import platform
 import re
 import resource
@@ -193,6 +194,9 @@ def describe_device(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit; KAT_COMMIT overrides it (a copied tree may carry stale git metadata)."""
+    if os.environ.get("KAT_COMMIT"):
+        return os.environ["KAT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
