@@ -26,7 +26,7 @@ def test_equals_form_and_dashes():
     (["--stepz", "3"], "did you mean 'steps'"),
     (["--loss", "kl"], "loss: 'kl' is not allowed; choose one of 'full', 'topk', 'sampled'"),
     (["--eta", "0"], "eta: 0.0 is out of range; it must be > 0.0"),
-    (["--eta", "1.5"], "eta: 1.5 is out of range; it must be <= 1.0"),
+    (["--eta", "1.5"], "eta: 1.5 is out of range; it must be < 1.0"),  # the detector's (0, 1)
     (["--steps", "1.5"], "steps: expected an integer"),
     (["--shadow", "maybe"], "shadow: expected true or false"),
     (["--window", "4", "--stride", "8"], "stride: 8 is larger than window"),
