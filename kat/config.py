@@ -162,6 +162,11 @@ def _coerce(name: str, value: Any) -> Any:
     return str(value)
 
 
+def allowed(name: str) -> tuple:
+    """The choices of field `name` (e.g. the loss kinds), for modules that dispatch on it."""
+    return _FIELDS[name].metadata["choices"]
+
+
 def _range_text(m: dict) -> str:
     """A field's allowed range in interval notation, e.g. '(0.0, 1.0)' or '>= 1'."""
     low, high = m["low"], m["high"]

@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kat.config import check_min_buffer, check_random_target, check_stride, check_value
+from kat.config import allowed, check_min_buffer, check_random_target, check_stride, check_value
 from kat.rollout import STOP_RANDOM, STOP_TRAP
 
-RULES = ("quantile", "zscore")
+RULES = allowed("rule")  # ("quantile", "zscore")
 
 
 @dataclass

@@ -56,6 +56,16 @@ def _check_source(path: str, gguf_file: str, role: str) -> str:
     return path
 
 
+def torch_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """A dtype name as `Config.dtype` spells it; ``auto`` is bf16 on CUDA (fp16 where bf16 is not
+    supported) and fp32 elsewhere."""
+    if name == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
 def load_model(path: str, gguf_file: str, dtype: torch.dtype, role: str):
     """A causal LM from a directory, hub name or ``pkg:`` path; ``gguf_file`` de-quantised to ``dtype``."""
     from transformers import AutoModelForCausalLM
