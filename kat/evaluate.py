@@ -306,8 +306,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
-def _print_table(res: dict, k: int) -> None:
-    table = [("model", res["model"]), ("data", res["data"]), ("problems", res["n_problems"]), ("k", k),
+def _print_table(name: str, res: dict, k: int) -> None:
+    table = [("set", name), ("model", res["model"]), ("data", res["data"]), ("problems", res["n_problems"]), ("k", k),
              (f"avg@{k}", f"{100 * res['avg@k']:.2f}%"), (f"pass@{k}", f"{100 * res['pass@k']:.2f}%"),
              ("mean length", f"{res['mean_length']:.1f} tokens"), ("ended with EOS", f"{100 * res['eos_rate']:.1f}%"),
              ("no answer", f"{100 * res['unparsed_rate']:.1f}%"), ("seconds", res["seconds"])]
@@ -346,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
                        grader=args.grader, seed=args.seed, system_prompt=args.system_prompt,
                        instruction=args.instruction)
         res.update(model=str(args.model), data=eval_set.spec.source, seconds=round(time.time() - t0, 1))
-        _print_table(res, eval_set.k)
+        _print_table(name, res, eval_set.k)
         results[name] = res
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
