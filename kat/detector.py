@@ -14,6 +14,9 @@ which one is in use:
   length approaches a target (the length-matched baseline).
 - `NoTerminator`: never stops anything (plain OPD).
 
+Settings are checked by `kat.config.check_value` and the config's cross-field rules, so a
+terminator accepts exactly the values `kat train` accepts, with the same messages.
+
 Positions are 0-based completion positions (position t is the t-th generated token). ``cut`` is
 the first excluded position: tokens cut, cut+1, ... are dropped from the loss. A cut is not an end
 of sequence; nothing here asks the sampler to append EOS.

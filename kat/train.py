@@ -75,8 +75,10 @@ class Run:
     def traces_path(self) -> str:
         return os.path.join(self.cfg.output_dir, "traces.jsonl")
 
-    def render_kw(self) -> dict:
-        return {"system_prompt": self.cfg.system_prompt, "instruction": self.cfg.instruction}
+
+def render_kw(cfg: Config) -> dict:
+    """How prompts are rendered (kat.data.render_prompt), the same for the length filter and sampling."""
+    return {"system_prompt": cfg.system_prompt, "instruction": cfg.instruction}
 
 
 # --- Set-up ---------------------------------------------------------------------------------------
@@ -122,13 +124,12 @@ def _field_errors(name: str):
         raise DataError(f"{name}: {err}") from None
 
 
-def load_data(cfg: Config, tokenizer) -> tuple[list[dict], dict]:
-    """(training problems whose rendered prompt fits max_prompt_length, evaluation sets by name)."""
+def load_data(cfg: Config) -> tuple[list[dict], dict]:
+    """(training problems, evaluation sets by name); read before the models, so that a bad path or
+    spec is reported before minutes of model loading."""
     with _field_errors("train_data"):
         problems = load_problems(cfg.train_data, split=cfg.train_split, prompt_field=cfg.prompt_field,
                                  answer_field=cfg.answer_field)
-    problems = filter_long_prompts(tokenizer, problems, cfg.max_prompt_length, name="train_data",
-                                   render_kw={"system_prompt": cfg.system_prompt, "instruction": cfg.instruction})
     with _field_errors("eval_data"):
         eval_sets = load_eval_sets(cfg.eval_data, split=cfg.eval_split, prompt_field=cfg.prompt_field,
                                    answer_field=cfg.answer_field, k=cfg.eval_k, limit=cfg.eval_limit)
@@ -142,8 +143,10 @@ def setup(cfg: Config) -> Run:
                               project_dir=cfg.output_dir, step_scheduler_with_optimizer=False)
     set_seed(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
+    problems, eval_sets = load_data(cfg)
     tokenizer, student, teacher, eos = load_models(cfg, accelerator.device)
-    problems, eval_sets = load_data(cfg, tokenizer)
+    problems = filter_long_prompts(tokenizer, problems, cfg.max_prompt_length, render_kw=render_kw(cfg),
+                                   name="train_data")
     optimizer, scheduler = build_optimizer(student, cfg.lr, cfg.steps, cfg.warmup_ratio, cfg.weight_decay)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     return Run(cfg, accelerator, tokenizer, student, teacher, eos, problems, eval_sets, optimizer, scheduler,
@@ -324,7 +327,7 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
     """
     cfg, acc, terminator = run.cfg, run.accelerator, run.terminator
     batch = step_prompts(run.problems, step, cfg.batch_size, acc.process_index, acc.num_processes, cfg.seed)
-    texts = [render_prompt(run.tokenizer, p["prompt"], **run.render_kw())
+    texts = [render_prompt(run.tokenizer, p["prompt"], **render_kw(cfg))
              for p in batch for _ in range(cfg.samples_per_prompt)]
     prompt_ids, prompt_mask = encode_prompts(run.tokenizer, texts, acc.device)
     rows = prompt_ids.shape[0]
