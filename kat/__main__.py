@@ -1,12 +1,13 @@
 """``python -m kat <command>``: the project's command line.
 
-    python -m kat train [--config FILE] [--key value ...]   distil a student (kat.train)
-    python -m kat eval --model PATH --data FILE -k 8         avg@k / pass@k of a checkpoint
-    python -m kat toy build [--world rich|plain]             rebuild the toy world's checkpoints
-    python -m kat toy stats [--world rich|plain]             KL statistics of the toy world
-    python -m kat experiment table1|shadow|sensitivity ...   the paper's experiments (kat.experiment)
-    python -m kat plot ...                                   figures from a run (kat.plot)
-    python -m kat bench ...                                  speed/memory benchmarks (kat.bench)
+    python -m kat train [--config FILE] [--key value ...]         distil a student (kat.train)
+    python -m kat eval --model PATH --data SPEC -k 8               avg@k / pass@k of a checkpoint (kat.evaluate)
+    python -m kat models prune --model PATH --layers N --out DIR   a layer-pruned copy (kat.models)
+    python -m kat toy build [--world rich|plain]                   rebuild the toy world's checkpoints
+    python -m kat toy stats [--world rich|plain]                   KL statistics of the toy world
+    python -m kat experiment table1|shadow|sensitivity ...         the paper's experiments (kat.experiment)
+    python -m kat plot ...                                         figures from a run (kat.plot)
+    python -m kat bench ...                                        speed/memory benchmarks (kat.bench)
 
 Each command's module is imported only when that command runs, so ``--help`` is instant and one
 command's dependencies never slow down another.
@@ -25,6 +26,7 @@ _DELEGATED = {
     "experiment": ("kat.experiment", "paper-style experiments: table1, shadow, sensitivity"),
     "plot": ("kat.plot", "draw figures from a training run"),
     "bench": ("kat.bench", "speed and memory benchmarks"),
+    "models": ("kat.models", "model utilities: prune (a layer-pruned copy of a model)"),
 }
 
 
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, add_help=False)  # `kat train --help` is answered by kat.train
         p.set_defaults(handler=lambda args, rest, module=module: _delegate(module, rest))
 
-    p = sub.add_parser("eval", help="avg@k / pass@k of a checkpoint on a prompt file", add_help=False)
+    p = sub.add_parser("eval", help="avg@k / pass@k of a checkpoint on evaluation sets", add_help=False)
     p.set_defaults(handler=_eval)
 
     toy = sub.add_parser("toy", help="the embedded toy world (build, stats)")

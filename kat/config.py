@@ -2,9 +2,12 @@
 
     cfg = load_config(["--config", "configs/toy.yaml", "--steps", "20", "--eta", "0.1"])
 
-Every field is validated (type, range, allowed values); a user error raises `ConfigError`, whose
-message names the field, the value given and what is allowed. Unknown keys are rejected with the
-closest valid name suggested.
+Every field is validated (type, range, allowed values) and so are the rules between fields; a user
+error raises `ConfigError`, whose message names the field, the value given and what is allowed.
+Unknown keys are rejected with the closest valid name suggested. The ranges live in the fields'
+metadata, and `check_value` / `check_stride` / `check_min_buffer` / `check_random_target` apply
+them: the detector, the sampler and the optimiser call the same functions for the same settings,
+so a value that passes here is never rejected later by a class (and the reverse).
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A user mistake in a config file or on the command line (shown without a traceback)."""
+    """A bad setting, in a config file, on the command line, or given to a class that takes the same
+    setting (see `check_value`); `kat train` shows it as one line without a traceback."""
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, low: float | None = None,
-       high: float | None = None, low_open: bool = False) -> Any:
-    """A dataclass field with its `--help` text and validation rule."""
-    meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open}
+       high: float | None = None, low_open: bool = False, high_open: bool = False) -> Any:
+    """A dataclass field with its `--help` text and validation rule (`check_value` reads the rule)."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open,
+            "high_open": high_open}
     return field(default=default, metadata=meta)
 
 
@@ -68,7 +73,8 @@ class Config:
     topk: int = _f(64, "K for the topk loss", low=1)
     micro_batch_size: int = _f(16, "rows per forward/backward; gradients accumulate over the step", low=1)
     lr: float = _f(1e-3, "peak learning rate", low=0.0, low_open=True)
-    warmup_ratio: float = _f(0.03, "share of steps with linear learning-rate warm-up", low=0.0, high=1.0)
+    warmup_ratio: float = _f(0.03, "share of steps with linear learning-rate warm-up", low=0.0, high=1.0,
+                             high_open=True)
     weight_decay: float = _f(0.0, "AdamW weight decay", low=0.0)
     max_grad_norm: float = _f(1.0, "gradient clipping norm", low=0.0, low_open=True)
     max_bad_steps: int = _f(3, "stop after this many consecutive steps with a non-finite loss", low=1)
@@ -83,9 +89,10 @@ class Config:
     patience: int = _f(2, "consecutive low windows that confirm a trap", low=1)
     exempt: int = _f(8, "E: no window starting before this position counts", low=0)
     eta: float = _f(0.3, "threshold = (1 - eta) quantile of the minima buffer", low=0.0, high=1.0,
-                    low_open=True)
+                    low_open=True, high_open=True)
     buffer_size: int = _f(1024, "FIFO size of per-rollout minimum window means", low=1)
-    min_buffer: int = _f(128, "detector stays off until the buffer holds this many minima", low=1)
+    min_buffer: int = _f(128, "detector stays off until the buffer holds this many minima (<= buffer_size)",
+                         low=0)
     warmup_steps: int = _f(5, "detector stays off for this many training steps", low=0)
     kappa: float = _f(1.0, "zscore rule: threshold = mean - kappa * std", low=0.0)
     ema: float = _f(0.1, "zscore rule: weight of each batch in the running mean/variance", low=0.0,
@@ -155,28 +162,81 @@ def _coerce(name: str, value: Any) -> Any:
     return str(value)
 
 
+def allowed(name: str) -> tuple:
+    """The choices of field `name` (e.g. the loss kinds), for modules that dispatch on it."""
+    return _FIELDS[name].metadata["choices"]
+
+
+def _range_text(m: dict) -> str:
+    """A field's allowed range in interval notation, e.g. '(0.0, 1.0)' or '>= 1'."""
+    low, high = m["low"], m["high"]
+    if high is None:
+        return f"{'>' if m['low_open'] else '>='} {low}"
+    return f"{'(' if m['low_open'] else '['}{low}, {high}{')' if m['high_open'] else ']'}"
+
+
+def check_value(name: str, value: Any) -> Any:
+    """`value` converted to field `name`'s type and checked against its choices and range.
+
+    The one place a single setting is validated: `Config` calls it for every field, and the
+    classes that take the same settings (`TrapDetector`, `RandomTerminator`, `sample`,
+    `build_optimizer`, `learn`) call it for theirs, so a value passes everywhere or nowhere.
+    Raises ConfigError naming the field and what is allowed.
+    """
+    value = _coerce(name, value)
+    m = _FIELDS[name].metadata
+    if m["choices"] is not None and value not in m["choices"]:
+        allowed = ", ".join(repr(c) for c in m["choices"])
+        raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {allowed}")
+    low, high = m["low"], m["high"]
+    if low is not None and (value < low or (m["low_open"] and value == low)):
+        raise ConfigError(f"{name}: {value!r} is out of range; it must be {'>' if m['low_open'] else '>='} {low}")
+    if high is not None and (value > high or (m["high_open"] and value == high)):
+        raise ConfigError(f"{name}: {value!r} is out of range; it must be {'<' if m['high_open'] else '<='} {high}")
+    return value
+
+
+# Rules between fields, each a function so that the classes holding both settings apply the same rule.
+
+def check_stride(stride: int, window: int) -> None:
+    if stride > window:
+        raise ConfigError(f"stride: {stride} is larger than window ({window}); positions between "
+                          "windows would never be looked at. Use stride <= window")
+
+
+def check_min_buffer(min_buffer: int, buffer_size: int) -> None:
+    if min_buffer > buffer_size:
+        raise ConfigError(f"min_buffer: {min_buffer} is larger than buffer_size ({buffer_size}), so the detector "
+                          "would never become active; use min_buffer <= buffer_size")
+
+
+def check_random_target(target_length: float, exempt: int, max_new_tokens: int | None) -> None:
+    """A length-matched random cut needs exempt < target_length < max_new_tokens."""
+    if not target_length > exempt:
+        raise ConfigError(f"random_target_length: {target_length} does not exceed exempt ({exempt}), and no "
+                          "row is cut before position exempt; use a target above exempt (0 means "
+                          "max_new_tokens / 2) or a smaller exempt")
+    if max_new_tokens is not None and not target_length < max_new_tokens:
+        raise ConfigError(f"random_target_length: {target_length} is not below max_new_tokens ({max_new_tokens}), "
+                          "so no cut is needed; lower it, or use termination 'none'")
+
+
 def validate(cfg: Config) -> None:
     """Check every field's type, range and allowed values, and the relations between fields."""
-    for name, f in _FIELDS.items():
-        value = getattr(cfg, name)
-        setattr(cfg, name, _coerce(name, value))
-        value = getattr(cfg, name)
-        m = f.metadata
-        if m["choices"] is not None and value not in m["choices"]:
-            allowed = ", ".join(repr(c) for c in m["choices"])
-            raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {allowed}")
-        low, high = m["low"], m["high"]
-        if low is not None and (value < low or (m["low_open"] and value == low)):
-            op = ">" if m["low_open"] else ">="
-            raise ConfigError(f"{name}: {value!r} is out of range; it must be {op} {low}")
-        if high is not None and value > high:
-            raise ConfigError(f"{name}: {value!r} is out of range; it must be <= {high}")
-    if cfg.stride > cfg.window:
-        raise ConfigError(f"stride: {cfg.stride} is larger than window ({cfg.window}); positions between "
-                          "windows would never be looked at. Use stride <= window")
+    for name in _FIELDS:
+        setattr(cfg, name, check_value(name, getattr(cfg, name)))
+    check_stride(cfg.stride, cfg.window)
+    check_min_buffer(cfg.min_buffer, cfg.buffer_size)
+    if cfg.termination == "random":
+        check_random_target(random_target(cfg), cfg.exempt, cfg.max_new_tokens)
     if cfg.resume and cfg.resume != "latest" and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume: {cfg.resume!r} is not a directory; give a checkpoint directory "
                           "or `latest`")
+
+
+def random_target(cfg: Config) -> float:
+    """The random terminator's target mean length: the field, or max_new_tokens / 2 when it is 0."""
+    return cfg.random_target_length or cfg.max_new_tokens / 2
 
 
 def suggest(name: str) -> str:
@@ -207,8 +267,10 @@ def read_yaml(path: str) -> dict:
 def help_text() -> str:
     lines = ["usage: [--config FILE] [--FIELD VALUE ...]", "", "fields (default):"]
     for name, f in _FIELDS.items():
-        choices = f" {{{','.join(map(str, f.metadata['choices']))}}}" if f.metadata["choices"] else ""
-        lines.append(f"  --{name}{choices} ({f.default!r})\n      {f.metadata['help']}")
+        m = f.metadata
+        allowed = f" {{{','.join(map(str, m['choices']))}}}" if m["choices"] else ""
+        allowed += f" {_range_text(m)}" if m["low"] is not None else ""
+        lines.append(f"  --{name}{allowed} ({f.default!r})\n      {m['help']}")
     return "\n".join(lines)
 
 

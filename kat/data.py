@@ -22,7 +22,9 @@ base name) labels the metrics. Keys, each defaulting to the matching config fiel
 problem), ``limit`` (first N problems; 0 = all), ``unwrap`` (remove a dataset's own answer-format
 instruction, see ``ANSWER_FORMATS``, so that the config's ``instruction`` is the only one).
 
-Prompts are rendered with the tokenizer's chat template and left-padded, which cached decoding needs.
+`kat train` (train_data, eval_data) and `kat eval --data` read data only through `load_problems` /
+`load_eval_sets` here, so both accept the same sources and specs. Prompts are rendered with the
+tokenizer's chat template and left-padded, which cached decoding needs.
 """
 
 from __future__ import annotations

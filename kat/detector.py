@@ -14,6 +14,9 @@ which one is in use:
   length approaches a target (the length-matched baseline).
 - `NoTerminator`: never stops anything (plain OPD).
 
+Settings are checked by `kat.config.check_value` and the config's cross-field rules, so a
+terminator accepts exactly the values `kat train` accepts, with the same messages.
+
 Positions are 0-based completion positions (position t is the t-th generated token). ``cut`` is
 the first excluded position: tokens cut, cut+1, ... are dropped from the loss. A cut is not an end
 of sequence; nothing here asks the sampler to append EOS.
@@ -29,9 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from kat.config import allowed, check_min_buffer, check_random_target, check_stride, check_value
 from kat.rollout import STOP_RANDOM, STOP_TRAP
 
-RULES = ("quantile", "zscore")
+RULES = allowed("rule")  # ("quantile", "zscore")
 
 
 @dataclass
@@ -154,22 +158,13 @@ class TrapDetector:
     def __init__(self, rule: str = "quantile", window: int = 64, stride: int = 64, patience: int = 4,
                  exempt: int = 256, eta: float = 0.3, buffer_size: int = 4096, min_buffer: int = 512,
                  warmup_steps: int = 50, kappa: float = 1.0, ema: float = 0.1, shadow: bool = False):
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        for name, value in (("window", window), ("stride", stride), ("patience", patience),
-                            ("buffer_size", buffer_size)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, value in (("exempt", exempt), ("min_buffer", min_buffer), ("warmup_steps", warmup_steps)):
-            if int(value) != value or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if not 0.0 < eta < 1.0:
-            raise ValueError(f"eta must lie in (0, 1) (threshold = the (1-eta) quantile), got {eta!r}")
-        if min_buffer > buffer_size:
-            raise ValueError(f"min_buffer ({min_buffer}) must not exceed buffer_size ({buffer_size}), "
-                             "otherwise the detector never becomes active")
-        if not 0.0 < ema <= 1.0:
-            raise ValueError(f"ema must lie in (0, 1], got {ema!r}")
+        rule, window, stride, patience, exempt, eta, buffer_size, min_buffer, warmup_steps, kappa, ema = (
+            check_value(name, value) for name, value in (
+                ("rule", rule), ("window", window), ("stride", stride), ("patience", patience),
+                ("exempt", exempt), ("eta", eta), ("buffer_size", buffer_size), ("min_buffer", min_buffer),
+                ("warmup_steps", warmup_steps), ("kappa", kappa), ("ema", ema)))
+        check_stride(stride, window)
+        check_min_buffer(min_buffer, buffer_size)
         self.rule, self.window, self.stride, self.patience = rule, int(window), int(stride), int(patience)
         self.exempt, self.eta, self.buffer_size = int(exempt), float(eta), int(buffer_size)
         self.min_buffer, self.warmup_steps = int(min_buffer), int(warmup_steps)
@@ -349,14 +344,10 @@ class RandomTerminator:
 
     def __init__(self, target_length: float, exempt: int = 0, max_new_tokens: int | None = None,
                  seed: int = 0, gain: float = 0.5, min_hazard: float = 1e-6):
-        if int(exempt) != exempt or exempt < 0:
-            raise ValueError(f"exempt must be a non-negative integer, got {exempt!r}")
-        if not target_length > exempt:
-            raise ValueError(f"target_length ({target_length}) must exceed exempt ({exempt}): "
-                             "no row is cut before position exempt")
-        if max_new_tokens is not None and not target_length < max_new_tokens:
-            raise ValueError(f"target_length ({target_length}) must be below max_new_tokens "
-                             f"({max_new_tokens}), otherwise no cut is needed; use termination 'none'")
+        exempt = check_value("exempt", exempt)
+        if max_new_tokens is not None:
+            max_new_tokens = check_value("max_new_tokens", max_new_tokens)
+        check_random_target(target_length, exempt, max_new_tokens)
         if not 0.0 < gain <= 1.0:
             raise ValueError(f"gain must lie in (0, 1], got {gain!r}")
         self.target_length, self.exempt, self.max_new_tokens = float(target_length), int(exempt), max_new_tokens

@@ -12,13 +12,21 @@ Graders:
   equivalence). Its default timeouts use ``signal.alarm``, which only works in the main thread,
   so outside the main thread the grader runs without them.
 
-Command line: ``python -m kat eval --model PATH --data FILE -k 8 [--out FILE.json]``.
+`evaluate` samples and grades one list of problems; `run_eval` runs every evaluation set of a
+training run with its protocol, problems sharded across processes, and returns the logged
+``NAME/avg@k``, ``NAME/pass@k`` and ``NAME/mean_length``.
+
+Command line: ``python -m kat eval --model PATH --data SPEC -k 8 [--out FILE.json]``, where SPEC
+is anything ``kat train --eval_data`` takes (a local json/jsonl/parquet file, a directory or a hub
+dataset, with ``[split=..., prompt=..., answer=..., k=..., limit=...]``; several comma-separated),
+read by `kat.data`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +34,9 @@ from collections.abc import Sequence
 
 import torch
 
-GRADERS = ("exact", "math")
+from kat.config import allowed
+
+GRADERS = allowed("grader")  # ("exact", "math")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,8 +234,6 @@ def evaluate(model, tokenizer, problems: Sequence[dict], k: int, *, max_new_toke
     correct = [r["correct"] for r in rows]
     n = len(texts)
     return {
-        f"avg@{k}": avg_at_k(correct),
-        f"pass@{k}": mean_pass_at_k(correct, k),
         "avg@k": avg_at_k(correct),
         "pass@k": mean_pass_at_k(correct, k),
         "k": k,
@@ -242,69 +250,106 @@ def evaluate(model, tokenizer, problems: Sequence[dict], k: int, *, max_new_toke
     }
 
 
+def run_eval(accelerator, model, tokenizer, eval_sets: dict, cfg, tag: str) -> dict:
+    """Evaluate `model` on every set of `eval_sets` (name -> kat.data.EvalSet, each with its own k)
+    with the training run's protocol (`cfg`: a kat.config.Config), problems sharded across processes.
+
+    Returns ``NAME/avg@k``, ``NAME/pass@k`` and ``NAME/mean_length`` per set (the logged names).
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    out = {}
+    for name, eval_set in eval_sets.items():
+        mine = eval_set.problems[accelerator.process_index::accelerator.num_processes]
+        res = evaluate(unwrapped, tokenizer, mine, eval_set.k,
+                       max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                       temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, grader=cfg.grader,
+                       seed=cfg.seed + 7919 * accelerator.process_index, system_prompt=cfg.system_prompt,
+                       instruction=cfg.instruction) if mine else {"problems": []}
+        rows = accelerator.gather_for_metrics(res["problems"], use_gather_object=True)
+        correct = [r["correct"] for r in rows]
+        lengths = [n for r in rows for n in r["lengths"]]
+        out[f"{name}/avg@k"] = avg_at_k(correct)
+        out[f"{name}/pass@k"] = mean_pass_at_k(correct, eval_set.k)
+        out[f"{name}/mean_length"] = sum(lengths) / max(len(lengths), 1)
+    accelerator.print(f"[eval {tag}] " + "  ".join(f"{k}={v:.4f}" for k, v in out.items()))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-def load_problems(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Rows with ``prompt`` and ``answer`` from a .jsonl file or a .json list."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--data {path} does not exist")
-    text = path.read_text()
-    if path.suffix == ".json":
-        rows = json.loads(text)
-    else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return rows[:limit] if limit is not None else rows
-
-
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="kat eval", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="HF checkpoint directory or hub name")
-    p.add_argument("--data", required=True, help="jsonl/json file of {prompt, answer} rows")
-    p.add_argument("-k", type=int, default=8, help="samples per problem (default 8)")
+    p.add_argument("--model", required=True, help="HF checkpoint directory, hub name or pkg:<package>")
+    p.add_argument("--data", required=True,
+                   help="what `kat train --eval_data` takes: a json/jsonl/parquet file, directory or hub dataset, "
+                        "optionally [name=]source[split=..., prompt=..., answer=..., k=..., limit=..., unwrap=...]; "
+                        "several comma-separated (see kat.data)")
+    p.add_argument("-k", type=int, default=8, help="samples per problem, unless a spec sets k= (default 8)")
+    p.add_argument("--split", default="test", help="split of hub datasets, unless a spec sets split= (default test)")
+    p.add_argument("--prompt-field", default="prompt", help="column holding the question (default prompt)")
+    p.add_argument("--answer-field", default="answer", help="column holding the reference answer (default answer)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N problems of each set (default 0: all)")
     p.add_argument("--out", default=None, help="write the full results (with completions) as JSON here")
     p.add_argument("--max-new-tokens", type=int, default=96, help="completion length limit (default 96)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
     p.add_argument("--grader", choices=GRADERS, default="exact", help="exact (toy) or math (math-verify)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (default 64)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--system-prompt", default="", help="system turn before each question (default none)")
     p.add_argument("--instruction", default="", help="text appended to each question (default none)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="model dtype (default auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """``python -m kat eval``: print a results table; with --out also write the JSON."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
-    problems = load_problems(args.data, args.limit)
-    t0 = time.time()
-    res = evaluate(model, tokenizer, problems, args.k, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                   grader=args.grader, seed=args.seed, system_prompt=args.system_prompt,
-                   instruction=args.instruction)
-    res.update(model=str(args.model), data=str(args.data), seconds=round(time.time() - t0, 1))
-    k = args.k
-    table = [("model", args.model), ("data", args.data), ("problems", res["n_problems"]), ("k", k),
+def _print_table(name: str, res: dict, k: int) -> None:
+    table = [("set", name), ("model", res["model"]), ("data", res["data"]), ("problems", res["n_problems"]), ("k", k),
              (f"avg@{k}", f"{100 * res['avg@k']:.2f}%"), (f"pass@{k}", f"{100 * res['pass@k']:.2f}%"),
              ("mean length", f"{res['mean_length']:.1f} tokens"), ("ended with EOS", f"{100 * res['eos_rate']:.1f}%"),
              ("no answer", f"{100 * res['unparsed_rate']:.1f}%"), ("seconds", res["seconds"])]
     width = max(len(name) for name, _ in table)
     for name, value in table:
         print(f"{name:<{width}}  {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict | int:
+    """``python -m kat eval``: a results table per evaluation set; with --out also the JSON.
+
+    Returns {set name: results of `evaluate`}, or 2 after printing one ``error: ...`` line when the
+    model or the data cannot be used.
+    """
+    from kat.config import ConfigError
+    from kat.data import DataError, load_eval_sets
+    from kat.models import load_model, load_tokenizer, torch_dtype
+
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        eval_sets = load_eval_sets(args.data, split=args.split, prompt_field=args.prompt_field,
+                                   answer_field=args.answer_field, k=args.k, limit=args.limit)
+        tokenizer = load_tokenizer(args.model, "", "model")
+        model = load_model(args.model, "", torch_dtype(args.dtype, device), "model").to(device)
+    except (ConfigError, DataError) as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
+    results = {}
+    for name, eval_set in eval_sets.items():
+        t0 = time.time()
+        res = evaluate(model, tokenizer, eval_set.problems, eval_set.k, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+                       grader=args.grader, seed=args.seed, system_prompt=args.system_prompt,
+                       instruction=args.instruction)
+        res.update(model=str(args.model), data=eval_set.spec.source, seconds=round(time.time() - t0, 1))
+        _print_table(name, res, eval_set.k)
+        results[name] = res
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        Path(args.out).write_text(json.dumps(results, indent=1))
         print(f"wrote {args.out}")
-    return res
+    return results

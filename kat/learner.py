@@ -28,10 +28,11 @@ import math
 import torch
 from torch import Tensor
 
+from kat.config import allowed, check_value
 from kat.rollout import Rollout
 from kat.scorer import reverse_kl, token_logp
 
-LOSSES = ("full", "topk", "sampled")
+LOSSES = allowed("loss")  # ("full", "topk", "sampled")
 
 
 def completion_logits(model: torch.nn.Module, rollout: Rollout) -> Tensor:
@@ -173,6 +174,15 @@ def _token_kl(student, teacher, rollout: Rollout, micro_batch_size: int, device)
     return torch.cat(parts)
 
 
+def _result(loss: float, grad_norm: float, n_tokens: float, bad_rows: list[int], token_kl: list[Tensor],
+            finite: bool = True) -> dict:
+    """What `learn` returns, built in one place for the step taken and for each way of skipping it."""
+    out = {"loss": loss, "grad_norm": grad_norm, "n_tokens": int(n_tokens), "finite": finite, "bad_rows": bad_rows}
+    if token_kl:
+        out["token_kl"] = torch.cat(token_kl)  # (B, T)
+    return out
+
+
 def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, accelerator, *, kind: str,
           micro_batch_size: int, teacher: torch.nn.Module | None = None,
           max_grad_norm: float | None = 1.0) -> dict:
@@ -190,26 +200,15 @@ def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, acce
     the (B, T) float32 d_t of this process's rows at the pre-step parameters (0 where not
     generated): the rollout's KL when it was sampled with ``score=False``.
     """
-    if kind not in LOSSES:
-        raise ValueError(f"loss kind must be one of {LOSSES}, got {kind!r}")
-    if kind == "full" and teacher is None:
-        raise ValueError("loss 'full' needs the teacher model (teacher=...) to recompute its logits")
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
-    if accelerator.gradient_accumulation_steps != 1:
-        raise ValueError("learn() accumulates over micro-batches itself; create the Accelerator with "
-                         f"gradient_accumulation_steps=1 (got {accelerator.gradient_accumulation_steps})")
+    _check_learn_args(kind, teacher, micro_batch_size, accelerator)
     device = accelerator.device
     n_global = accelerator.reduce(rollout.loss_mask.sum().to(device, torch.float32), "sum").item()
     if n_global == 0:  # nothing to learn anywhere: every process skips alike
         optimizer.zero_grad(set_to_none=True)
-        out = {"loss": 0.0, "grad_norm": 0.0, "n_tokens": 0, "finite": True, "bad_rows": []}
-        if kind == "full":
-            out["token_kl"] = _token_kl(student, teacher, rollout, micro_batch_size, device)
-        return out
+        kl = [_token_kl(student, teacher, rollout, micro_batch_size, device)] if kind == "full" else []
+        return _result(0.0, 0.0, 0, [], kl)
 
-    batch = rollout.prompt_ids.shape[0]
-    starts = list(range(0, batch, micro_batch_size))
+    starts = list(range(0, rollout.prompt_ids.shape[0], micro_batch_size))
     loss_total = torch.zeros((), dtype=torch.float32, device=device)
     bad_rows: list[int] = []
     token_kl: list[Tensor] = []
@@ -222,27 +221,33 @@ def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, acce
         loss_total += row_loss.sum()
         if kl is not None:
             token_kl.append(kl)
-    extra = {"token_kl": torch.cat(token_kl)} if token_kl else {}
 
     # Every process must agree to skip, or their parameters would drift apart.
     n_bad = accelerator.reduce(torch.tensor(float(len(bad_rows)), device=device), "sum").item()
     loss = accelerator.reduce(loss_total, "sum").item() / n_global
     if n_bad > 0:
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": float("nan"), "n_tokens": int(n_global), "finite": False,
-                "bad_rows": bad_rows, **extra}
+        return _result(loss, float("nan"), n_global, bad_rows, token_kl, finite=False)
     # max_grad_norm None: no clipping, but the norm is still measured for logging.
     grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), max_grad_norm or float("inf")))
-    if not math.isfinite(grad_norm) and accelerator.scaler is None:
-        # (with an fp16 loss scaler an overflow is routine: its optimizer step skips by itself)
-        optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": grad_norm, "n_tokens": int(n_global), "finite": False,
-                "bad_rows": [], **extra}
-    optimizer.step()
-    scheduler.step()
+    # (with an fp16 loss scaler an overflow is routine: its optimizer step skips by itself)
+    finite = math.isfinite(grad_norm) or accelerator.scaler is not None
+    if finite:
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": grad_norm, "n_tokens": int(n_global), "finite": True, "bad_rows": [],
-            **extra}
+    return _result(loss, grad_norm, n_global, [], token_kl, finite=finite)
+
+
+def _check_learn_args(kind: str, teacher, micro_batch_size: int, accelerator) -> None:
+    if kind not in LOSSES:
+        raise ValueError(f"loss kind must be one of {LOSSES}, got {kind!r}")
+    if kind == "full" and teacher is None:
+        raise ValueError("loss 'full' needs the teacher model (teacher=...) to recompute its logits")
+    check_value("micro_batch_size", micro_batch_size)
+    if accelerator.gradient_accumulation_steps != 1:
+        raise ValueError("learn() accumulates over micro-batches itself; create the Accelerator with "
+                         f"gradient_accumulation_steps=1 (got {accelerator.gradient_accumulation_steps})")
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup_ratio: float,
@@ -250,12 +255,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup_ratio:
     """AdamW and a cosine schedule with linear warm-up over `warmup_ratio * steps` steps."""
     from transformers import get_cosine_schedule_with_warmup
 
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"warmup_ratio must lie in [0, 1), got {warmup_ratio!r}")
+    for name, value in (("lr", lr), ("steps", steps), ("warmup_ratio", warmup_ratio), ("weight_decay", weight_decay)):
+        check_value(name, value)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(warmup_ratio * steps), steps)

@@ -13,8 +13,9 @@
 - Base models often lack a pad token (EOS stands in: padded positions are masked anyway), and
   their EOS is not the chat template's end-of-turn token; `eos_ids` stops on both.
 
-Command line: ``python -m kat.models prune --model DIR [--gguf FILE] --layers 15 --out DIR`` writes
-a layer-pruned copy (a weaker student of the same family, for experiments on CPU).
+Command line: ``python -m kat models prune --model DIR [--gguf FILE] --layers 15 --out DIR`` (or
+``python -m kat.models prune ...``) writes a layer-pruned copy (a weaker student of the same
+family, for experiments on CPU).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import importlib.util
 import os
 import re
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -54,6 +56,16 @@ def _check_source(path: str, gguf_file: str, role: str) -> str:
         found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
         raise ConfigError(f"{role}_gguf: {gguf_file!r} is not in {path!r}; GGUF files there: {found or 'none'}")
     return path
+
+
+def torch_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """A dtype name as `Config.dtype` spells it; ``auto`` is bf16 on CUDA (fp16 where bf16 is not
+    supported) and fp32 elsewhere."""
+    if name == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
 
 
 def load_model(path: str, gguf_file: str, dtype: torch.dtype, role: str):
@@ -217,19 +229,26 @@ def prune_layers(model, keep: Sequence[int]):
     return pruned.eval()
 
 
-def main(argv: Sequence[str] | None = None) -> str:
-    """``python -m kat.models prune``: save a layer-pruned copy of a model with its tokenizer."""
-    p = argparse.ArgumentParser(prog="python -m kat.models", description=main.__doc__)
+def main(argv: Sequence[str] | None = None) -> str | int:
+    """``kat models prune``: save a layer-pruned copy of a model with its tokenizer.
+
+    Returns the output directory, or 2 after one ``error: ...`` line when the model cannot be loaded.
+    """
+    p = argparse.ArgumentParser(prog="kat models", description="Model utilities.")
     sub = p.add_subparsers(dest="command", required=True)
-    pr = sub.add_parser("prune", help="keep a subset of decoder layers")
+    pr = sub.add_parser("prune", help="keep a subset of decoder layers (a weaker student of the same family)")
     pr.add_argument("--model", required=True, help="directory, hub name or pkg:<package>")
     pr.add_argument("--gguf", default="", help="GGUF file inside --model (de-quantised to float32)")
     pr.add_argument("--layers", type=int, required=True, help="decoder layers to keep, evenly spaced")
     pr.add_argument("--out", required=True, help="directory to write the pruned model and tokenizer to")
     args = p.parse_args(argv)
-    model = load_model(args.model, args.gguf, torch.float32, "model")
-    tokenizer = load_tokenizer(args.model, args.gguf, "model")
-    keep = evenly_spaced(model.config.num_hidden_layers, args.layers)
+    try:
+        model = load_model(args.model, args.gguf, torch.float32, "model")
+        tokenizer = load_tokenizer(args.model, args.gguf, "model")
+        keep = evenly_spaced(model.config.num_hidden_layers, args.layers)
+    except (ConfigError, ValueError) as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
     pruned = prune_layers(model, keep)
     pruned.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
@@ -238,4 +257,5 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    status = main()
+    sys.exit(status if isinstance(status, int) else 0)

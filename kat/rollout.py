@@ -7,9 +7,15 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-# Why a row stopped (`Rollout.stop`).
-STOP_EOS, STOP_LENGTH, STOP_TRAP, STOP_RANDOM = 0, 1, 2, 3
+# Why a row stopped (`Rollout.stop`): code i is STOP_NAMES[i]. The one list of these names;
+# traces, plots and reports read them from here.
 STOP_NAMES = ("eos", "length", "trap", "random")
+STOP_EOS, STOP_LENGTH, STOP_TRAP, STOP_RANDOM = range(len(STOP_NAMES))
+
+
+def stop_name(code: int) -> str:
+    """The name of a stop code ('?' for a code this version does not know)."""
+    return STOP_NAMES[code] if 0 <= code < len(STOP_NAMES) else "?"
 
 
 @dataclass

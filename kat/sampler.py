@@ -1,38 +1,40 @@
-"""Lockstep chunked decoding of a student and a teacher with KV caches.
+"""Chunked decoding of a student, scored by a teacher, with online termination.
 
-One call of `sample` turns a batch of left-padded prompts into a `Rollout`:
+One call of `sample` turns a batch of left-padded prompts into a `Rollout`. It runs in one of
+three modes (`Mode`, chosen by `sampling_mode` from the terminator and `score`):
 
-    prefill student and teacher on the prompts
-    repeat until every row has ended:
-        the student samples C tokens, one cached decode step each
-        the teacher reads the same C tokens in ONE cached forward
-        d_t = KL(p_student || q_teacher) at those C positions       (kat.scorer.reverse_kl)
-        the terminator observes (d, valid) for the chunk and may fire with a cut
-        rows that ended (EOS, max_new_tokens, terminator) leave both caches
+- lockstep: the teacher scores each chunk while the student decodes, which a terminator that
+  reads the KL (`needs_kl`, e.g. `TrapDetector`) needs to stop a rollout early:
 
-The teacher's logits for completion position t come from its forward over token t-1. Its chunk
-forward over tokens t..t+C-1 therefore yields the logits of positions t+1..t+C: the first C-1
-score this chunk together with the logits carried from before (the prefill's last position for
-the first chunk), and the last one is carried to the next chunk.
+      prefill student and teacher on the prompts
+      repeat until every row has ended:
+          the student samples C tokens, one cached decode step each
+          the teacher reads the same C tokens in ONE cached forward
+          d_t = KL(p_student || q_teacher) at those C positions       (kat.scorer.reverse_kl)
+          the terminator observes (d, valid) for the chunk and may fire with a cut
+          rows that ended (EOS, max_new_tokens, terminator) leave both caches
 
-C = 1 is exact token-level lockstep. A larger C costs the teacher one forward per C tokens
-instead of one per token, and a row whose terminator fires stops at the end of that chunk (at
-most C-1 tokens later than with C = 1). A terminator cut is not an end of sequence: no EOS is
-ever appended, the row just stops, and the learner drops positions >= cut through `loss_mask`.
+- post-hoc: no terminator reads the KL (none, or a random cut that only counts positions), so
+  the student decodes alone and the teacher scores the finished rollout in one forward.
+- unscored: as post-hoc, but the teacher never runs here (`score=False`). With the `full` loss the
+  learner runs the teacher over the rollout anyway and its per-token loss is exactly d_t (`learn`
+  returns it as `token_kl`), so scoring here would run the teacher twice. The rollout's kl,
+  student_logp and teacher_logp are NaN ("not scored") and no student logits are held.
 
-When no terminator needs the KL while decoding (none, or a random cut that only counts
-positions), the teacher is not run during decoding. The student decodes alone, keeping its
-per-chunk logits in the model dtype (the logits that actually produced the tokens, so
-`student_logp` is the behaviour policy's log-prob exactly as in lockstep, and no second student
-forward is needed); the teacher then scores the finished rollout in one forward over
-prompt + completion, and the KL is computed chunk by chunk over the kept student chunks. Held
-memory is one (rows, T, V) tensor per model in the model dtype, the same as the teacher's own
-post-hoc logits; no (B, T, V) fp32 tensor exists in either mode.
+Lockstep: the teacher's logits for completion position t come from its forward over token t-1.
+Its chunk forward over tokens t..t+C-1 therefore yields the logits of positions t+1..t+C: the
+first C-1 score this chunk together with the logits carried from before (the prefill's last
+position for the first chunk), and the last one is carried to the next chunk. C = 1 is exact
+token-level lockstep. A larger C costs the teacher one forward per C tokens instead of one per
+token, and a row whose terminator fires stops at the end of that chunk (at most C-1 tokens later
+than with C = 1). A terminator cut is not an end of sequence: no EOS is ever appended, the row
+just stops, and the learner drops positions >= cut through `loss_mask`.
 
-`score=False` skips that post-hoc pass when nothing needs it before the learner: with the `full`
-loss the learner runs the teacher over the rollout anyway and its per-token KL is exactly d_t
-(`learn` returns it as `token_kl`), so scoring here would run the teacher twice. The rollout's
-kl, student_logp and teacher_logp are then NaN ("not scored") and no student logits are held.
+Post-hoc: the student keeps its per-chunk logits in the model dtype (the logits that actually
+produced the tokens, so `student_logp` is the behaviour policy's log-prob exactly as in lockstep,
+and no second student forward is needed); the teacher's one forward over prompt + completion is
+then compared with them chunk by chunk. Held memory is one (rows, T, V) tensor per model in the
+model dtype; no (B, T, V) fp32 tensor exists in any mode.
 
 Temperature and top-p shape only which token is drawn. Every number the rollout records (kl,
 student_logp, teacher_logp, top-k) is computed at temperature 1 on the raw logits, because the
@@ -41,20 +43,39 @@ temperature != 1 or top_p < 1 the samples come from a reshaped policy: slightly 
 
 Reproducibility: each decode step draws one uniform per ORIGINAL row from `generator`, and a
 row's token is found by inverse CDF over its own sorted (nucleus-filtered) probabilities. A row's
-tokens therefore do not depend on which other rows are still in the batch, so C = 1 and C = 8
-give the same tokens for one seed whenever the terminator decides the same way.
+tokens therefore do not depend on which other rows are still in the batch, nor on the mode, so
+C = 1, C = 8 and the three modes give the same tokens for one seed whenever the terminator
+decides the same way.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
 from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from kat.config import check_value
 from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
 from kat.scorer import reverse_kl, token_logp, topk_tail
+
+
+class Mode(str, Enum):
+    """When the teacher scores a rollout (see the module docstring)."""
+
+    LOCKSTEP = "lockstep"  # each chunk while decoding: a KL-driven terminator needs it
+    POSTHOC = "post-hoc"  # one forward over the finished rollout
+    UNSCORED = "unscored"  # never here: the `full` learner's teacher pass gives the KL
+
+
+def sampling_mode(terminator, score: bool = True) -> Mode:
+    """The mode `sample` runs in: lockstep whenever the terminator reads the KL, else `score` decides."""
+    if terminator is not None and terminator.needs_kl:
+        return Mode.LOCKSTEP
+    return Mode.POSTHOC if score else Mode.UNSCORED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +212,11 @@ class _RolloutBuffer:
             self.topk_ids = torch.zeros(*shape, topk, dtype=torch.long, device=device)
             self.teacher_topk_logp = torch.zeros(*shape, topk + 1, dtype=torch.float32, device=device)
 
+    def mark_unscored(self) -> None:
+        """Nothing will score these rows: their numbers are absent (NaN), not 0."""
+        for name in ("kl", "student_logp", "teacher_logp"):
+            getattr(self, name).fill_(float("nan"))
+
     def write_tokens(self, rows: Tensor, t0: int, tokens: Tensor, valid: Tensor) -> None:
         c = tokens.shape[1]
         self.completion_ids[rows, t0 : t0 + c] = tokens  # (A, c), pad where invalid
@@ -234,7 +260,8 @@ def _eos_ids(eos_token_id: int | Sequence[int], device: torch.device) -> Tensor:
 
 
 def _check_args(prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, temperature: float,
-                top_p: float, chunk: int, topk: int) -> None:
+                top_p: float, chunk: int, topk: int, score: bool) -> None:
+    """Shapes here; the ranges are the config's (`kat.config.check_value`), so both reject alike."""
     if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_ids and prompt_mask must both be (B, P), got {tuple(prompt_ids.shape)} "
                          f"and {tuple(prompt_mask.shape)}")
@@ -242,21 +269,148 @@ def _check_args(prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, te
     if not mask[:, -1].all() or (mask[:, 1:].long() < mask[:, :-1].long()).any():
         raise ValueError("prompt_mask must be left-padded with at least one real token per row "
                          "(0s then 1s); set tokenizer.padding_side = 'left'")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1 (1 = token-level lockstep), got {chunk}")
-    if topk < 0:
-        raise ValueError(f"topk must be >= 0 (0 = no top-k capture), got {topk}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
+                        ("chunk", chunk)):
+        check_value(name, value)
+    if topk != 0:  # 0: no top-k capture
+        check_value("topk", topk)
+    if not score and topk:
+        raise ValueError("topk > 0 captures the teacher's top-K log-probs, which needs score=True")
+
+
+def _draw_range(global_rows: tuple[int, int] | None, batch: int) -> tuple[int, int]:
+    """(offset of this process's first row, uniforms drawn per step) for `global_rows`."""
+    first, n_draw = global_rows if global_rows is not None else (0, batch)
+    if not (0 <= first and first + batch <= n_draw):
+        raise ValueError(f"global_rows={global_rows} must satisfy 0 <= offset and offset + B <= total (B={batch})")
+    return first, n_draw
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Active:
+    """The rows still decoding (A of them) and what decoding them needs; the caches hold A rows."""
+
+    rows: Tensor  # (A,) original row of each active row
+    attn: Tensor  # (A, P + t) one column per generated position, 0 after EOS
+    pos: Tensor  # (A,) position id of the next token (real prompt length + t)
+    s_last: Tensor  # (A, V) student logits for the next position
+    s_cache: object
+    t_last: Tensor | None = None  # (A, V) lockstep: teacher logits for the next position
+    t_cache: object = None
+
+    def keep(self, idx: Tensor) -> None:
+        """Keep only the active rows `idx` (A',), in the tensors and in both caches."""
+        _keep_rows(idx, self.s_cache, self.t_cache)
+        self.rows, self.attn, self.pos, self.s_last = self.rows[idx], self.attn[idx], self.pos[idx], self.s_last[idx]
+        if self.t_last is not None:
+            self.t_last = self.t_last[idx]
+
+
+def _prefill(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, mode: Mode) -> _Active:
+    """Both caches over the prompts (the teacher's in lockstep only). Only the last position's
+    logits are kept: they predict completion token 0."""
+    attn = prompt_mask.long()  # (B, P)
+    act = _Active(rows=torch.arange(prompt_ids.shape[0], device=prompt_ids.device), attn=attn,
+                  pos=attn.sum(dim=-1), s_last=None, s_cache=None)
+    s_last, act.s_cache = _forward(student, prompt_ids, attn, _positions(attn), None, True, logits_to_keep=1)
+    act.s_last = s_last[:, -1]  # (B, V)
+    if mode is Mode.LOCKSTEP:
+        t_last, act.t_cache = _forward(teacher, prompt_ids, attn, _positions(attn), None, True, logits_to_keep=1)
+        act.t_last = t_last[:, -1]  # (B, V)
+    return act
+
+
+def _student_chunk(student, act: _Active, c: int, t: int, *, max_new_tokens: int, eos: Tensor,
+                   pad_token_id: int, temperature: float, top_p: float, generator, first: int, n_draw: int,
+                   keep_logits: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """The student samples c tokens from position t; after a row's EOS it is fed pads that the mask hides.
+
+    Returns tokens (A, c), valid (A, c), alive (A,) (no EOS yet) and, with `keep_logits`, the c
+    logit tensors (A, V) that produced the tokens.
+    """
+    A, device = act.rows.numel(), act.rows.device
+    alive = torch.ones(A, dtype=torch.bool, device=device)  # (A,)
+    tokens = torch.full((A, c), pad_token_id, dtype=torch.long, device=device)  # (A, c)
+    valid = torch.zeros((A, c), dtype=torch.bool, device=device)  # (A, c)
+    s_chunk = []
+    for j in range(c):
+        u = _uniforms(n_draw, generator, device)[first + act.rows] if temperature > 0 else None  # (A,)
+        token = sample_token(act.s_last, u, temperature, top_p)  # (A,)
+        tokens[:, j] = torch.where(alive, token, pad_token_id)
+        valid[:, j] = alive
+        alive = alive & ~torch.isin(token, eos)
+        if keep_logits:
+            s_chunk.append(act.s_last)
+        act.attn = torch.cat([act.attn, valid[:, j : j + 1].long()], dim=1)  # (A, P + t + j + 1)
+        if t + j + 1 < max_new_tokens:  # the rollout's last token needs no next-token logits
+            s_last, act.s_cache = _forward(student, tokens[:, j : j + 1], act.attn, (act.pos + j)[:, None],
+                                           act.s_cache, True)
+            act.s_last = s_last[:, -1]  # (A, V)
+    return tokens, valid, alive, s_chunk
+
+
+def _teacher_chunk(teacher, act: _Active, tokens: Tensor, valid: Tensor, s_chunk: list[Tensor], t: int,
+                   topk: int) -> ChunkScores:
+    """Lockstep: the teacher reads the chunk in one cached forward (its output at token t+j
+    predicts t+j+1) and the chunk is scored."""
+    c = tokens.shape[1]
+    s_logits = torch.stack(s_chunk, dim=1)  # (A, c, V) model dtype
+    chunk_pos = act.pos[:, None] + torch.arange(c, device=tokens.device)  # (A, c)
+    t_out, act.t_cache = _forward(teacher, tokens, act.attn, chunk_pos, act.t_cache, True)  # (A, c, V)
+    t_logits = torch.cat([act.t_last[:, None], t_out[:, :-1]], dim=1)  # (A, c, V) positions t..t+c-1
+    act.t_last = t_out[:, -1]  # (A, V) position t+c, for the next chunk
+    scores = score_chunk(s_logits, t_logits, tokens, topk)
+    _check_finite(scores, valid, act.rows, t, s_logits, t_logits)
+    return scores
+
+
+def _terminate(terminator, state, act: _Active, valid: Tensor, scores: ChunkScores | None, t: int,
+               batch: int, stop: Tensor, cut: Tensor) -> Tensor:
+    """Show the chunk to the terminator (KL 0 when unscored); record stop and cut of the rows it
+    fires on, which take precedence over EOS and length. Returns the fired active rows (A,)."""
+    rows, c = act.rows, valid.shape[1]
+    kl_full = torch.zeros((batch, c), dtype=torch.float32, device=rows.device)  # (B, c)
+    valid_full = torch.zeros((batch, c), dtype=torch.bool, device=rows.device)  # (B, c)
+    if scores is not None:
+        kl_full[rows] = torch.where(valid, scores.kl, 0.0)
+    valid_full[rows] = valid
+    fired, fired_cut = terminator.observe(state, kl_full, valid_full)  # (B,), (B,)
+    fired = fired[rows].bool()  # (A,) only active rows can fire
+    if fired.any():
+        fired_rows = rows[fired]
+        row_cut = fired_cut[fired_rows].long()
+        if ((row_cut < 0) | (row_cut > t + c)).any():
+            raise ValueError(f"terminator {type(terminator).__name__} fired rows "
+                             f"{fired_rows.tolist()} with cut {row_cut.tolist()}, outside "
+                             f"[0, {t + c}] (the positions generated so far)")
+        stop[fired_rows] = int(terminator.stop_code)
+        cut[fired_rows] = row_cut
+    return fired
+
+
+def _score_posthoc(teacher, prompt_ids: Tensor, prompt_mask: Tensor, buf: _RolloutBuffer,
+                   held: list[tuple[Tensor, int, Tensor]], topk: int) -> None:
+    """One teacher forward over prompt + completion, then the KL chunk by chunk against the held
+    student logits (`held`: (rows, t0, (A, c, V) logits) per chunk)."""
+    T = int(buf.completion_mask.sum(dim=-1).max())
+    ids = torch.cat([prompt_ids, buf.completion_ids[:, :T]], dim=1)  # (B, P + T)
+    mask = torch.cat([prompt_mask, buf.completion_mask[:, :T]], dim=1).long()  # (B, P + T)
+    # the logits at sequence index P-1+j predict completion token j: keep the last T+1, drop the end
+    t_logits, _ = _forward(teacher, ids, mask, _positions(mask), None, False, logits_to_keep=T + 1)
+    t_logits = t_logits[:, :T]  # (B, T, V) model dtype
+    for chunk_rows, t0, s_chunk in held:
+        c = min(s_chunk.shape[1], T - t0)  # positions past T are after every row's end
+        tokens = buf.completion_ids[chunk_rows, t0 : t0 + c]  # (A, c)
+        valid = buf.completion_mask[chunk_rows, t0 : t0 + c]  # (A, c)
+        s_c, t_c = s_chunk[:, :c], t_logits[chunk_rows, t0 : t0 + c]  # (A, c, V) each
+        scores = score_chunk(s_c, t_c, tokens, topk)
+        _check_finite(scores, valid, chunk_rows, t0, s_c, t_c)
+        buf.write_scores(chunk_rows, t0, scores, valid)
+
 
 @torch.no_grad()
 def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
@@ -283,134 +437,54 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
         global_rows: (offset, total) when these B rows are rows offset..offset+B-1 of a batch of
             `total` rows split across processes: every step draws `total` uniforms and uses this
             process's slice, so with one seed the tokens do not depend on the number of processes.
-        score: False leaves kl / student_logp / teacher_logp unscored (NaN) when no terminator
-            needs the KL while decoding, so the teacher never runs here (see the module docstring).
+        score: False selects the unscored mode when no terminator needs the KL while decoding:
+            kl / student_logp / teacher_logp stay NaN and the teacher never runs here.
     Returns:
         (rollout, state): the `Rollout` (T = longest completion) and the terminator state to pass
         to `terminator.end_batch` (None without a terminator).
     """
-    _check_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, chunk, topk)
-    device = prompt_ids.device
-    B = prompt_ids.shape[0]
+    _check_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, chunk, topk, score)
+    device, B = prompt_ids.device, prompt_ids.shape[0]
     prompt_mask = prompt_mask.bool()
     eos = _eos_ids(eos_token_id, device)  # (E,)
-    first, n_draw = global_rows if global_rows is not None else (0, B)
-    if not (0 <= first and first + B <= n_draw):
-        raise ValueError(f"global_rows={global_rows} must satisfy 0 <= offset and offset + B <= total (B={B})")
-    lockstep = terminator is not None and bool(terminator.needs_kl)
-    if not score and topk:
-        raise ValueError("topk > 0 captures the teacher's top-K log-probs, which needs score=True")
-    posthoc = score and not lockstep  # score the finished rollout with one teacher forward
+    first, n_draw = _draw_range(global_rows, B)
+    mode = sampling_mode(terminator, score)
     state = terminator.start(B, device=device) if terminator is not None else None
-
     stop = torch.full((B,), STOP_LENGTH, dtype=torch.long, device=device)  # overwritten on EOS / fire
     cut = torch.full((B,), -1, dtype=torch.long, device=device)  # -1: not cut
     held: list[tuple[Tensor, int, Tensor]] = []  # post-hoc: (rows, t0, student chunk logits)
 
-    # Prefill. Only the last position's logits are needed: they predict completion token 0.
-    rows = torch.arange(B, device=device)  # (A,) original row of each active row
-    attn = prompt_mask.long()  # (A, P + t): one column per generated position, 0 after EOS
-    pos = attn.sum(dim=-1)  # (A,) position id of the next token (real prompt length + t)
-    s_last, s_cache = _forward(student, prompt_ids, attn, _positions(attn), None, True, logits_to_keep=1)
-    s_last = s_last[:, -1]  # (A, V) student logits for the next position
-    topk = min(topk, s_last.shape[-1])  # K >= V keeps the whole vocabulary (empty tail)
+    act = _prefill(student, teacher, prompt_ids, prompt_mask, mode)
+    topk = min(topk, act.s_last.shape[-1])  # K >= V keeps the whole vocabulary (empty tail)
     buf = _RolloutBuffer(B, max_new_tokens, topk, pad_token_id, device)
-    if not (lockstep or posthoc):  # nothing will score these rows: mark the numbers as absent
-        for name in ("kl", "student_logp", "teacher_logp"):
-            getattr(buf, name).fill_(float("nan"))
-    t_cache = t_last = None
-    if lockstep:
-        t_last, t_cache = _forward(teacher, prompt_ids, attn, _positions(attn), None, True, logits_to_keep=1)
-        t_last = t_last[:, -1]  # (A, V) teacher logits for the next position
-
+    if mode is Mode.UNSCORED:
+        buf.mark_unscored()
     t = 0  # completion position of the chunk's first token
-    while rows.numel() > 0:
+    while act.rows.numel() > 0:
         c = min(chunk, max_new_tokens - t)
-        A = rows.numel()
-        alive = torch.ones(A, dtype=torch.bool, device=device)  # no EOS yet in this row
-        tokens = torch.full((A, c), pad_token_id, dtype=torch.long, device=device)  # (A, c)
-        valid = torch.zeros((A, c), dtype=torch.bool, device=device)  # (A, c)
-        s_chunk = []  # c tensors (A, V): the student's logits at the chunk's positions
+        tokens, valid, alive, s_chunk = _student_chunk(
+            student, act, c, t, max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad_token_id,
+            temperature=temperature, top_p=top_p, generator=generator, first=first, n_draw=n_draw,
+            keep_logits=mode is not Mode.UNSCORED)
+        buf.write_tokens(act.rows, t, tokens, valid)
+        scores = None
+        if mode is Mode.LOCKSTEP:
+            scores = _teacher_chunk(teacher, act, tokens, valid, s_chunk, t, topk)
+            buf.write_scores(act.rows, t, scores, valid)
+        elif mode is Mode.POSTHOC:
+            held.append((act.rows, t, torch.stack(s_chunk, dim=1)))  # (A, c, V) model dtype
+        act.pos = act.pos + c
 
-        # 1. The student samples c tokens; after a row's EOS it is fed pads that the mask hides.
-        for j in range(c):
-            u = _uniforms(n_draw, generator, device)[first + rows] if temperature > 0 else None  # (A,)
-            token = sample_token(s_last, u, temperature, top_p)  # (A,)
-            tokens[:, j] = torch.where(alive, token, pad_token_id)
-            valid[:, j] = alive
-            alive = alive & ~torch.isin(token, eos)
-            if lockstep or posthoc:  # unscored rollouts keep no student logits
-                s_chunk.append(s_last)
-            attn = torch.cat([attn, valid[:, j : j + 1].long()], dim=1)  # (A, P + t + j + 1)
-            if t + j + 1 < max_new_tokens:  # the rollout's last token needs no next-token logits
-                s_last, s_cache = _forward(student, tokens[:, j : j + 1], attn, (pos + j)[:, None], s_cache, True)
-                s_last = s_last[:, -1]  # (A, V)
-        buf.write_tokens(rows, t, tokens, valid)
-
-        # 2. The teacher reads the chunk in one forward; its output at token t+j predicts t+j+1.
-        if lockstep:
-            s_chunk = torch.stack(s_chunk, dim=1)  # (A, c, V) model dtype
-            chunk_pos = pos[:, None] + torch.arange(c, device=device)  # (A, c)
-            t_out, t_cache = _forward(teacher, tokens, attn, chunk_pos, t_cache, True)  # (A, c, V)
-            t_chunk = torch.cat([t_last[:, None], t_out[:, :-1]], dim=1)  # (A, c, V) positions t..t+c-1
-            t_last = t_out[:, -1]  # (A, V) position t+c, for the next chunk
-            scores = score_chunk(s_chunk, t_chunk, tokens, topk)
-            _check_finite(scores, valid, rows, t, s_chunk, t_chunk)
-            buf.write_scores(rows, t, scores, valid)
-        elif posthoc:
-            held.append((rows, t, torch.stack(s_chunk, dim=1)))  # (A, c, V) model dtype
-        pos = pos + c
-
-        # 3. Which rows end here: EOS, length, or the terminator (which takes precedence for stop/cut).
-        ended_eos = ~alive  # (A,)
-        ended = ended_eos | (t + c >= max_new_tokens)  # (A,)
-        stop[rows[ended_eos]] = STOP_EOS
+        # Which rows end here: EOS, length, or the terminator.
+        ended = ~alive | (t + c >= max_new_tokens)  # (A,)
+        stop[act.rows[~alive]] = STOP_EOS
         if terminator is not None:
-            kl_full = torch.zeros((B, c), dtype=torch.float32, device=device)  # (B, c)
-            valid_full = torch.zeros((B, c), dtype=torch.bool, device=device)  # (B, c)
-            if lockstep:
-                kl_full[rows] = torch.where(valid, scores.kl, 0.0)
-            valid_full[rows] = valid
-            fired, fired_cut = terminator.observe(state, kl_full, valid_full)  # (B,), (B,)
-            fired = fired[rows].bool()  # (A,) only active rows can fire
-            if fired.any():
-                fired_rows = rows[fired]
-                row_cut = fired_cut[fired_rows].long()
-                if ((row_cut < 0) | (row_cut > t + c)).any():
-                    raise ValueError(f"terminator {type(terminator).__name__} fired rows "
-                                     f"{fired_rows.tolist()} with cut {row_cut.tolist()}, outside "
-                                     f"[0, {t + c}] (the positions generated so far)")
-                stop[fired_rows] = int(terminator.stop_code)
-                cut[fired_rows] = row_cut
-                ended = ended | fired
+            ended = ended | _terminate(terminator, state, act, valid, scores, t, B, stop, cut)
         t += c
+        if ended.any():  # ended rows leave the batch and both caches, so later chunks cost less
+            act.keep((~ended).nonzero().squeeze(-1))  # (A',)
 
-        # 4. Ended rows leave the batch and both caches, so later chunks cost less.
-        if ended.any():
-            keep = (~ended).nonzero().squeeze(-1)  # (A',)
-            _keep_rows(keep, s_cache, t_cache)
-            rows, attn, pos, s_last = rows[keep], attn[keep], pos[keep], s_last[keep]
-            if t_last is not None:
-                t_last = t_last[keep]
-
-    # Post-hoc: one teacher forward over prompt + completion, then the KL chunk by chunk.
-    if posthoc:
-        T = int(buf.completion_mask.sum(dim=-1).max())
-        ids = torch.cat([prompt_ids, buf.completion_ids[:, :T]], dim=1)  # (B, P + T)
-        mask = torch.cat([prompt_mask, buf.completion_mask[:, :T]], dim=1).long()  # (B, P + T)
-        # the logits at sequence index P-1+j predict completion token j: keep the last T+1, drop the end
-        t_logits, _ = _forward(teacher, ids, mask, _positions(mask), None, False, logits_to_keep=T + 1)
-        t_logits = t_logits[:, :T]  # (B, T, V) model dtype
-        for chunk_rows, t0, s_chunk in held:
-            c = min(s_chunk.shape[1], T - t0)  # positions past T are after every row's end
-            tokens = buf.completion_ids[chunk_rows, t0 : t0 + c]  # (A, c)
-            valid = buf.completion_mask[chunk_rows, t0 : t0 + c]  # (A, c)
-            s_c, t_c = s_chunk[:, :c], t_logits[chunk_rows, t0 : t0 + c]  # (A, c, V) each
-            scores = score_chunk(s_c, t_c, tokens, topk)
-            _check_finite(scores, valid, chunk_rows, t0, s_c, t_c)
-            buf.write_scores(chunk_rows, t0, scores, valid)
-
-    shadow_cut = None
-    if terminator is not None and terminator.shadow:
-        shadow_cut = state.would_cut.clone()  # (B,)
-    return buf.to_rollout(prompt_ids, prompt_mask, stop, cut, shadow_cut, lockstep or posthoc), state
+    if mode is Mode.POSTHOC:
+        _score_posthoc(teacher, prompt_ids, prompt_mask, buf, held, topk)
+    shadow_cut = state.would_cut.clone() if terminator is not None and terminator.shadow else None  # (B,)
+    return buf.to_rollout(prompt_ids, prompt_mask, stop, cut, shadow_cut, mode is not Mode.UNSCORED), state

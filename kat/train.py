@@ -1,9 +1,19 @@
-"""The OPD + KAT training loop on Accelerate: sample -> learn -> log -> evaluate -> save.
+"""The OPD + KAT training loop on Accelerate, in the order of `main()` in kat.py:
+
+    run = setup(cfg)                      accelerator, models, data, optimiser, terminator
+    resume(run)                           state of a checkpoint, when cfg.resume names one
+    evaluate before training
+    for each step:
+        sample_step(run, step)            the student samples, the teacher scores, the terminator cuts
+        learn_step(run, step, rollout)    one optimiser step on the kept tokens
+        log_step(...)                     one metrics row, sums reduced over processes
+        after_step(...)                   periodic evaluation, KL traces, checkpoint
+    finish(run, results)                  evaluate after training, save the student, plot
 
     python -m kat train --config configs/toy.yaml [--key value ...]
     accelerate launch -m kat train --config configs/qwen3_1.7b.yaml
 
-Mirrors `main()` in kat.py; the maths lives in kat.scorer / sampler / detector / learner.
+The maths lives in kat.scorer / sampler / detector / learner; this module only runs it.
 """
 
 from __future__ import annotations
@@ -16,19 +26,21 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from kat.config import Config, ConfigError, help_text, load_config
+from kat.config import Config, ConfigError, help_text, load_config, random_target
 from kat.data import (DataError, encode_prompts, filter_long_prompts, load_eval_sets, load_problems, render_prompt,
                       step_generator, step_prompts)
 from kat.detector import make_terminator, window_means
-from kat.models import align_vocab, check_tokenizers, eos_ids, load_model, load_tokenizer
+from kat.evaluate import run_eval
 from kat.learner import build_optimizer, learn
+from kat.models import align_vocab, check_tokenizers, eos_ids, load_model, load_tokenizer, torch_dtype
 from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
 from kat.sampler import sample
 
@@ -37,17 +49,39 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. too many non-finite steps in a row)."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Set-up
-# ----------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What `setup` builds for one run, and the counters a checkpoint carries."""
 
-def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, cfg.dtype)
+    cfg: Config
+    accelerator: Accelerator
+    tokenizer: Any
+    student: Any  # prepared by Accelerate (fp32 master weights)
+    teacher: Any  # frozen, in the compute dtype, never prepared
+    eos: list[int]
+    problems: list[dict]
+    eval_sets: dict  # name -> kat.data.EvalSet
+    optimizer: Any
+    scheduler: Any
+    terminator: Any
+    start: int = 0  # steps already done (resumed runs)
+    counters: dict = field(default_factory=lambda: {"tokens_total": 0.0, "bad_in_a_row": 0})
 
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.cfg.output_dir, "metrics.jsonl")
+
+    @property
+    def traces_path(self) -> str:
+        return os.path.join(self.cfg.output_dir, "traces.jsonl")
+
+
+def render_kw(cfg: Config) -> dict:
+    """How prompts are rendered (kat.data.render_prompt), the same for the length filter and sampling."""
+    return {"system_prompt": cfg.system_prompt, "instruction": cfg.instruction}
+
+
+# --- Set-up ---------------------------------------------------------------------------------------
 
 def mixed_precision(cfg: Config) -> str:
     """Accelerate's mixed-precision name for the student (fp32 master weights in every case)."""
@@ -63,88 +97,63 @@ def build_terminator(cfg: Config, rank: int = 0):
                                buffer_size=cfg.buffer_size, min_buffer=cfg.min_buffer,
                                warmup_steps=cfg.warmup_steps, kappa=cfg.kappa, ema=cfg.ema, shadow=cfg.shadow)
     if cfg.termination == "random":
-        return make_terminator("random", target_length=cfg.random_target_length or cfg.max_new_tokens / 2,
-                               exempt=cfg.exempt, max_new_tokens=cfg.max_new_tokens,
+        return make_terminator("random", target_length=random_target(cfg), exempt=cfg.exempt,
+                               max_new_tokens=cfg.max_new_tokens,
                                seed=cfg.seed + rank)  # independent cut positions on each process
     return make_terminator("none")
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics and traces
-# ----------------------------------------------------------------------------------------------
-
-def rollout_metrics(r: Rollout, terminator) -> dict:
-    """Per-process sums; the loop reduces them across processes before dividing."""
-    gen = r.completion_mask
-    cut = (r.stop != STOP_EOS) & (r.stop != STOP_LENGTH)
-    out = {
-        "rows": float(r.stop.numel()),
-        "tokens": float(gen.sum()),
-        "loss_tokens": float(r.loss_mask.sum()),
-        "kl_sum": float((r.kl * gen).sum()),
-        "kl_loss_sum": float((r.kl * r.loss_mask).sum()),
-        "cut_rows": float(cut.sum()),
-        "eos_rows": float((r.stop == STOP_EOS).sum()),
-    }
-    if r.shadow_cut is not None:
-        out["shadow_rows"] = float((r.shadow_cut >= 0).sum())
-    return out
+def load_models(cfg: Config, device: torch.device):
+    """(tokenizer, student, teacher, eos ids): the student in fp32 (master weights), the teacher
+    frozen in the compute dtype, one logit width for both."""
+    tokenizer = load_tokenizer(cfg.student, cfg.student_gguf, "student")
+    check_tokenizers(tokenizer, load_tokenizer(cfg.teacher, cfg.teacher_gguf, "teacher"))
+    student = load_model(cfg.student, cfg.student_gguf, torch.float32, "student")
+    teacher = load_model(cfg.teacher, cfg.teacher_gguf, torch_dtype(cfg.dtype, device), "teacher")
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    align_vocab(student, teacher, tokenizer)  # padded embedding rows past the tokenizer trimmed
+    return tokenizer, student, teacher, eos_ids(tokenizer, student)
 
 
-def make_traces(r: Rollout, tokenizer, terminator, cfg: Config, step: int) -> list[dict]:
-    traces = []
-    for b in range(min(cfg.n_traces, r.stop.numel())):
-        n = int(r.completion_mask[b].sum())
-        kl = r.kl[b, :n].float().cpu()
-        traces.append({
-            "step": step,
-            "tokens": [tokenizer.decode([t]) for t in r.completion_ids[b, :n].tolist()],
-            "kl": [round(x, 6) for x in kl.tolist()],
-            "z": [None if math.isnan(x) else round(x, 6) for x in window_means(kl, cfg.window).tolist()],
-            "threshold": terminator.threshold,
-            "window": cfg.window, "stride": cfg.stride, "exempt": cfg.exempt,
-            "cut": int(r.cut[b]) if int(r.cut[b]) < n else None,
-            "shadow_cut": int(r.shadow_cut[b]) if r.shadow_cut is not None and int(r.shadow_cut[b]) >= 0 else None,
-            "stop": int(r.stop[b]),
-        })
-    return traces
+@contextmanager
+def _field_errors(name: str):
+    """Data errors name the config field whose value caused them."""
+    try:
+        yield
+    except DataError as err:
+        raise DataError(f"{name}: {err}") from None
 
 
-def append_jsonl(path: str, rows: list[dict]) -> None:
-    with open(path, "a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+def load_data(cfg: Config) -> tuple[list[dict], dict]:
+    """(training problems, evaluation sets by name); read before the models, so that a bad path or
+    spec is reported before minutes of model loading."""
+    with _field_errors("train_data"):
+        problems = load_problems(cfg.train_data, split=cfg.train_split, prompt_field=cfg.prompt_field,
+                                 answer_field=cfg.answer_field)
+    with _field_errors("eval_data"):
+        eval_sets = load_eval_sets(cfg.eval_data, split=cfg.eval_split, prompt_field=cfg.prompt_field,
+                                   answer_field=cfg.answer_field, k=cfg.eval_k, limit=cfg.eval_limit)
+    return problems, eval_sets
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation (problems sharded across processes)
-# ----------------------------------------------------------------------------------------------
-
-def run_eval(accelerator: Accelerator, model, tokenizer, eval_sets: dict, cfg: Config, tag: str) -> dict:
-    from kat.evaluate import avg_at_k, evaluate, mean_pass_at_k
-
-    unwrapped = accelerator.unwrap_model(model)
-    out = {}
-    for name, eval_set in eval_sets.items():  # each set with its own k (kat.data.EvalSet)
-        mine = eval_set.problems[accelerator.process_index::accelerator.num_processes]
-        res = evaluate(unwrapped, tokenizer, mine, eval_set.k,
-                       max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                       temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, grader=cfg.grader,
-                       seed=cfg.seed + 7919 * accelerator.process_index, system_prompt=cfg.system_prompt,
-                       instruction=cfg.instruction) if mine else {"problems": []}
-        rows = accelerator.gather_for_metrics(res["problems"], use_gather_object=True)
-        correct = [r["correct"] for r in rows]
-        lengths = [n for r in rows for n in r["lengths"]]
-        out[f"{name}/avg@k"] = avg_at_k(correct)
-        out[f"{name}/pass@k"] = mean_pass_at_k(correct, eval_set.k)
-        out[f"{name}/mean_length"] = sum(lengths) / max(len(lengths), 1)
-    accelerator.print(f"[eval {tag}] " + "  ".join(f"{k}={v:.4f}" for k, v in out.items()))
-    return out
+def setup(cfg: Config) -> Run:
+    # step_scheduler_with_optimizer=False: Accelerate would otherwise advance the schedule once per
+    # process at every step (it assumes each process's batch is a shard of one data loader)
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with=cfg.log_with or None,
+                              project_dir=cfg.output_dir, step_scheduler_with_optimizer=False)
+    set_seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    problems, eval_sets = load_data(cfg)
+    tokenizer, student, teacher, eos = load_models(cfg, accelerator.device)
+    problems = filter_long_prompts(tokenizer, problems, cfg.max_prompt_length, render_kw=render_kw(cfg),
+                                   name="train_data")
+    optimizer, scheduler = build_optimizer(student, cfg.lr, cfg.steps, cfg.warmup_ratio, cfg.weight_decay)
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    return Run(cfg, accelerator, tokenizer, student, teacher, eos, problems, eval_sets, optimizer, scheduler,
+               build_terminator(cfg, accelerator.process_index))
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: atomic, resumable, the last `keep_last` kept
-# ----------------------------------------------------------------------------------------------
+# --- Checkpoints: atomic, resumable, the last `keep_last` kept ------------------------------------
 
 def save_checkpoint(accelerator: Accelerator, cfg: Config, step: int, terminator, counters: dict) -> str:
     final = os.path.join(cfg.output_dir, f"checkpoint-{step:06d}")
@@ -186,6 +195,25 @@ def find_checkpoint(cfg: Config) -> str | None:
     return path
 
 
+def resume(run: Run) -> None:
+    """Load the checkpoint cfg.resume names (if any): model, optimiser, schedule and RNG states,
+    the terminator's statistics, the step and the counters."""
+    ckpt = find_checkpoint(run.cfg)
+    if not ckpt:
+        return
+    try:
+        run.accelerator.load_state(ckpt)
+        run.terminator.load_state_dict(torch.load(os.path.join(ckpt, "terminator.pt"), weights_only=False))
+        with open(os.path.join(ckpt, "progress.json")) as fh:
+            progress = json.load(fh)
+    except Exception as err:  # noqa: BLE001 - any unreadable piece means the same thing
+        raise ConfigError(f"resume: checkpoint {ckpt!r} is corrupt or incomplete ({type(err).__name__}: "
+                          f"{err}); resume from an older checkpoint in {run.cfg.output_dir!r}") from None
+    run.start = progress["step"]
+    run.counters = {k: progress[k] for k in run.counters}
+    run.accelerator.print(f"resumed from {ckpt} at step {run.start}")
+
+
 @contextmanager
 def stop_requests():
     """SIGTERM / Ctrl-C set a flag; the loop checkpoints at the end of the current step and exits."""
@@ -202,206 +230,254 @@ def stop_requests():
             signal.signal(s, h)
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------
+# --- Logs: metrics.jsonl (one row per step and per evaluation), traces.jsonl, trackers ------------
 
-def train(cfg: Config) -> dict:
-    # step_scheduler_with_optimizer=False: Accelerate would otherwise advance the schedule once per
-    # process at every step (it assumes each process's batch is a shard of one data loader)
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with=cfg.log_with or None,
-                              project_dir=cfg.output_dir, step_scheduler_with_optimizer=False)
-    set_seed(cfg.seed)
-    device = accelerator.device
-    dtype = compute_dtype(cfg, device)
-    os.makedirs(cfg.output_dir, exist_ok=True)
+def append_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path, "a") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
 
-    # --- models: the student is trained (fp32 master weights), the teacher frozen in the compute dtype
-    tokenizer = load_tokenizer(cfg.student, cfg.student_gguf, "student")
-    check_tokenizers(tokenizer, load_tokenizer(cfg.teacher, cfg.teacher_gguf, "teacher"))
-    student = load_model(cfg.student, cfg.student_gguf, torch.float32, "student")
-    teacher = load_model(cfg.teacher, cfg.teacher_gguf, dtype, "teacher").to(device).eval().requires_grad_(False)
-    align_vocab(student, teacher, tokenizer)  # one logit width: padded embedding rows past the tokenizer trimmed
-    eos = eos_ids(tokenizer, student)
 
-    # --- data
-    render_kw = {"system_prompt": cfg.system_prompt, "instruction": cfg.instruction}
-    problems = filter_long_prompts(tokenizer, load_problems(cfg.train_data, split=cfg.train_split,
-                                   prompt_field=cfg.prompt_field, answer_field=cfg.answer_field),
-                                   cfg.max_prompt_length, render_kw=render_kw, name="train_data")
-    eval_sets = load_eval_sets(cfg.eval_data, split=cfg.eval_split, prompt_field=cfg.prompt_field,
-                               answer_field=cfg.answer_field, k=cfg.eval_k, limit=cfg.eval_limit)
-
-    optimizer, scheduler = build_optimizer(student, cfg.lr, cfg.steps, cfg.warmup_ratio, cfg.weight_decay)
-    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    terminator = build_terminator(cfg, accelerator.process_index)
-
-    # --- resume
-    start, counters = 0, {"tokens_total": 0.0, "bad_in_a_row": 0}
-    ckpt = find_checkpoint(cfg)
-    if ckpt:
-        try:
-            accelerator.load_state(ckpt)
-            terminator.load_state_dict(torch.load(os.path.join(ckpt, "terminator.pt"), weights_only=False))
-            with open(os.path.join(ckpt, "progress.json")) as fh:
-                progress = json.load(fh)
-        except Exception as err:  # noqa: BLE001 - any unreadable piece means the same thing
-            raise ConfigError(f"resume: checkpoint {ckpt!r} is corrupt or incomplete ({type(err).__name__}: "
-                              f"{err}); resume from an older checkpoint in {cfg.output_dir!r}") from None
-        start = progress["step"]
-        counters = {k: progress[k] for k in counters}
-        accelerator.print(f"resumed from {ckpt} at step {start}")
-    if cfg.log_with:
-        accelerator.init_trackers("kat", config=cfg.to_dict())
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    traces_path = os.path.join(cfg.output_dir, "traces.jsonl")
-    if accelerator.is_main_process and start == 0:
-        for p in (metrics_path, traces_path):
+def open_logs(run: Run) -> None:
+    """Start the trackers; a fresh run (not a resumed one) also starts fresh files and saves its config."""
+    if run.cfg.log_with:
+        run.accelerator.init_trackers("kat", config=run.cfg.to_dict())
+    if run.accelerator.is_main_process and run.start == 0:
+        for p in (run.metrics_path, run.traces_path):
             if os.path.exists(p):
                 os.remove(p)
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as fh:
+        with open(os.path.join(run.cfg.output_dir, "config.yaml"), "w") as fh:
             import yaml
-            yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+            yaml.safe_dump(run.cfg.to_dict(), fh, sort_keys=False)
 
-    def log(row: dict) -> None:
-        if accelerator.is_main_process:
-            append_jsonl(metrics_path, [row])
-        if cfg.log_with:
-            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
 
-    def skip(step: int, reason: str) -> None:
-        """A step with non-finite numbers changes nothing; too many in a row end the run."""
-        counters["bad_in_a_row"] += 1
-        accelerator.print(f"warning: {reason}; step skipped")
-        log({"step": step + 1, "skipped": reason})
-        if counters["bad_in_a_row"] >= cfg.max_bad_steps:
-            raise TrainingError(f"{counters['bad_in_a_row']} steps in a row met non-finite values (last: step "
-                                f"{step + 1}: {reason}). Check the models' weights and dtype, or lower lr")
+def log_row(run: Run, row: dict) -> None:
+    if run.accelerator.is_main_process:
+        append_jsonl(run.metrics_path, [row])
+    if run.cfg.log_with:
+        run.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
 
-    results = {}
-    if eval_sets and start == 0:
-        results["before"] = run_eval(accelerator, student, tokenizer, eval_sets, cfg, "before")
-        log({"step": 0, "eval": "before", **results["before"]})
 
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="kat",
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    with stop_requests() as stop:
-        for step in bar:
-            # --- 1. rollouts: student samples, teacher scores chunk by chunk, terminator cuts
-            t0 = time.perf_counter()
-            batch = step_prompts(problems, step, cfg.batch_size, accelerator.process_index,
-                                 accelerator.num_processes, cfg.seed)
-            texts = [render_prompt(tokenizer, p["prompt"], **render_kw)
-                     for p in batch for _ in range(cfg.samples_per_prompt)]
-            prompt_ids, prompt_mask = encode_prompts(tokenizer, texts, device)
-            # one generator seed per step on every process; each process takes its rows' uniforms
-            # (global_rows), so the tokens do not depend on how many processes share the batch
-            gen = step_generator(cfg.seed, step, device)
-            rows = prompt_ids.shape[0]
-            # with the `full` loss and no KL-driven terminator, the learner's teacher pass gives
-            # the KL: sampling skips its own post-hoc teacher pass (score=False)
-            scored = cfg.loss != "full" or terminator.needs_kl
-            student.eval()
-            try:
-                rollout, state = sample(accelerator.unwrap_model(student), teacher, prompt_ids, prompt_mask,
-                                        max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
-                                        pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
-                                        top_p=cfg.top_p, chunk=cfg.chunk, terminator=terminator,
-                                        topk=cfg.topk if cfg.loss == "topk" else 0, generator=gen,
-                                        global_rows=(accelerator.process_index * rows,
-                                                     accelerator.num_processes * rows), score=scored)
-                problem = None
-            except FloatingPointError as err:  # non-finite logits or KL: reported with rows and positions
-                problem = f"step {step + 1}, process {accelerator.process_index}: {err}"
-            student.train()
-            # every process must skip together, or their parameters and buffers would drift apart
-            if accelerator.reduce(torch.tensor(float(problem is not None), device=device), "sum").item() > 0:
-                skip(step, problem or "another process met non-finite values while sampling")
-                continue
-            # every process pushes its rollouts' minima; all hold the same threshold afterwards
-            threshold_used, active_used = terminator.threshold, terminator.active
-            terminator.end_batch(state, step)
-            t1 = time.perf_counter()
+def skip_step(run: Run, step: int, reason: str) -> None:
+    """A step with non-finite numbers changes nothing; too many in a row end the run."""
+    run.counters["bad_in_a_row"] += 1
+    run.accelerator.print(f"warning: {reason}; step skipped")
+    log_row(run, {"step": step + 1, "skipped": reason})
+    if run.counters["bad_in_a_row"] >= run.cfg.max_bad_steps:
+        raise TrainingError(f"{run.counters['bad_in_a_row']} steps in a row met non-finite values (last: step "
+                            f"{step + 1}: {reason}). Check the models' weights and dtype, or lower lr")
 
-            # --- 2. learn: one optimiser step on the loss-masked tokens, globally normalised
-            stats = learn(student, rollout, optimizer, scheduler, accelerator, kind=cfg.loss,
-                          micro_batch_size=cfg.micro_batch_size, teacher=teacher,
-                          max_grad_norm=cfg.max_grad_norm)
-            t2 = time.perf_counter()
-            if not stats["finite"]:
-                skip(step, f"step {step + 1}: non-finite loss in rows {stats['bad_rows']} "
-                           f"(process {accelerator.process_index})")
-                continue
-            counters["bad_in_a_row"] = 0
-            if not scored:
-                rollout = replace(rollout, kl=stats["token_kl"].to(rollout.kl.device))
 
-            # --- 3. log (sums reduced over processes, then divided)
-            sums = rollout_metrics(rollout, terminator)
-            keys = sorted(sums)
-            total = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=device), "sum")
-            sums = dict(zip(keys, total.tolist()))
-            counters["tokens_total"] += sums["tokens"]
-            row = {
-                "step": step + 1,
-                "loss": stats["loss"],
-                "kl": sums["kl_sum"] / max(sums["tokens"], 1.0),
-                "kl_kept": sums["kl_loss_sum"] / max(sums["loss_tokens"], 1.0),
-                "threshold": threshold_used,
-                "active": bool(active_used),
-                "cut_rate": sums["cut_rows"] / sums["rows"],
-                "eos_rate": sums["eos_rows"] / sums["rows"],
-                "mean_length": sums["tokens"] / sums["rows"],
-                "kept_length": sums["loss_tokens"] / sums["rows"],
-                "tokens": sums["tokens"],
-                "tokens_total": counters["tokens_total"],
-                "grad_norm": stats["grad_norm"],
-                "lr": scheduler.get_last_lr()[0],
-                "time_rollout": t1 - t0,
-                "time_learn": t2 - t1,
-            }
-            if "shadow_rows" in sums:
-                row["shadow_rate"] = sums["shadow_rows"] / sums["rows"]
-            log(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", kl=f"{row['kl']:.3f}",
-                            thr="-" if threshold_used is None else f"{threshold_used:.3f}",
-                            cut=f"{row['cut_rate']:.2f}", len=f"{row['mean_length']:.0f}")
+def rollout_metrics(r: Rollout) -> dict:
+    """Per-process sums; the loop reduces them across processes before dividing."""
+    gen = r.completion_mask
+    cut = (r.stop != STOP_EOS) & (r.stop != STOP_LENGTH)
+    out = {
+        "rows": float(r.stop.numel()),
+        "tokens": float(gen.sum()),
+        "loss_tokens": float(r.loss_mask.sum()),
+        "kl_sum": float((r.kl * gen).sum()),
+        "kl_loss_sum": float((r.kl * r.loss_mask).sum()),
+        "cut_rows": float(cut.sum()),
+        "eos_rows": float((r.stop == STOP_EOS).sum()),
+    }
+    if r.shadow_cut is not None:
+        out["shadow_rows"] = float((r.shadow_cut >= 0).sum())
+    return out
 
-            # --- 4. evaluate, write traces, checkpoint
-            done = step + 1
-            if cfg.eval_every and eval_sets and done % cfg.eval_every == 0 and done < cfg.steps:
-                ev = run_eval(accelerator, student, tokenizer, eval_sets, cfg, f"step {done}")
-                log({"step": done, "eval": "periodic", **ev})
-            if accelerator.is_main_process and cfg.n_traces and (
-                    done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)):
-                append_jsonl(traces_path, make_traces(rollout, tokenizer, terminator, cfg, done))
-            if (cfg.save_every and done % cfg.save_every == 0) or stop["stop"] or done == cfg.steps:
-                save_checkpoint(accelerator, cfg, done, terminator, counters)
-            if stop["stop"]:
-                accelerator.print(f"stopped by signal after step {done}; resume with --resume latest")
-                accelerator.end_training()
-                return {"stopped_at": done, **results}
-    bar.close()
 
-    # --- 5. final evaluation and the trained student
-    if eval_sets:
-        results["after"] = run_eval(accelerator, student, tokenizer, eval_sets, cfg, "after")
-        log({"step": cfg.steps, "eval": "after", **results["after"]})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+def make_traces(r: Rollout, tokenizer, threshold: float | None, cfg: Config, step: int) -> list[dict]:
+    """The first cfg.n_traces rows of a rollout as plain lists: tokens, d_t, z_t, and the threshold
+    the terminator used for this rollout (taken before its end_batch moved it)."""
+    traces = []
+    for b in range(min(cfg.n_traces, r.stop.numel())):
+        n = int(r.completion_mask[b].sum())
+        kl = r.kl[b, :n].float().cpu()
+        traces.append({
+            "step": step,
+            "tokens": [tokenizer.decode([t]) for t in r.completion_ids[b, :n].tolist()],
+            "kl": [round(x, 6) for x in kl.tolist()],
+            "z": [None if math.isnan(x) else round(x, 6) for x in window_means(kl, cfg.window).tolist()],
+            "threshold": threshold,
+            "window": cfg.window, "stride": cfg.stride, "exempt": cfg.exempt,
+            "cut": int(r.cut[b]) if int(r.cut[b]) < n else None,
+            "shadow_cut": int(r.shadow_cut[b]) if r.shadow_cut is not None and int(r.shadow_cut[b]) >= 0 else None,
+            "stop": int(r.stop[b]),
+        })
+    return traces
+
+
+# --- Evaluation (kat.evaluate.run_eval shards the problems across processes) ----------------------
+
+def eval_and_log(run: Run, step: int, kind: str, tag: str) -> dict:
+    """Evaluate the student on every set and log the row {step, eval: kind, NAME/metric ...}."""
+    res = run_eval(run.accelerator, run.student, run.tokenizer, run.eval_sets, run.cfg, tag)
+    log_row(run, {"step": step, "eval": kind, **res})
+    return res
+
+
+# --- One step -------------------------------------------------------------------------------------
+
+def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | None:
+    """Rollouts of this step's prompts; the terminator then takes in their statistics (end_batch).
+
+    Returns (rollout, the threshold and active flag the terminator used for it), or None when a
+    process met non-finite numbers: then every process skips the step together, or their
+    parameters and buffers would drift apart.
+    """
+    cfg, acc, terminator = run.cfg, run.accelerator, run.terminator
+    batch = step_prompts(run.problems, step, cfg.batch_size, acc.process_index, acc.num_processes, cfg.seed)
+    texts = [render_prompt(run.tokenizer, p["prompt"], **render_kw(cfg))
+             for p in batch for _ in range(cfg.samples_per_prompt)]
+    prompt_ids, prompt_mask = encode_prompts(run.tokenizer, texts, acc.device)
+    rows = prompt_ids.shape[0]
+    run.student.eval()
+    try:
+        # one generator seed per step on every process; each process takes its rows' uniforms
+        # (global_rows), so the tokens do not depend on how many processes share the batch.
+        # score=False with the `full` loss: unless the terminator reads the KL while decoding,
+        # the learner's teacher pass gives it (kat.sampler's unscored mode)
+        rollout, state = sample(acc.unwrap_model(run.student), run.teacher, prompt_ids, prompt_mask,
+                                max_new_tokens=cfg.max_new_tokens, eos_token_id=run.eos,
+                                pad_token_id=run.tokenizer.pad_token_id, temperature=cfg.temperature,
+                                top_p=cfg.top_p, chunk=cfg.chunk, terminator=terminator,
+                                topk=cfg.topk if cfg.loss == "topk" else 0,
+                                generator=step_generator(cfg.seed, step, acc.device),
+                                global_rows=(acc.process_index * rows, acc.num_processes * rows),
+                                score=cfg.loss != "full")
+        problem = None
+    except FloatingPointError as err:  # non-finite logits or KL: reported with rows and positions
+        problem = f"step {step + 1}, process {acc.process_index}: {err}"
+    run.student.train()
+    if acc.reduce(torch.tensor(float(problem is not None), device=acc.device), "sum").item() > 0:
+        skip_step(run, step, problem or "another process met non-finite values while sampling")
+        return None
+    # every process pushes its rollouts' minima; all hold the same threshold afterwards
+    threshold, active = terminator.threshold, terminator.active
+    terminator.end_batch(state, step)
+    return rollout, threshold, bool(active)
+
+
+def learn_step(run: Run, step: int, rollout: Rollout) -> tuple[dict, Rollout] | None:
+    """One optimiser step on the loss-masked tokens, globally normalised. Returns the learner's
+    stats and the rollout with its KL filled in (an unscored rollout takes the learner's d_t),
+    or None when the step was skipped for a non-finite loss."""
+    stats = learn(run.student, rollout, run.optimizer, run.scheduler, run.accelerator, kind=run.cfg.loss,
+                  micro_batch_size=run.cfg.micro_batch_size, teacher=run.teacher,
+                  max_grad_norm=run.cfg.max_grad_norm)
+    if not stats["finite"]:
+        skip_step(run, step, f"step {step + 1}: non-finite loss in rows {stats['bad_rows']} "
+                             f"(process {run.accelerator.process_index})")
+        return None
+    run.counters["bad_in_a_row"] = 0
+    if not rollout.scored:
+        rollout = replace(rollout, kl=stats["token_kl"].to(rollout.kl.device))
+    return stats, rollout
+
+
+def log_step(run: Run, step: int, rollout: Rollout, stats: dict, threshold: float | None, active: bool,
+             times: tuple[float, float]) -> dict:
+    """The step's metrics row (sums reduced over processes, then divided), logged and returned."""
+    sums = rollout_metrics(rollout)
+    keys = sorted(sums)
+    total = run.accelerator.reduce(torch.tensor([sums[k] for k in keys], device=run.accelerator.device), "sum")
+    sums = dict(zip(keys, total.tolist()))
+    run.counters["tokens_total"] += sums["tokens"]
+    row = {
+        "step": step + 1,
+        "loss": stats["loss"],
+        "kl": sums["kl_sum"] / max(sums["tokens"], 1.0),
+        "kl_kept": sums["kl_loss_sum"] / max(sums["loss_tokens"], 1.0),
+        "threshold": threshold,
+        "active": active,
+        "cut_rate": sums["cut_rows"] / sums["rows"],
+        "eos_rate": sums["eos_rows"] / sums["rows"],
+        "mean_length": sums["tokens"] / sums["rows"],
+        "kept_length": sums["loss_tokens"] / sums["rows"],
+        "tokens": sums["tokens"],
+        "tokens_total": run.counters["tokens_total"],
+        "grad_norm": stats["grad_norm"],
+        "lr": run.scheduler.get_last_lr()[0],
+        "time_rollout": times[0],
+        "time_learn": times[1],
+    }
+    if "shadow_rows" in sums:
+        row["shadow_rate"] = sums["shadow_rows"] / sums["rows"]
+    log_row(run, row)
+    return row
+
+
+def after_step(run: Run, done: int, rollout: Rollout, threshold: float | None, stopping: bool) -> None:
+    """Periodic evaluation, KL traces (with the threshold this step used) and the checkpoint."""
+    cfg = run.cfg
+    periodic = bool(cfg.eval_every) and done % cfg.eval_every == 0
+    if periodic and run.eval_sets and done < cfg.steps:
+        eval_and_log(run, done, "periodic", f"step {done}")
+    if run.accelerator.is_main_process and cfg.n_traces and (done == cfg.steps or periodic):
+        append_jsonl(run.traces_path, make_traces(rollout, run.tokenizer, threshold, cfg, done))
+    if (cfg.save_every and done % cfg.save_every == 0) or stopping or done == cfg.steps:
+        save_checkpoint(run.accelerator, cfg, done, run.terminator, run.counters)
+
+
+def finish(run: Run, results: dict) -> dict:
+    """Evaluate after training, save the student (safetensors) and its tokenizer, plot, write results.json."""
+    acc, cfg = run.accelerator, run.cfg
+    if run.eval_sets:
+        results["after"] = eval_and_log(run, cfg.steps, "after", "after")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
         out = os.path.join(cfg.output_dir, "student")
-        accelerator.unwrap_model(student).save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        acc.unwrap_model(run.student).save_pretrained(out, safe_serialization=True)
+        run.tokenizer.save_pretrained(out)
         if cfg.plot:
             from kat.plot import plot_run
             plot_run(cfg.output_dir)
         with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
             json.dump(results, fh, indent=1)
-    accelerator.end_training()
+    acc.end_training()
     return results
 
 
+# --- The loop -------------------------------------------------------------------------------------
+
+def train(cfg: Config) -> dict:
+    run = setup(cfg)
+    resume(run)
+    open_logs(run)
+    results = {}
+    if run.eval_sets and run.start == 0:
+        results["before"] = eval_and_log(run, 0, "before", "before")
+
+    bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, desc="kat",
+               disable=not run.accelerator.is_local_main_process, dynamic_ncols=True)
+    with stop_requests() as stop:
+        for step in bar:
+            t0 = time.perf_counter()
+            sampled = sample_step(run, step)  # 1. rollouts: sample, score, cut
+            if sampled is None:
+                continue
+            rollout, threshold, active = sampled
+            t1 = time.perf_counter()
+            learned = learn_step(run, step, rollout)  # 2. one optimiser step
+            t2 = time.perf_counter()
+            if learned is None:
+                continue
+            stats, rollout = learned
+            row = log_step(run, step, rollout, stats, threshold, active, (t1 - t0, t2 - t1))  # 3. log
+            bar.set_postfix(loss=f"{row['loss']:.3f}", kl=f"{row['kl']:.3f}",
+                            thr="-" if threshold is None else f"{threshold:.3f}",
+                            cut=f"{row['cut_rate']:.2f}", len=f"{row['mean_length']:.0f}")
+            after_step(run, step + 1, rollout, threshold, stop["stop"])  # 4. evaluate, traces, save
+            if stop["stop"]:
+                run.accelerator.print(f"stopped by signal after step {step + 1}; resume with --resume latest")
+                run.accelerator.end_training()
+                return {"stopped_at": step + 1, **results}
+    bar.close()
+    return finish(run, results)  # 5. final evaluation and the trained student
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`python -m kat train`: 0 on success; a user error prints one line `error: ...` and returns 2."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
@@ -409,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(load_config(argv))
     except (ConfigError, DataError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, whatever the message held
         return 2
     return 0
 

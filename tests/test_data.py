@@ -100,6 +100,16 @@ def test_missing_columns_name_what_exists():
         load_problems(str(FIXTURES / "nope.jsonl"))
 
 
+def test_load_problems_reads_jsonl_and_limit(tmp_path):
+    """The one loader (`kat eval --data` uses it too): rows in order, a limit, a clear missing-file error."""
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"{i}+1", "answer": str(i + 1)}) for i in range(5)) + "\n")
+    first_two = [{"prompt": "0+1", "answer": "1"}, {"prompt": "1+1", "answer": "2"}]
+    assert load_problems(str(path), limit=2) == load_problems(f"{path}[limit=2]") == first_two
+    with pytest.raises(DataError, match="missing.jsonl' does not exist"):
+        load_problems(str(tmp_path / "missing.jsonl"))
+
+
 def test_parquet_and_saved_dataset_give_the_same_problems(tmp_path):
     import datasets
 

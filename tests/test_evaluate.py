@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kat.evaluate import avg_at_k, evaluate, extract_answer, generate, grade, load_problems, mean_pass_at_k, pass_at_k
+from kat.evaluate import avg_at_k, evaluate, extract_answer, generate, grade, mean_pass_at_k, pass_at_k
 from kat.toy.tokenizer import build_tokenizer
 
 
@@ -214,14 +214,6 @@ def test_evaluate_names_the_missing_field(tiny):
         evaluate(model, tokenizer, [{"question": "1+1", "answer": "2"}], 1, max_new_tokens=4)
 
 
-def test_load_problems_reads_jsonl_and_limit(tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": f"{i}+1", "answer": str(i + 1)}) for i in range(5)) + "\n")
-    assert load_problems(path, limit=2) == [{"prompt": "0+1", "answer": "1"}, {"prompt": "1+1", "answer": "2"}]
-    with pytest.raises(FileNotFoundError, match="--data"):
-        load_problems(tmp_path / "missing.jsonl")
-
-
 def test_evaluation_renders_prompts_as_training_does(tiny, monkeypatch):
     """System prompt and instruction reach the evaluated model exactly as kat.data renders them."""
     import copy
@@ -239,3 +231,74 @@ def test_evaluation_renders_prompts_as_training_does(tiny, monkeypatch):
     plain = copy.copy(tokenizer)
     plain.chat_template = None  # (the toy template knows no system role)
     assert original(plain, ["1+2"], "Be exact.", " Answer with A=.") == ["Be exact.\n\n1+2 Answer with A=."]
+
+
+def test_evaluate_returns_one_name_per_metric(tiny):
+    model, tokenizer = tiny
+    res = evaluate(model, tokenizer, [{"prompt": "1+2", "answer": "3"}], 2, max_new_tokens=4, temperature=0)
+    assert not any("@" in key and key not in ("avg@k", "pass@k") for key in res)  # no avg@2 beside avg@k
+
+
+# ---------------------------------------------------------------------------------------------
+# `python -m kat eval`: the data through kat.data, as `kat train --eval_data` reads it
+
+@pytest.fixture
+def renamed(tiny_world, tmp_path) -> dict:
+    """The tiny world's test problems under other column names, as jsonl, parquet and a saved dataset
+    whose split is `test` (what a hub dataset looks like offline)."""
+    import datasets
+
+    rows = [json.loads(line) for line in open(tiny_world["test"])][:5]
+    table = datasets.Dataset.from_list([{"question": r["prompt"], "final": r["answer"], "id": i}
+                                        for i, r in enumerate(rows)])
+    table.to_json(str(tmp_path / "renamed.jsonl"))
+    table.to_parquet(str(tmp_path / "renamed.parquet"))
+    datasets.DatasetDict({"test": table}).save_to_disk(str(tmp_path / "saved"))
+    return {"rows": rows, "dir": tmp_path}
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int | dict, str, str]:
+    from kat.evaluate import main as eval_main
+
+    result = eval_main(argv)  # what `python -m kat eval` runs (its exit status is checked below)
+    out = capsys.readouterr()
+    return result, out.out, out.err
+
+
+def test_cli_reads_specs_like_training(tiny_world, renamed, tmp_path, capsys):
+    from kat.data import load_eval_sets
+    from kat.models import load_model, load_tokenizer
+
+    d = renamed["dir"]
+    data = (f"jl={d / 'renamed.jsonl'}[prompt=question, answer=final, limit=3], "
+            f"pq={d / 'renamed.parquet'}[prompt=question, answer=final, limit=3, k=3], "
+            f"hub={d / 'saved'}[split=test, prompt=question, answer=final, limit=3]")
+    common = ["--model", tiny_world["student"], "-k", "2", "--max-new-tokens", "6", "--seed", "5"]
+    result, out, _ = run_cli([*common, "--data", data, "--out", str(tmp_path / "r.json")], capsys)
+    assert list(result) == ["jl", "pq", "hub"] and json.loads((tmp_path / "r.json").read_text()).keys() == result.keys()
+    want = [{"prompt": r["prompt"], "answer": r["answer"]} for r in renamed["rows"][:3]]
+    for name, k in (("jl", 2), ("pq", 3), ("hub", 2)):
+        assert [{"prompt": p["prompt"], "answer": p["answer"]} for p in result[name]["problems"]] == want
+        assert result[name]["k"] == k and f"avg@{k}" in out
+    # the same problems through kat.data and `evaluate` directly: the same completions and metrics
+    sets = load_eval_sets(data, k=2)
+    model, tokenizer = load_model(tiny_world["student"], "", torch.float32, "m"), load_tokenizer(tiny_world["student"])
+    for name, eval_set in sets.items():
+        direct = evaluate(model, tokenizer, eval_set.problems, eval_set.k, max_new_tokens=6, seed=5)
+        assert direct["problems"] == result[name]["problems"]
+        assert (direct["avg@k"], direct["pass@k"]) == (result[name]["avg@k"], result[name]["pass@k"])
+
+
+@pytest.mark.parametrize("data,message", [
+    ("/nonexistent/test.jsonl", "data file '/nonexistent/test.jsonl' does not exist"),
+    ("{dir}/renamed.jsonl", "'{dir}/renamed.jsonl' has no column 'prompt'; its columns are ['question', 'final'"),
+    ("{dir}/renamed.jsonl[promt=question]", "unknown option 'promt'; did you mean 'prompt'?"),
+])
+def test_cli_data_errors_are_one_line_and_status_2(tiny_world, renamed, capsys, data, message):
+    from kat.__main__ import main as kat_main
+
+    data, message = data.format(dir=renamed["dir"]), message.format(dir=renamed["dir"])
+    status = kat_main(["eval", "--model", tiny_world["student"], "--data", data])
+    err = capsys.readouterr().err  # may also hold the datasets library's progress bars
+    errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert status == 2 and len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], err

@@ -293,6 +293,21 @@ def test_non_finite_loss_skips_the_step_and_names_the_rows(models, rollout):
         assert torch.equal(a, b) and a.grad is None
 
 
+def test_every_path_returns_the_same_keys(models, rollout):
+    """A step taken, a step with nothing to learn and a skipped step report the same fields."""
+    student, teacher = models
+    base = {"loss", "grad_norm", "n_tokens", "finite", "bad_rows"}
+    empty = dataclasses.replace(rollout, loss_mask=torch.zeros_like(rollout.loss_mask))
+    broken = dataclasses.replace(rollout, teacher_logp=rollout.teacher_logp.clone())
+    broken.teacher_logp[2, 0] = float("nan")
+    for r, kind, finite in ((rollout, "full", True), (empty, "full", True), (rollout, "sampled", True),
+                            (empty, "topk", True), (broken, "sampled", False)):
+        _, stats = one_step(student, teacher, r, kind, micro_batch_size=3)
+        assert set(stats) == base | ({"token_kl"} if kind == "full" else set()), (kind, sorted(stats))
+        assert stats["finite"] is finite and isinstance(stats["n_tokens"], int)
+        assert stats["n_tokens"] == int(r.loss_mask.sum())
+
+
 def test_build_optimizer_schedule():
     model = torch.nn.Linear(2, 2)
     opt, sched = build_optimizer(model, lr=1.0, steps=100, warmup_ratio=0.1, weight_decay=0.01)

@@ -142,6 +142,28 @@ def test_prune_layers_equals_dropping_the_layers(tmp_path):
         prune_layers(model, [0, 0])
 
 
+def test_kat_models_prune_command_writes_the_pruned_model(pair, tmp_path, capsys):
+    """`python -m kat models prune` (the same as `python -m kat.models prune`) equals prune_layers."""
+    from kat.__main__ import main as kat_main
+
+    out = tmp_path / "pruned"
+    assert kat_main(["models", "prune", "--model", pair["teacher"], "--layers", "2", "--out", str(out)]) == 0
+    assert f"kept layers [0, 2] of 3; wrote {out}" in capsys.readouterr().out
+    written = load_model(str(out), "", torch.float32, "student")
+    want = prune_layers(load_model(pair["teacher"], "", torch.float32, "teacher"), [0, 2])
+    ids = torch.randint(0, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(written(input_ids=ids).logits, want(input_ids=ids).logits, rtol=0, atol=0)
+    assert load_tokenizer(str(out)).get_vocab() == load_tokenizer(pair["teacher"]).get_vocab()
+    # a bad model path or layer count: one line, status 2
+    for argv, message in ((["--model", str(tmp_path / "none"), "--layers", "1"], "model: cannot load a model from"),
+                          (["--model", pair["teacher"], "--layers", "4"], "n_keep must be in [1, 3], got 4")):
+        assert kat_main(["models", "prune", *argv, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err  # may also hold transformers' progress bars
+        errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+        assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], err
+
+
 # ---------------------------------------------------------------------------------------------
 # The training loop on tiny Qwen3 models and DAPO/MATH500-shaped files
 

@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kat.rollout import STOP_EOS, STOP_LENGTH, STOP_RANDOM, STOP_TRAP
-from kat.sampler import sample, sample_token
+from kat.sampler import Mode, sample, sample_token, sampling_mode
 from kat.scorer import topk_tail
 
 V, EOS, PAD, MAX_NEW = 24, 1, 0, 24
@@ -193,6 +193,24 @@ def test_unscored_sampling_never_runs_the_teacher(models, prompts, term):
         assert getattr(r, name).isnan().all(), name
     with pytest.raises(ValueError, match="score=True"):
         run(models, prompts, chunk=4, topk=3, score=False)
+
+
+@pytest.mark.parametrize("needs_kl,score,mode", [(True, True, "lockstep"), (True, False, "lockstep"),
+                                                (False, True, "post-hoc"), (False, False, "unscored")])
+def test_the_mode_decides_when_the_teacher_runs(models, prompts, needs_kl, score, mode):
+    """lockstep: prefill + one forward per chunk; post-hoc: one forward; unscored: none."""
+    student, teacher = models
+    term = FakeTerminator(needs_kl=needs_kl)
+    assert sampling_mode(term, score) == mode and sampling_mode(None, score) == ("post-hoc" if score else "unscored")
+    calls = []
+    hook = teacher.register_forward_hook(lambda *a: calls.append(a[2].logits.shape[1]))  # positions scored
+    try:
+        r, _ = run(models, prompts, chunk=4, terminator=term, score=score)
+    finally:
+        hook.remove()
+    T = r.completion_ids.shape[1]
+    expected = {"lockstep": [1] + [4] * -(-T // 4), "post-hoc": [T + 1], "unscored": []}[mode]
+    assert calls == expected and r.scored == (mode != Mode.UNSCORED)
 
 
 def test_finished_rows_leave_both_caches(models, prompts):

@@ -62,6 +62,18 @@ def test_run_writes_everything(tiny_world, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-000004"]
 
 
+def test_traces_record_the_threshold_their_step_used(tiny_world, tmp_path):
+    """A trace's threshold is the one in its step's metrics row, not the next step's."""
+    out = tmp_path / "run"
+    train(load_config([], **tiny_args(tiny_world, out, steps=5, eval_every=1, n_traces=2)))
+    thresholds = {r["step"]: r["threshold"] for r in read_rows(out / "metrics.jsonl")}
+    traces = read_rows(out / "traces.jsonl")
+    assert sorted({t["step"] for t in traces}) == [1, 2, 3, 4, 5] and len(traces) == 10
+    assert all(t["threshold"] == thresholds[t["step"]] for t in traces)
+    moved = [s for s in range(1, 5) if thresholds[s] is not None and thresholds[s] != thresholds[s + 1]]
+    assert len(moved) >= 2  # the detector moved, so the next step's value would have been wrong
+
+
 def test_keep_last_and_resume_latest_finishes_identically(tiny_world, tmp_path):
     full = tmp_path / "full"
     train(load_config([], **tiny_args(tiny_world, full, steps=4)))
