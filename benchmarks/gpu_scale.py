@@ -273,8 +273,8 @@ def teacher_section(run: Run, student, teacher, ids, mask, chunks: list[int]) ->
     modes = [("post-hoc (baseline)", None)] + [(f"lockstep, chunk {c}", c) for c in chunks]
     res, ref = {}, None
     for name, chunk in modes:
-        term = None if chunk is None else detector.TrapDetector(window=min(64, s.decode_tokens), stride=64,
-                                                                exempt=s.exempt)  # inactive: never cuts
+        w = min(64, s.decode_tokens)
+        term = None if chunk is None else detector.TrapDetector(window=w, stride=w, exempt=s.exempt)  # inactive
         gen = torch.Generator(device=dev).manual_seed(1)
         timer.reset()
         out = {}
