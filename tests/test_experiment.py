@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from kat.config import Config, load_config
-from kat.experiment import (arm_overrides, markdown_table, pick_examples, run_shadow,
-                            run_table, shadow_rollouts, shadow_summary, summarize_run)
+from kat.experiments.arms import arm_overrides
+from kat.experiments.report import markdown_table, shadow_summary
+from kat.experiments.runs import summarize_run
+from kat.experiments.shadow import pick_examples, run_shadow, shadow_rollouts
+from kat.experiments.table import run_table
 from kat.plot import read_jsonl
 
 
