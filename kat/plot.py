@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 
@@ -90,7 +91,6 @@ def _trace_panel(ax, i: int, tr: dict, floor: float) -> None:
             ax.axvline(tr[key], color="k", ls=style, lw=1.2, label=label)
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor)
-    ax.set_xlim(0, max(n, 1))
     ax.set_ylabel("d_t and z\n(nats, log)", fontsize=8)
     ax.set_title(_panel_title(i, tr), fontsize=8, loc="left")
     ax.tick_params(labelsize=7)
@@ -111,6 +111,7 @@ def traces_figure(traces: list[dict], max_rows: int = 6, title: str = ""):
     fig, axes = plt.subplots(len(rows), 1, figsize=(13, 1.5 + 1.9 * len(rows)), sharex=True, squeeze=False)
     for i, (ax, tr) in enumerate(zip(axes[:, 0], rows)):
         _trace_panel(ax, i, tr, floor)
+    axes[-1, 0].set_xlim(0, max(len(t["kl"]) for t in rows))  # shared by every panel
     axes[-1, 0].set_xlabel("completion position t")
     handles: dict[str, object] = {}
     for ax in axes[:, 0]:
@@ -198,12 +199,14 @@ def learning_curves_figure(curves: dict[str, list[list[dict]]], title: str = "",
     {"step", "tokens", "<set>/avg@k", ...}. One line per arm, the mean over seeds, with a band of
     +-1 sample std over seeds; `references` ("<label> <set>/<metric>": value) as horizontal lines.
     """
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     keys = sorted({k for runs in curves.values() for c in runs for p in c for k in p
                    if k.endswith("/avg@k") or k.endswith("/pass@k")})
     keys = [k for k in keys if k.split("/")[0] == keys[0].split("/")[0]]  # first set: avg@k, pass@k
     seeds = sorted({len(runs) for runs in curves.values()})
-    fig, axes = plt.subplots(len(keys), 2, figsize=(13, 0.6 + 3.4 * len(keys)), squeeze=False)
+    fig, axes = plt.subplots(len(keys), 2, figsize=(12, 1.6 + 3.4 * len(keys)), squeeze=False)
     for i, (label, runs) in enumerate(curves.items()):
         ls, marker = ARM_STYLES[i % len(ARM_STYLES)]
         for row, key in enumerate(keys):
@@ -224,14 +227,18 @@ def learning_curves_figure(curves: dict[str, list[list[dict]]], title: str = "",
                                label=name.rsplit(" ", 1)[0])
             ax.set_ylabel(f"{key} (%)")
             ax.set_xlabel(("step", "tokens generated")[col])
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.80, 0.5), fontsize=8, frameon=False)
+    height = fig.get_size_inches()[1]
+    legend_rows = math.ceil(len(labels) / 3)
+    # below the panels, never over the data
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0))
     n = "/".join(map(str, seeds))
-    note = (f"lines: mean over {n} seed(s); shaded bands: ±1 std over seeds" if max(seeds) > 1
+    note = (f"lines: mean over {n} seeds; shaded bands: ±1 std over seeds" if max(seeds) > 1
             else "one seed: no band")
     fig.suptitle(f"{title}\n{note}" if title else note, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.80, 1))
+    fig.tight_layout(rect=(0, (0.25 + 0.2 * legend_rows) / height, 1, 1))
     return fig
 
 
@@ -245,6 +252,19 @@ def plot_learning_curves(curves: dict[str, list[list[dict]]], path: str, title: 
 
 # ---------------------------------------------------------------------------------------------
 # Would-be cut positions (shadow diagnostics)
+
+def _histogram(ax, values: list[list[int]], bins: list[int], colors: list[str], labels: list[str], title: str,
+               ylabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    counts = ax.hist(values, bins=bins, stacked=True, color=colors, label=labels)[0]
+    top = max([float(max(c)) for c in ([counts] if len(values) == 1 else counts[-1:])] + [1.0])
+    ax.set_ylim(0, 1.45 * top)  # head room for the legend above the bars
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, loc="upper right")
+
 
 def cut_positions_figure(records: dict[str, list[dict]], title: str = "", bin_width: int = 8):
     """Per point (column): where the would-be cuts fall, rollouts ending correct vs wrong (top), and
@@ -260,23 +280,17 @@ def cut_positions_figure(records: dict[str, list[dict]], title: str = "", bin_wi
     for col, (point, recs) in enumerate(records.items()):
         top = max([r["length"] for r in recs] + [bin_width])
         bins = list(range(0, top + bin_width, bin_width))
-        ax = axes[0, col]
         pos, labels = [], []
         for ok in (True, False):
             mine = [r for r in recs if r["correct"] == ok]
             pos.append([r["shadow_cut"] for r in mine if r["shadow_cut"] is not None])
             labels.append(f"ending {'correct' if ok else 'wrong'}: {len(pos[-1])} of {len(mine)} cut")
-        ax.hist(pos, bins=bins, color=["C2", "C3"], label=labels)  # side by side, one population: the cuts
-        ax.set_title(f"{point}: would-be cut positions", fontsize=9)
-        ax.set_ylabel("cut rollouts")
-        ax.legend(fontsize=7)
+        # stacked: one population (the cut rollouts), each bar split by how its rollouts end
+        _histogram(axes[0, col], pos, bins, ["C2", "C3"], labels, f"{point}: would-be cut positions", "cut rollouts")
         if with_errors:
-            ax = axes[1, col]
             errors = [r["first_error"] for r in recs if not r["correct"] and r.get("first_error") is not None]
-            ax.hist(errors, bins=bins, color="0.45", label=f"all {len(errors)} wrong rollouts with an error")
-            ax.set_title(f"{point}: first error of the wrong rollouts (another population)", fontsize=9)
-            ax.set_ylabel("wrong rollouts")
-            ax.legend(fontsize=7)
+            _histogram(axes[1, col], [errors], bins, ["0.45"], [f"all {len(errors)} wrong rollouts, cut or not"],
+                       f"{point}: first error of the wrong rollouts", "wrong rollouts")
         axes[-1, col].set_xlabel("completion position")
     if title:
         fig.suptitle(title, fontsize=10)

@@ -180,7 +180,8 @@ def pick_examples(records: list[dict], correct: bool, n: int = 4) -> list[dict]:
 def shadow_plots(records: dict[str, list[dict]], cfg: Config, out: str, label: str) -> dict:
     """The cut-position histogram and, per point and outcome, example traces; name -> path."""
     plots = {"cut_positions": plot_cut_positions(
-        records, os.path.join(out, f"shadow_{label}_cut_positions.png"), f"would-be cuts, {label} world")}
+        {f"student {p} training": recs for p, recs in records.items()},
+        os.path.join(out, f"shadow_{label}_cut_positions.png"), f"would-be cuts, {label} world")}
     students = {"before": f"the initial student ({cfg.student})",
                 "after": f"the student after the {cfg.steps}-step shadow run"}
     for point, recs in records.items():
