@@ -2,9 +2,12 @@
 learning curves of experiment arms over seeds, and the positions of would-be cuts.
 
     python -m kat plot RUN_DIR        # writes RUN_DIR/kl_traces.png and RUN_DIR/curves.png
+    python -m kat plot PICTURE.json   # redraws PICTURE.png from the data saved beside it
 
 Each picture has a ``*_figure`` function that returns the matplotlib Figure (what the tests inspect)
-and a ``plot_*`` function that saves it and returns the path.
+and a ``plot_*`` function that saves it and returns the path; with ``keep_data`` it also writes the
+numbers it was drawn from beside it (``<name>.json``), so experiment pictures can be redrawn from
+stored results without the runs.
 """
 
 from __future__ import annotations
@@ -38,9 +41,17 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str, dpi: int) -> str:
+def data_path(path: str) -> str:
+    """Where a picture's data file goes: beside it, .json for .png."""
+    return os.path.splitext(path)[0] + ".json"
+
+
+def _save(fig, path: str, dpi: int, data: dict | None = None) -> str:
     fig.savefig(path, dpi=dpi)
     _pyplot().close(fig)
+    if data is not None:  # what the picture is drawn from, so it can be redrawn without the runs (`redraw`)
+        with open(data_path(path), "w") as fh:
+            json.dump(data, fh, separators=(",", ":"))
     return path
 
 
@@ -126,11 +137,14 @@ def traces_figure(traces: list[dict], max_rows: int = 6, title: str = ""):
     return fig
 
 
-def plot_traces(traces: list[dict], path: str, max_rows: int = 6, title: str = "") -> str | None:
-    """traces_figure saved to `path`; None when there is nothing to draw."""
+def plot_traces(traces: list[dict], path: str, max_rows: int = 6, title: str = "",
+                keep_data: bool = False) -> str | None:
+    """traces_figure saved to `path` (and its data beside it with `keep_data`); None when there is
+    nothing to draw."""
     if not traces:
         return None
-    return _save(traces_figure(traces, max_rows, title), path, 110)
+    data = {"plot": "traces", "args": {"traces": traces, "max_rows": max_rows, "title": title}}
+    return _save(traces_figure(traces, max_rows, title), path, 110, data if keep_data else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,11 +257,13 @@ def learning_curves_figure(curves: dict[str, list[list[dict]]], title: str = "",
 
 
 def plot_learning_curves(curves: dict[str, list[list[dict]]], path: str, title: str = "",
-                         references: dict[str, float] | None = None) -> str | None:
-    """learning_curves_figure saved to `path`; None when no curve holds avg@k or pass@k."""
+                         references: dict[str, float] | None = None, keep_data: bool = False) -> str | None:
+    """learning_curves_figure saved to `path` (and its data beside it with `keep_data`); None when
+    no curve holds avg@k or pass@k."""
     if not any(k.endswith("@k") for runs in curves.values() for c in runs for p in c for k in p):
         return None
-    return _save(learning_curves_figure(curves, title, references), path, 100)
+    data = {"plot": "learning_curves", "args": {"curves": curves, "title": title, "references": references}}
+    return _save(learning_curves_figure(curves, title, references), path, 100, data if keep_data else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,8 +314,11 @@ def cut_positions_figure(records: dict[str, list[dict]], title: str = "", bin_wi
     return fig
 
 
-def plot_cut_positions(records: dict[str, list[dict]], path: str, title: str = "", bin_width: int = 8) -> str:
-    return _save(cut_positions_figure(records, title, bin_width), path, 100)
+def plot_cut_positions(records: dict[str, list[dict]], path: str, title: str = "", bin_width: int = 8,
+                       keep_data: bool = False) -> str:
+    """cut_positions_figure saved to `path` (and its data beside it with `keep_data`)."""
+    data = {"plot": "cut_positions", "args": {"records": records, "title": title, "bin_width": bin_width}}
+    return _save(cut_positions_figure(records, title, bin_width), path, 100, data if keep_data else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,12 +347,31 @@ def plot_run(run_dir: str) -> list[str]:
     return [p for p in made if p]
 
 
+def redraw(data_file: str) -> str:
+    """Draw a picture again from the data file saved beside it; returns the picture's path."""
+    with open(data_file) as fh:
+        data = json.load(fh)
+    draw = {"traces": plot_traces, "learning_curves": plot_learning_curves, "cut_positions": plot_cut_positions}
+    if not isinstance(data, dict) or data.get("plot") not in draw:
+        raise ValueError(f"{data_file}: not a picture's data file (its 'plot' must be one of {', '.join(draw)}); "
+                         "give the .json written beside an experiment's picture")
+    return draw[data["plot"]](**data["args"], path=os.path.splitext(data_file)[0] + ".png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kat plot", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a run's output_dir (holds metrics.jsonl and traces.jsonl)")
+    parser.add_argument("target", help="a run's output_dir (holds metrics.jsonl and traces.jsonl), or the .json "
+                        "data file beside an experiment's picture (redrawn into the .png of the same name)")
     args = parser.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
-        parser.error(f"{args.run_dir!r} holds no metrics.jsonl; give the output_dir of a training run")
-    for p in plot_run(args.run_dir):
+    if args.target.endswith(".json") and os.path.isfile(args.target):
+        try:
+            print(redraw(args.target))
+        except (ValueError, KeyError, TypeError) as err:
+            parser.error(str(err) if isinstance(err, ValueError) else f"{args.target}: malformed picture data ({err})")
+        return 0
+    if not os.path.isfile(os.path.join(args.target, "metrics.jsonl")):
+        parser.error(f"{args.target!r} holds no metrics.jsonl; give the output_dir of a training run or a "
+                     "picture's .json data file")
+    for p in plot_run(args.target):
         print(p)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +15,11 @@ from kat.config import Config, load_config
 from kat.experiments.arms import arm_overrides
 from kat.experiments.report import markdown_table, shadow_summary
 from kat.experiments.runs import summarize_run
-from kat.experiments.shadow import pick_examples, run_shadow, shadow_rollouts
+from kat.experiments.shadow import as_traces, pick_examples, run_shadow, shadow_rollouts
 from kat.experiments.table import run_table
 from kat.plot import read_jsonl
 
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_argv(world: dict) -> list[str]:
@@ -171,6 +173,18 @@ def test_shadow_rollouts_record_what_the_detector_decides(tiny_world):
             assert start >= 2 and r["z"][start + 3] < r["threshold"]
     assert any(r["shadow_cut"] is not None for r in recs) and all(not math.isnan(x) for r in recs for x in r["kl"])
 
+    # the example pictures draw the threshold each rollout was judged against, and its outcome
+    import matplotlib.pyplot as plt
+
+    from kat.plot import traces_figure
+
+    fig = traces_figure(as_traces(recs[:3], cfg))
+    for ax, r in zip(fig.axes, recs):
+        (thr,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("threshold")]
+        assert set(thr.get_ydata()) == {r["threshold"]}
+        assert ("answer correct" if r["correct"] else "answer wrong") in ax.get_title("left")
+    plt.close(fig)
+
 
 @pytest.mark.slow
 def test_shadow_experiment_summarises_its_rollout_files(tiny_world, tmp_path):
@@ -200,3 +214,32 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_world, tmp_path):
     assert not out.exists()
     assert lines[0].startswith("[shadow] world ") and "2 runs of 2 steps" in lines[0] and "3 graded batches" in lines[0]
     assert lines[1].startswith("[sensitivity] world ") and lines[1].endswith("arms: kat_p3, opd")
+
+
+# ---------------------------------------------------------------------------------------------
+# House rules for these modules
+
+def test_git_commit_names_this_checkout():
+    import subprocess
+
+    from kat.experiments.runs import git_commit
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    if head.returncode != 0:
+        assert git_commit() == "unknown"
+    else:
+        assert git_commit().removesuffix("+dirty") == head.stdout.strip()
+
+
+def test_experiment_modules_stay_small():
+    """No function over 80 lines and no module over 500 in the experiments, plots and toy stats."""
+    import ast
+
+    files = [*sorted((ROOT / "kat" / "experiments").glob("*.py")), ROOT / "kat" / "plot.py",
+             ROOT / "kat" / "toy" / "stats.py"]
+    for path in files:
+        text = path.read_text()
+        assert len(text.splitlines()) <= 500, path
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= 80, f"{path.name}: {node.name}"

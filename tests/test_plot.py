@@ -184,3 +184,32 @@ def test_plot_run_draws_the_runs_traces_and_curves(tmp_path):
     fig = curves_figure(rows)
     assert list(line(fig.axes[0], "loss").get_ydata()) == [1.0, 0.5, 1 / 3]
     assert list(line(fig.axes[3], "test/avg@k").get_xdata()) == [300.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures redrawn from their data files
+
+def test_experiment_pictures_redraw_from_the_data_saved_beside_them(tmp_path, capsys):
+    from kat.plot import data_path, main, plot_cut_positions, plot_learning_curves, plot_traces, redraw
+
+    curves = {"OPD": [curve([0.2, 0.4]), curve([0.3, 0.5])], "KAT": [curve([0.1, 0.3])] * 2}
+    recs = [{"length": 40, "correct": ok, "shadow_cut": c, "first_error": e}
+            for ok, c, e in ((True, 8, None), (False, 12, 10), (False, None, 3))]
+    made = [plot_learning_curves(curves, str(tmp_path / "curves.png"), "t", {"teacher test/avg@k": 0.9},
+                                 keep_data=True),
+            plot_cut_positions({"before": recs}, str(tmp_path / "cuts.png"), "c", keep_data=True),
+            plot_traces([trapped_trace()], str(tmp_path / "traces.png"), title="tr", keep_data=True)]
+    assert json.loads((tmp_path / "curves.json").read_text())["args"]["curves"] == curves
+    assert json.loads((tmp_path / "cuts.json").read_text())["args"]["records"] == {"before": recs}
+    for png in made:
+        first = (tmp_path / png).read_bytes()
+        (tmp_path / png).unlink()
+        assert redraw(data_path(png)) == png and (tmp_path / png).read_bytes() == first  # the same picture
+    assert main([str(tmp_path / "curves.json")]) == 0 and capsys.readouterr().out.strip() == made[0]
+
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "other.json")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "other.json: not a picture's data file" in err and "traces, learning_curves, cut_positions" in err

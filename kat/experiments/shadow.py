@@ -178,10 +178,12 @@ def pick_examples(records: list[dict], correct: bool, n: int = 4) -> list[dict]:
 
 
 def shadow_plots(records: dict[str, list[dict]], cfg: Config, out: str, label: str) -> dict:
-    """The cut-position histogram and, per point and outcome, example traces; name -> path."""
-    plots = {"cut_positions": plot_cut_positions(
-        {f"student {p} training": recs for p, recs in records.items()},
-        os.path.join(out, f"shadow_{label}_cut_positions.png"), f"would-be cuts, {label} world")}
+    """The cut-position histogram and, per point and outcome, example traces; name -> path. The data
+    of each picture is written beside it (kat.plot.redraw)."""
+    positions = {f"student {p} training": [{k: r.get(k) for k in ("length", "correct", "shadow_cut", "first_error")}
+                                           for r in recs] for p, recs in records.items()}
+    plots = {"cut_positions": plot_cut_positions(positions, os.path.join(out, f"shadow_{label}_cut_positions.png"),
+                                                 f"would-be cuts, {label} world", keep_data=True)}
     students = {"before": f"the initial student ({cfg.student})",
                 "after": f"the student after the {cfg.steps}-step shadow run"}
     for point, recs in records.items():
@@ -189,7 +191,8 @@ def shadow_plots(records: dict[str, list[dict]], cfg: Config, out: str, label: s
             name = f"shadow_{label}_{point}_traces_{'correct' if ok else 'wrong'}.png"
             title = (f"{label} world: shadow rollouts of {students.get(point, point)} that end "
                      f"{'correct' if ok else 'wrong'} (would-be cuts first); threshold held fixed")
-            plots[name] = plot_traces(as_traces(pick_examples(recs, ok), cfg), os.path.join(out, name), title=title)
+            plots[name] = plot_traces(as_traces(pick_examples(recs, ok), cfg), os.path.join(out, name), title=title,
+                                      keep_data=True)
     return plots
 
 

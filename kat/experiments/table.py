@@ -66,7 +66,7 @@ def table_world(name: str, arms: list[str], base: Config, seeds: int, out: str, 
     curves = plot_learning_curves({LABELS.get(a, a): [s["curve"] for s in summaries[a]]
                                    for a in sorted(summaries, key=ROW_ORDER.index)},
                                   os.path.join(out, f"{name}_{label}_curves.png"),
-                                  f"{name}, {label} world", refs)
+                                  f"{name}, {label} world", refs, keep_data=True)
     entry = {"config": base.to_dict(), "rows": rows, "matching": matching, "curves": curves,
              "minutes": (time.perf_counter() - t0) / 60}
     md = [f"## {label} world ({seeds} seed(s), mean ± std over seeds)", "", setup_line(base), "",
