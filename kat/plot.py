@@ -76,6 +76,8 @@ def _panel_title(i: int, tr: dict) -> str:
         parts.append(f"would be cut at {tr['shadow_cut']} (shadow)")
     thr = tr.get("threshold")
     parts.append("no threshold yet (warm-up)" if thr is None else f"threshold s = {thr:.3g}")
+    if thr is not None and thr <= 0:  # the zscore rule's mean - kappa * std can be negative
+        parts.append("not drawn: below the log axis, z >= 0 never falls under it")
     return "; ".join(parts)
 
 
@@ -89,7 +91,7 @@ def _trace_panel(ax, i: int, tr: dict, floor: float) -> None:
     starts = decision_windows(tr)
     ax.plot(starts, [max(z[s], floor) for s in starts], ls="none", marker="o", ms=3, mfc="none", color="C0",
             label=f"windows the detector scores\n    (every stride={tr['stride']} tokens)")
-    if thr is not None:
+    if thr is not None and thr > 0:
         ax.axhline(thr, color="C3", ls="--", lw=1, label="threshold s used for this batch")
         low = [s for s in starts if s >= exempt and z[s] < thr]
         ax.plot(low, [max(z[s], floor) for s in low], ls="none", marker="o", ms=3.5, color="C3",
@@ -151,7 +153,7 @@ def plot_traces(traces: list[dict], path: str, max_rows: int = 6, title: str = "
 # A run's training curves
 
 def curves_figure(metrics: list[dict]):
-    """Loss, KL, cut rate, threshold and length against step; evaluation accuracy against tokens."""
+    """Loss, KL, cut rate and length against step; evaluation accuracy against tokens generated."""
     plt = _pyplot()
     train = [m for m in metrics if "eval" not in m and "skipped" not in m]
     evals = [m for m in metrics if "eval" in m]

@@ -105,6 +105,14 @@ def test_trace_legend_sits_beside_the_panels_and_shadow_cuts_are_dotted():
     assert len(legend.get_texts()) >= 6
 
 
+def test_a_negative_threshold_is_named_not_drawn():
+    tr = {**trapped_trace(), "threshold": -0.14, "cut": None, "stop": 0}
+    ax = traces_figure([tr]).axes[0]
+    assert ax.get_ylim()[0] == pytest.approx(1e-4) and ax.get_yscale() == "log"
+    assert not [ln for ln in ax.get_lines() if ln.get_label().startswith(("threshold", "scored windows with"))]
+    assert "threshold s = -0.14; not drawn: below the log axis" in ax.get_title("left")
+
+
 # ---------------------------------------------------------------------------------------------
 # Learning curves
 
