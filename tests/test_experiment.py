@@ -15,7 +15,7 @@ from kat.config import Config, load_config
 from kat.experiments.arms import arm_overrides
 from kat.experiments.report import markdown_table, shadow_summary
 from kat.experiments.runs import summarize_run
-from kat.experiments.shadow import as_traces, pick_examples, run_shadow, shadow_rollouts
+from kat.experiments.shadow import as_traces, pick_examples, run_shadow, shadow_rollouts, train_problems
 from kat.experiments.table import run_table
 from kat.plot import read_jsonl
 
@@ -184,6 +184,31 @@ def test_shadow_rollouts_record_what_the_detector_decides(tiny_world):
         assert set(thr.get_ydata()) == {r["threshold"]}
         assert ("answer correct" if r["correct"] else "answer wrong") in ax.get_title("left")
     plt.close(fig)
+
+
+def test_shadow_batches_are_the_training_loops_batches(tiny_world, tmp_path):
+    """At the same step the shadow loop samples the prompts and tokens, and scores the KL, that
+    kat.train.train does (its traces hold the step's rollouts, sampled before the update)."""
+    from kat.detector import TrapDetector
+    from kat.models import load_model
+    from kat.train import train
+
+    cfg = load_config(tiny_argv(tiny_world) + ["--steps", "1", "--eval_data", "", "--n_traces", "4", "--shadow",
+                                               "true", "--output_dir", str(tmp_path / "run")])
+    train(cfg)
+    traces = read_jsonl(tmp_path / "run" / "traces.jsonl")
+    tok = tiny_world["tokenizer"]
+    student = load_model(cfg.student, "", torch.float32, "student").eval()
+    teacher = load_model(cfg.teacher, "", torch.float32, "teacher").eval()
+    detector = TrapDetector(window=4, stride=2, patience=1, exempt=2, eta=0.5, min_buffer=1, warmup_steps=0,
+                            shadow=True)
+    detector.load_state_dict({"rule": "quantile", "buffer": torch.tensor([0.1], dtype=torch.float64),
+                              "steps_done": 1, "z_mean": None, "z_var": None})  # armed: no calibration batch
+    recs = shadow_rollouts(student, teacher, tok, train_problems(tok, cfg), cfg, detector, batches=1)
+    assert len(recs) == len(traces) == 4 and {r["step"] for r in recs} == {0}
+    for r, t in zip(recs, traces):
+        assert r["completion"] == "".join(x for x in t["tokens"] if x not in tok.all_special_tokens)
+        assert r["kl"] == t["kl"] and r["length"] == len(t["tokens"])
 
 
 @pytest.mark.slow
