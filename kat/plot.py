@@ -1,5 +1,7 @@
-"""Every picture of the project: KL traces with the detector's decisions, a run's training curves,
-learning curves of experiment arms over seeds, and the positions of would-be cuts.
+"""Every picture of the project: KL traces, a run's curves, learning curves of arms, cut positions.
+
+KL traces show the detector's decisions; learning curves compare experiment arms over seeds; cut
+positions show where shadow-mode cuts would fall.
 
     python -m kat plot RUN_DIR        # writes RUN_DIR/kl_traces.png and RUN_DIR/curves.png
     python -m kat plot PICTURE.json   # redraws PICTURE.png from the data saved beside it

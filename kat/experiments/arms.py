@@ -84,7 +84,8 @@ def base_config(argv: list[str], world: str | None) -> Config:
 def check_arms(arms: list[str]) -> None:
     unknown = [a for a in arms if a not in STATIC_ARMS and a not in LENGTH_MATCHED]
     if unknown:
-        raise ConfigError(f"--only: unknown arm(s) {unknown}; choose from {', '.join(TABLE1_ARMS + SENSITIVITY_ARMS)}")
+        known = ", ".join(dict.fromkeys(TABLE1_ARMS + SENSITIVITY_ARMS))
+        raise ConfigError(f"--only: unknown arm(s) {unknown}; choose from {known}")
 
 
 def arm_overrides(arm: str, base: Config, kat: dict | None = None) -> dict:

@@ -1,5 +1,7 @@
-"""Experiments built on the training loop: the paper's Table 1 with the controls it lacked, shadow-mode
-diagnostics of the detector, and a sensitivity sweep.
+"""Experiments on the training loop: Table 1 with length-matched controls, shadow diagnostics, sensitivity.
+
+The paper's Table 1 with the controls it lacked, shadow-mode diagnostics of the detector, and a
+sensitivity sweep of its settings.
 
     python -m kat experiment table1 --config configs/toy.yaml --seeds 3 [--steps N] [--out DIR]
                                     [--only ARMS] [--world rich|plain|rich,plain] [--key value ...]
