@@ -6,15 +6,20 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
 
 from kat.config import Config, load_config
-from kat.experiment import (arm_overrides, markdown_table, pick_examples, run_shadow,
-                            run_table, shadow_rollouts, shadow_summary, summarize_run)
+from kat.experiments.arms import arm_overrides
+from kat.experiments.report import markdown_table, shadow_summary
+from kat.experiments.runs import summarize_run
+from kat.experiments.shadow import as_traces, pick_examples, run_shadow, shadow_rollouts, train_problems
+from kat.experiments.table import run_table
 from kat.plot import read_jsonl
 
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_argv(world: dict) -> list[str]:
@@ -168,6 +173,43 @@ def test_shadow_rollouts_record_what_the_detector_decides(tiny_world):
             assert start >= 2 and r["z"][start + 3] < r["threshold"]
     assert any(r["shadow_cut"] is not None for r in recs) and all(not math.isnan(x) for r in recs for x in r["kl"])
 
+    # the example pictures draw the threshold each rollout was judged against, and its outcome
+    import matplotlib.pyplot as plt
+
+    from kat.plot import traces_figure
+
+    fig = traces_figure(as_traces(recs[:3], cfg))
+    for ax, r in zip(fig.axes, recs):
+        (thr,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("threshold")]
+        assert set(thr.get_ydata()) == {r["threshold"]}
+        assert ("answer correct" if r["correct"] else "answer wrong") in ax.get_title("left")
+    plt.close(fig)
+
+
+def test_shadow_batches_are_the_training_loops_batches(tiny_world, tmp_path):
+    """At the same step the shadow loop samples the prompts and tokens, and scores the KL, that
+    kat.train.train does (its traces hold the step's rollouts, sampled before the update)."""
+    from kat.detector import TrapDetector
+    from kat.models import load_model
+    from kat.train import train
+
+    cfg = load_config(tiny_argv(tiny_world) + ["--steps", "1", "--eval_data", "", "--n_traces", "4", "--shadow",
+                                               "true", "--output_dir", str(tmp_path / "run")])
+    train(cfg)
+    traces = read_jsonl(tmp_path / "run" / "traces.jsonl")
+    tok = tiny_world["tokenizer"]
+    student = load_model(cfg.student, "", torch.float32, "student").eval()
+    teacher = load_model(cfg.teacher, "", torch.float32, "teacher").eval()
+    detector = TrapDetector(window=4, stride=2, patience=1, exempt=2, eta=0.5, min_buffer=1, warmup_steps=0,
+                            shadow=True)
+    detector.load_state_dict({"rule": "quantile", "buffer": torch.tensor([0.1], dtype=torch.float64),
+                              "steps_done": 1, "z_mean": None, "z_var": None})  # armed: no calibration batch
+    recs = shadow_rollouts(student, teacher, tok, train_problems(tok, cfg), cfg, detector, batches=1)
+    assert len(recs) == len(traces) == 4 and {r["step"] for r in recs} == {0}
+    for r, t in zip(recs, traces):
+        assert r["completion"] == "".join(x for x in t["tokens"] if x not in tok.all_special_tokens)
+        assert r["kl"] == t["kl"] and r["length"] == len(t["tokens"])
+
 
 @pytest.mark.slow
 def test_shadow_experiment_summarises_its_rollout_files(tiny_world, tmp_path):
@@ -197,3 +239,32 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_world, tmp_path):
     assert not out.exists()
     assert lines[0].startswith("[shadow] world ") and "2 runs of 2 steps" in lines[0] and "3 graded batches" in lines[0]
     assert lines[1].startswith("[sensitivity] world ") and lines[1].endswith("arms: kat_p3, opd")
+
+
+# ---------------------------------------------------------------------------------------------
+# House rules for these modules
+
+def test_git_commit_names_this_checkout():
+    import subprocess
+
+    from kat.experiments.runs import git_commit
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    if head.returncode != 0:
+        assert git_commit() == "unknown"
+    else:
+        assert git_commit().removesuffix("+dirty") == head.stdout.strip()
+
+
+def test_experiment_modules_stay_small():
+    """No function over 80 lines and no module over 500 in the experiments, plots and toy stats."""
+    import ast
+
+    files = [*sorted((ROOT / "kat" / "experiments").glob("*.py")), ROOT / "kat" / "plot.py",
+             ROOT / "kat" / "toy" / "stats.py"]
+    for path in files:
+        text = path.read_text()
+        assert len(text.splitlines()) <= 500, path
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= 80, f"{path.name}: {node.name}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -234,28 +235,97 @@ def test_shipped_rich_teacher_solves_test_problems_greedily():
 # statistics helpers
 
 def test_window_means_match_a_direct_loop():
-    from kat.toy.stats import window_means
+    from kat.detector import window_means  # the one the stats and the plots use
 
     g = torch.Generator().manual_seed(0)
     kl = torch.rand(30, generator=g, dtype=torch.float64).float()
-    z = window_means(kl, 25, 8)
+    z = window_means(kl[:25], 8)
     expected = [sum(kl[t - 7: t + 1].double().tolist()) / 8 for t in range(7, 25)]
-    assert z.tolist() == pytest.approx(expected, abs=1e-6)
-    assert window_means(kl, 5, 8).numel() == 0
+    assert z[7:].tolist() == pytest.approx(expected, abs=1e-6)
+    assert z[:7].isnan().all() and window_means(kl[:5], 8).isnan().all()
 
 
 def test_offline_detector_cuts_a_long_low_stretch_at_its_first_window():
-    from kat.toy.stats import simulate_detector
+    from kat.toy.stats import replay_detector
 
     healthy = torch.full((64,), 0.3)
     trapped = torch.full((64,), 0.3)
     trapped[24:] = 0.0  # agreement from token 24 on
     kl = torch.stack([healthy, healthy, healthy, trapped])
-    cuts, threshold = simulate_detector(kl, [64] * 4, window=8, stride=8, patience=2, exempt=8, eta=0.3)
+    cuts, threshold = replay_detector(kl, [64] * 4, window=8, stride=8, patience=2, exempt=8, eta=0.3)
     # minima 0.3, 0.3, 0.3, 0.0 -> 70% quantile is 0.3; z < 0.3 only in the trapped row
     assert threshold == pytest.approx(0.3)
     # windows end at 7, 15, ...; the first all-low window is [24, 31], the second confirms
     assert cuts == [None, None, None, 24]
+
+
+def reference_windows(rows: list[list[float]], lengths: list[int], window: int, stride: int) -> list[dict]:
+    """Per row, z_t by window end t at the positions the detector evaluates (float64)."""
+    return [{t: sum(row[t - window + 1: t + 1]) / window for t in range(window - 1, n) if (t + 1) % stride == 0}
+            for row, n in zip(rows, lengths)]
+
+
+def reference_cuts(rows: list[list[float]], lengths: list[int], *, window: int, stride: int, patience: int,
+                   exempt: int, eta: float) -> tuple[list[int | None], float]:
+    """The detector's rules in plain float64 Python, the threshold calibrated on the same rollouts."""
+    zs = reference_windows(rows, lengths, window, stride)
+    minima = sorted(min(z.values()) for z in zs if z)  # every evaluated window, exempt ones too
+    pos = (1 - eta) * (len(minima) - 1)  # numpy's linear quantile
+    lo = math.floor(pos)
+    s = minima[lo] + (pos - lo) * (minima[min(lo + 1, len(minima) - 1)] - minima[lo])
+    cuts = []
+    for z in zs:
+        run, start, cut = 0, None, None
+        for t in sorted(z):
+            if t - window + 1 < exempt:  # a window decides only if it starts at or after exempt
+                continue
+            run = run + 1 if z[t] < s else 0
+            start = t - window + 1 if run == 1 else start
+            if run == patience:
+                cut = start
+                break
+        cuts.append(cut)
+    return cuts, s
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stats_cuts_equal_trap_detectors_on_the_same_kl(seed):
+    """The stats replay (shadow mode, chunks of 8) cuts where a cutting TrapDetector fed in other
+    chunks cuts once its buffer holds the same minima, and where the float64 rules say."""
+    from kat.detector import TrapDetector
+    from kat.toy.stats import replay_detector
+
+    g = torch.Generator().manual_seed(seed)
+    batch, width = 23, 70  # 0.7 * 22 is not an integer: the threshold lies strictly between two minima
+    kl = torch.rand(batch, width, generator=g) ** 3 * 2  # (B, T) heavy near zero, like d_t
+    for b in range(0, batch, 3):  # planted low stretches at random places
+        a = int(torch.randint(0, width - 20, (1,), generator=g))
+        kl[b, a: a + int(torch.randint(8, 40, (1,), generator=g))] *= 0.01
+    lengths = torch.randint(5, width + 1, (batch,), generator=g).tolist()
+    valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+    kl = kl * valid
+    settings = [dict(window=8, stride=4, patience=2, exempt=8, eta=0.3),
+                dict(window=8, stride=8, patience=1, exempt=0, eta=0.3),
+                dict(window=6, stride=4, patience=3, exempt=5, eta=0.5)]
+    fired_somewhere = False
+    for kw in settings:
+        cuts, threshold = replay_detector(kl, lengths, **kw)
+        ref_cuts, ref_s = reference_cuts(kl.double().tolist(), lengths, **kw)
+        assert threshold == pytest.approx(ref_s, rel=1e-12) and cuts == ref_cuts
+
+        # the detector as training runs it: cutting, fed 3 tokens at a time, these minima buffered
+        det = TrapDetector(rule="quantile", buffer_size=64, min_buffer=1, warmup_steps=0, **kw)
+        minima = [min(z.values()) for z in reference_windows(kl.double().tolist(), lengths, kw["window"],
+                                                             kw["stride"]) if z]
+        det.load_state_dict({"rule": "quantile", "buffer": torch.tensor(minima, dtype=torch.float64),
+                             "steps_done": 1, "z_mean": None, "z_var": None})
+        state = det.start(batch)
+        for t0 in range(0, width, 3):
+            det.observe(state, kl[:, t0: t0 + 3], valid[:, t0: t0 + 3])
+        assert state.threshold == pytest.approx(threshold, rel=1e-12)
+        assert [int(c) if f else None for c, f in zip(state.cut.tolist(), state.fired.tolist())] == cuts
+        fired_somewhere |= any(c is not None for c in cuts)
+    assert fired_somewhere
 
 
 def test_sft_is_deterministic_for_a_seed():

@@ -10,7 +10,8 @@ model over the finished sequences gives the per-token reverse KL
 Each rollout is traced against the world's rules (``kat.toy.world.trace``): where its first
 error is, and where it starts repeating a step. The command prints mean d on correct rollouts,
 before / at / after the first error of wrong ones, and inside repetitions; the completion-length
-distribution; and what an offline window-mean detector with a quantile threshold would cut.
+distribution; and what `TrapDetector` (quantile rule, replayed in shadow mode over the finished
+rollouts, threshold calibrated on them) would cut.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import argparse
 import json
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from kat.evaluate import render_prompts
+from kat.detector import TrapDetector
+from kat.data import render_prompt
 from kat.scorer import reverse_kl
 from kat.toy.world import MAX_COMPLETION_CHARS, Trace, parse_prompt, read_jsonl, trace
 
@@ -47,8 +49,8 @@ def sample_and_score(student, teacher, tokenizer, prompts: Sequence[str], *, max
                      temperature: float = 1.0, seed: int = 0) -> Scored:
     """Student rollouts at ``temperature``, then one forward of each model over the whole sequences."""
     torch.manual_seed(seed)
-    enc = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True, padding_side="left",
-                    add_special_tokens=False)
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     out = student.generate(**enc, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,  # 0: no top-k cut
                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                            eos_token_id=tokenizer.eos_token_id)
@@ -73,41 +75,33 @@ def sample_and_score(student, teacher, tokenizer, prompts: Sequence[str], *, max
     return Scored(texts, kl, mask, ended)
 
 
-def window_means(kl: Tensor, length: int, window: int) -> Tensor:
-    """z_t = (1/W) sum_{i=t-W+1..t} d_i for t = W-1 .. length-1 (full windows only)."""
-    if length < window:
-        return kl.new_zeros(0)
-    csum = torch.cat([kl.new_zeros(1), kl[:length].double().cumsum(0)])  # (length+1,)
-    return ((csum[window:] - csum[:-window]) / window).float()  # (length-W+1,) entry j is z at t = W-1+j
+def feed(detector: TrapDetector, kl: Tensor, valid: Tensor, chunk: int = 8):
+    """One batch through the detector as the sampler feeds it: start, observe C positions at a time."""
+    state = detector.start(kl.shape[0])
+    for t0 in range(0, kl.shape[1], chunk):
+        detector.observe(state, kl[:, t0: t0 + chunk], valid[:, t0: t0 + chunk])  # (B, C), (B, C)
+    return state
 
 
-def simulate_detector(kl: Tensor, lengths: Sequence[int], *, window: int, stride: int, patience: int,
-                      exempt: int, eta: float) -> tuple[list[int | None], float]:
-    """Cut positions (None = kept) of an offline quantile-rule detector, and its threshold.
+def replay_detector(kl: Tensor, lengths: Sequence[int], *, window: int, stride: int, patience: int, exempt: int,
+                    eta: float, chunk: int = 8) -> tuple[list[int | None], float]:
+    """Would-be cut positions (None = kept) of `TrapDetector` (quantile rule, shadow mode) on a batch
+    of finished rollouts, and the threshold they were judged against.
 
-    Windows are evaluated every ``stride`` tokens at ends t >= max(W-1, exempt); the threshold is
-    the (1 - eta) quantile of the per-rollout minima of those windows, calibrated on this batch;
-    ``patience`` consecutive windows below it confirm a trap, cut at the start of the first one.
+    Training calibrates the threshold on earlier batches; here it comes from this batch: the
+    detector sees the batch once (end_batch pushes its per-rollout minima into an empty buffer,
+    s = Q_{1-eta} of them) and then again with s fixed, its decisions recorded. Everything else is
+    the detector's own rules (windows every `stride` tokens, minima over all of them, decisions only
+    for windows starting at or after `exempt`, cut at the start of the first of `patience` low ones).
     """
-    evaluated = []
-    for row, n in zip(kl, lengths):
-        z = window_means(row, n, window)
-        ends = [t for t in range(window - 1, n, stride) if t >= exempt]
-        evaluated.append([(t, float(z[t - window + 1])) for t in ends])
-    minima = [min(v for _, v in e) for e in evaluated if e]
-    if not minima:
-        return [None] * len(evaluated), float("nan")
-    threshold = float(torch.tensor(minima).quantile(1.0 - eta))
-    cuts = []
-    for e in evaluated:
-        run, cut = [], None
-        for t, v in e:
-            run = run + [t] if v < threshold else []
-            if len(run) == patience:
-                cut = run[0] - window + 1
-                break
-        cuts.append(cut)
-    return cuts, threshold
+    valid = torch.arange(kl.shape[1])[None, :] < torch.as_tensor(lengths)[:, None]  # (B, T)
+    detector = TrapDetector(rule="quantile", window=window, stride=stride, patience=patience, exempt=exempt,
+                            eta=eta, buffer_size=max(1, kl.shape[0]), min_buffer=1, warmup_steps=0, shadow=True)
+    detector.end_batch(feed(detector, kl, valid, chunk), step=0)
+    if not detector.active:  # no rollout as long as one window: nothing to calibrate on
+        return [None] * kl.shape[0], float("nan")
+    state = feed(detector, kl, valid, chunk)
+    return [int(c) if c >= 0 else None for c in state.would_cut.tolist()], float(state.threshold)
 
 
 def _mean(xs: list[float]) -> float:
@@ -157,7 +151,7 @@ def detector_table(scored: Scored, traces: list[Trace], grid: list[dict] = DETEC
     lengths = scored.mask.sum(-1).tolist()
     rows = []
     for setting in grid:
-        cuts, threshold = simulate_detector(scored.kl, lengths, **setting)
+        cuts, threshold = replay_detector(scored.kl, lengths, **setting)
         correct = [c for c, tr in zip(cuts, traces) if tr.correct]
         wrong = [(c, tr) for c, tr in zip(cuts, traces) if not tr.correct and tr.repeat_start is None]
         rep = [(c, tr) for c, tr in zip(cuts, traces) if tr.repeat_start is not None]
@@ -218,7 +212,8 @@ def print_stats(res: dict) -> None:
     print(f"\ncompletion length (tokens, EOS included): mean {L['mean']:.1f}  min {L['min']}  p10 {L['p10']:.0f}  "
           f"median {L['median']:.0f}  p90 {L['p90']:.0f}  max {L['max']}")
     print("  " + "  ".join(f"{k}:{v}" for k, v in L["histogram"].items()))
-    print("\noffline quantile detector (threshold = Q_{1-eta} of this batch's per-rollout window minima)")
+    print("\nTrapDetector replayed in shadow mode over these rollouts (threshold = Q_{1-eta} of their per-rollout\n"
+          "minima of z; decisions from windows starting at or after exempt)")
     print(f"  {'W':>3} {'stride':>6} {'pat':>3} {'exempt':>6} {'thresh':>7} {'cut correct':>11} {'cut wrong':>9} "
           f"{'cut repeat':>10} {'wrong: cut>=err':>15} {'rep: cut in rep':>15}")
     for r in res["detector"]:

@@ -1,0 +1,178 @@
+"""Summaries and tables: runs of an arm reduced over seeds, shadow rollouts reduced to rates, and
+their markdown."""
+
+from __future__ import annotations
+
+import statistics
+
+from kat.config import Config
+from kat.experiments.arms import LABELS, LENGTH_MATCHED, ROW_ORDER, describe_overrides
+from kat.experiments.runs import eval_specs
+
+TRAIN_COLUMNS = ("mean_length", "kept_length", "cut_rate", "tokens", "train_s", "wall_s")
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (n - 1) over seeds; std is None for a single seed."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "values": list(values)}
+
+
+def table_rows(summaries: dict[str, list[dict]], teacher: list[dict]) -> list[dict]:
+    """Rows of the table: teacher, student before (from each seed's first run), then the arms.
+
+    Each statistic is the mean and std over seeds; train_s_vs_opd is the ratio of an arm's training
+    time to OPD's in the same seed.
+    """
+    rows = []
+    if teacher:
+        rows.append({"arm": "teacher", "seeds": len(teacher),
+                     "stats": {k: mean_std([t[k] for t in teacher]) for k in teacher[0]}})
+    firsts = [runs[0] for runs in zip(*summaries.values())] if summaries else []
+    if firsts and firsts[0]["before"]:
+        rows.append({"arm": "before", "seeds": len(firsts), "runs": [s["run_dir"] for s in firsts],
+                     "stats": {k: mean_std([s["before"][k] for s in firsts]) for k in firsts[0]["before"]}})
+    for arm in sorted(summaries, key=ROW_ORDER.index):
+        runs = summaries[arm]
+        stats = {k: mean_std([s["after"][k] for s in runs]) for k in runs[0]["after"]}
+        stats.update({k: mean_std([s[k] for s in runs]) for k in TRAIN_COLUMNS})
+        if "opd" in summaries:  # the machine's load drifts between seeds; within a seed arms run back to back
+            stats["train_s_vs_opd"] = mean_std([s["train_s"] / o["train_s"] for s, o in zip(runs, summaries["opd"])])
+        rows.append({"arm": arm, "seeds": len(runs), "runs": [s["run_dir"] for s in runs], "stats": stats})
+    for row in rows:
+        row["label"] = LABELS.get(row["arm"], row["arm"])
+    return rows
+
+
+def fmt(stat: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+    """'mean ± std' of a mean_std dict ('-' when missing, the mean alone for one seed)."""
+    if stat is None:
+        return "-"
+    text = f"{scale * stat['mean']:.{digits}f}"
+    return text if stat["std"] is None else f"{text} ± {scale * stat['std']:.{digits}f}"
+
+
+def markdown_table(rows: list[dict], ks: dict[str, int] | None = None) -> str:
+    """avg@k, pass@k and the eval length per evaluation set (`ks`: each set's k), then the training columns."""
+    sets = sorted({key.split("/")[0] for r in rows for key in r["stats"] if key.endswith("/avg@k")})
+    k = {s: (ks or {}).get(s, "k") for s in sets}
+    head = [f"{s} {m}@{k[s]}" for s in sets for m in ("avg", "pass")] + [f"{s} eval length" for s in sets]
+    head += ["gen. length", "kept length", "cut rate", "tokens generated", "train s", "train time / OPD", "wall s"]
+    lines = ["| arm | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for r in rows:
+        st = r["stats"].get
+        cells = [fmt(st(f"{s}/{m}@k"), 100) for s in sets for m in ("avg", "pass")]
+        cells += [fmt(st(f"{s}/mean_length")) for s in sets]
+        cells += [fmt(st("mean_length")), fmt(st("kept_length")), fmt(st("cut_rate"), 100),
+                  fmt(st("tokens"), digits=0), fmt(st("train_s"), digits=0), fmt(st("train_s_vs_opd"), digits=2),
+                  fmt(st("wall_s"), digits=0)]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def matching_line(matching: dict) -> str:
+    """What each seed's length-matched arms were set to, from its KAT run."""
+    return "Length matching per seed: " + "; ".join(
+        f"seed {s}: KAT generated {m['kat_mean_length']:.1f} / kept {m['kat_kept_length']:.1f} tokens per "
+        "rollout" + "".join(f", {a} {describe_overrides(o)}" for a, o in m.items() if a in LENGTH_MATCHED)
+        for s, m in matching.items())
+
+
+def eval_sets_text(cfg: Config) -> str:
+    return ", ".join(f"{s.name} ({s.limit or 'all'} problems x k={s.k})" for s in eval_specs(cfg))
+
+
+def setup_line(cfg: Config) -> str:
+    det = (f"quantile eta={cfg.eta}" if cfg.rule == "quantile" else f"zscore kappa={cfg.kappa}")
+    return (f"{cfg.steps} steps x {cfg.batch_size} prompts x {cfg.samples_per_prompt} samples, "
+            f"max_new_tokens {cfg.max_new_tokens}, loss {cfg.loss}, lr {cfg.lr}; detector W={cfg.window} "
+            f"stride={cfg.stride} patience={cfg.patience} exempt={cfg.exempt} {det}; evaluation: "
+            + eval_sets_text(cfg) + f" at temperature {cfg.eval_temperature}, every {cfg.eval_every} steps")
+
+
+def plan_line(name: str, order: list[str], seeds: int, cfg: Config, label: str) -> str:
+    """What an experiment will run, printed before it starts."""
+    evals = (cfg.steps - 1) // cfg.eval_every + 2  # before, periodic ones, after
+    return (f"[{name}] world {label}: {len(order)} arms x {seeds} seeds = {len(order) * seeds} runs of {cfg.steps} "
+            f"steps x {cfg.batch_size * cfg.samples_per_prompt} rollouts (<= {cfg.max_new_tokens} tokens), "
+            f"{evals} evaluations per run on {eval_sets_text(cfg) or 'no set'}; arms: {', '.join(order)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shadow diagnostics
+
+def share(hits: list[bool]) -> float | None:
+    return sum(hits) / len(hits) if hits else None
+
+
+def shadow_summary(records: list[dict]) -> dict:
+    """What the shadow detector would have cut, split by how the rollouts end.
+
+    correct_given_cut: of the rollouts it would cut, the share that still end correct (cuts of
+    recoverable rollouts). cut_rate_wrong vs cut_rate_correct: the separation the method rests on.
+    With toy positions: of cut wrong rollouts, the share cut at or after their first error; of cut
+    repeating rollouts, the share cut inside the repetition.
+    """
+    cut = [r["shadow_cut"] is not None for r in records]
+    right = [r["correct"] for r in records]
+    out = {
+        "n": len(records),
+        "accuracy": share(right),
+        "cut_rate": share(cut),
+        "correct_given_cut": share([ok for ok, c in zip(right, cut) if c]),
+        "cut_rate_correct": share([c for ok, c in zip(right, cut) if ok]),
+        "cut_rate_wrong": share([c for ok, c in zip(right, cut) if not ok]),
+        "cut_positions": sorted(r["shadow_cut"] for r in records if r["shadow_cut"] is not None),
+        "threshold": records[0]["threshold"] if records else None,
+    }
+    pos = out["cut_positions"]
+    out["cut_position_mean"] = statistics.fmean(pos) if pos else None
+    out["cut_position_median"] = statistics.median(pos) if pos else None
+    if records and "first_error" in records[0]:
+        out.update(toy_summary(records))
+    return out
+
+
+def toy_summary(records: list[dict]) -> dict:
+    """Where the cuts fall relative to the toy world's first error and first repetition."""
+    wrong_cut = [r for r in records if not r["correct"] and r["shadow_cut"] is not None]
+    rep = [r for r in records if r.get("repeat_start") is not None]
+    return {
+        "repeat_rate": share([r.get("repeat_start") is not None for r in records]),
+        "cut_rate_repeating": share([r["shadow_cut"] is not None for r in rep]),
+        "cut_rate_wrong_no_repeat": share([r["shadow_cut"] is not None for r in records
+                                           if not r["correct"] and r.get("repeat_start") is None]),
+        "wrong_cut_at_or_after_error": share([r["first_error"] is not None and r["shadow_cut"] >= r["first_error"]
+                                              for r in wrong_cut]),
+        "repeat_cut_inside_repeat": share([r["shadow_cut"] >= r["repeat_start"] for r in rep
+                                           if r["shadow_cut"] is not None]),
+    }
+
+
+SHADOW_ROWS = (
+    ("n", "rollouts", None), ("accuracy", "accuracy", 100), ("threshold", "threshold s", 1),
+    ("cut_rate", "would-be cut (all)", 100), ("correct_given_cut", "cut rollouts that still end correct", 100),
+    ("cut_rate_correct", "cut rate, rollouts ending correct", 100),
+    ("cut_rate_wrong", "cut rate, rollouts ending wrong", 100), ("repeat_rate", "rollouts repeating a step", 100),
+    ("cut_rate_repeating", "cut rate, repeating rollouts", 100),
+    ("cut_rate_wrong_no_repeat", "cut rate, wrong without repetition", 100),
+    ("wrong_cut_at_or_after_error", "cut wrong rollouts cut at/after their first error", 100),
+    ("repeat_cut_inside_repeat", "cut repeating rollouts cut inside the repetition", 100),
+    ("cut_position_median", "median cut position", 1),
+)
+
+
+def shadow_markdown(summary: dict[str, dict]) -> str:
+    """One column per point (before / after training), one row per statistic (percentages)."""
+    points = list(summary)
+    lines = ["| | " + " | ".join(f"student {p} training" for p in points) + " |", "|---" * (len(points) + 1) + "|"]
+    for key, name, scale in SHADOW_ROWS:
+        if not any(key in summary[p] for p in points):
+            continue
+        cells = []
+        for p in points:
+            v = summary[p].get(key)
+            cells.append("-" if v is None else str(v) if scale is None else
+                         f"{scale * v:.1f}%" if scale == 100 else f"{v:.3g}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

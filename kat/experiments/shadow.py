@@ -1,0 +1,262 @@
+"""Shadow-mode diagnostics: does the detector cut rollouts that would have ended correct?
+
+A KAT run with `shadow=True` (rollouts run to their end, would-be cuts only recorded), then fresh
+batches of training prompts sampled from the student before training and from the trained student,
+each rollout graded: of the rollouts KAT would cut, how many still end correct, and the cut rate on
+rollouts that end wrong vs right. The batches are the ones training would draw (kat.data.step_prompts,
+kat.data.step_generator), prompts loaded, filtered and rendered as kat.train does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from kat.config import Config
+from kat.data import encode_prompts, filter_long_prompts, load_problems, render_prompt, step_generator, step_prompts
+from kat.detector import window_means
+from kat.experiments.arms import STATIC_ARMS, base_config, world_name
+from kat.experiments.report import plan_line, setup_line, shadow_markdown, shadow_summary
+from kat.experiments.runs import git_commit, run_arm, summarize_run
+from kat.plot import plot_cut_positions, plot_traces, read_jsonl
+from kat.rollout import STOP_NAMES
+
+POINTS = ("before", "after")
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop's prompts
+
+def train_problems(tokenizer, cfg: Config) -> list[dict]:
+    """The training prompts as kat.train.train reads them: loaded, and those whose rendered prompt
+    exceeds max_prompt_length dropped (with kat.data's warning)."""
+    render_kw = {"system_prompt": cfg.system_prompt, "instruction": cfg.instruction}
+    return filter_long_prompts(tokenizer, load_problems(cfg.train_data, split=cfg.train_split,
+                               prompt_field=cfg.prompt_field, answer_field=cfg.answer_field),
+                               cfg.max_prompt_length, render_kw=render_kw, name="train_data")
+
+
+def step_inputs(tokenizer, problems: list[dict], step: int, cfg: Config, rank: int = 0, world: int = 1,
+                device: torch.device | str = "cpu"):
+    """What kat.train.train samples at `step` on process `rank`: the rows' problems (each prompt
+    repeated samples_per_prompt times), their encoded prompts (B, P) and the step's generator."""
+    batch = step_prompts(problems, step, cfg.batch_size, rank, world, cfg.seed)
+    rows = [p for p in batch for _ in range(cfg.samples_per_prompt)]
+    texts = [render_prompt(tokenizer, p["prompt"], system_prompt=cfg.system_prompt, instruction=cfg.instruction)
+             for p in rows]
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, texts, device)  # (B, P), (B, P)
+    return rows, prompt_ids, prompt_mask, step_generator(cfg.seed, step, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graded shadow rollouts
+
+def toy_positions(text: str, prompt: str, grader: str) -> dict:
+    """First error and first repetition of a toy completion (one character = one token)."""
+    if grader != "exact":
+        return {}
+    from kat.toy.world import parse_prompt, trace
+
+    try:
+        tr = trace(text, parse_prompt(prompt))
+    except ValueError:  # not a toy prompt
+        return {}
+    return {"first_error": tr.first_error, "repeat_start": tr.repeat_start}
+
+
+def graded_records(rollout, rows: list[dict], step: int, threshold: float | None, tokenizer, cfg: Config) -> list[dict]:
+    """One record per row: completion, grade, would-be cut, the threshold it was judged against, d and z."""
+    from kat.evaluate import grade
+
+    records = []
+    for b, p in enumerate(rows):
+        n = int(rollout.completion_mask[b].sum())
+        kl = rollout.kl[b, :n].float()  # (n,)
+        # decoded as kat.evaluate decodes completions for grading: special tokens dropped
+        text = tokenizer.decode(rollout.completion_ids[b, :n].tolist(), skip_special_tokens=True)
+        cut = int(rollout.shadow_cut[b])
+        records.append({
+            "step": step, "prompt": p["prompt"], "answer": str(p["answer"]), "completion": text,
+            "length": n, "stop": STOP_NAMES[int(rollout.stop[b])], "shadow_cut": cut if cut >= 0 else None,
+            "correct": grade(text, str(p["answer"]), cfg.grader), "threshold": threshold,
+            "kl": [round(x, 6) for x in kl.tolist()],
+            "z": [None if math.isnan(x) else round(x, 6) for x in window_means(kl, cfg.window).tolist()],
+            **toy_positions(text, p["prompt"], cfg.grader)})
+    return records
+
+
+@torch.no_grad()
+def shadow_rollouts(student, teacher, tokenizer, problems: list[dict], cfg: Config, detector, *, batches: int,
+                    first_step: int = 0, max_calibration: int = 100) -> list[dict]:
+    """Sample training batches with a shadow detector; one graded record per rollout.
+
+    The prompts are those training would see at steps first_step, first_step + 1, ... . While the
+    detector is not active yet (a fresh detector), batches only calibrate it (`end_batch` fills its
+    buffer); then `batches` batches are recorded with the threshold held fixed, so every recorded
+    decision uses the same threshold, the one each record carries.
+    """
+    from kat.models import eos_ids
+    from kat.sampler import sample
+
+    if not getattr(detector, "shadow", False):
+        raise ValueError("detector: shadow_rollouts needs a TrapDetector built with shadow=True")
+    eos = eos_ids(tokenizer, student)
+    records, step, calibrated = [], first_step, 0
+    while len(records) < batches * cfg.batch_size * cfg.samples_per_prompt:
+        rows, ids, mask, gen = step_inputs(tokenizer, problems, step, cfg)
+        rollout, state = sample(student, teacher, ids, mask, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
+                                pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
+                                chunk=cfg.chunk, terminator=detector, generator=gen)
+        step += 1
+        if not state.active:
+            if calibrated >= max_calibration:
+                raise RuntimeError(f"detector still inactive after {calibrated} calibration batches; check "
+                                   "min_buffer and warmup_steps")
+            detector.end_batch(state, calibrated)
+            calibrated += 1
+            continue
+        records += graded_records(rollout, rows, step - 1, state.threshold, tokenizer, cfg)
+    return records
+
+
+def diagnose(run_dir: str, cfg: Config, point: str, teacher, tokenizer, problems: list[dict], batches: int,
+             log=print) -> list[dict]:
+    """Graded shadow rollouts of the student before (`point` 'before') or after ('after') a shadow run.
+
+    Before: the initial student, a fresh detector calibrated on its own rollouts. After: the run's
+    trained student and the detector state of its last checkpoint. Cached in the run directory.
+    """
+    from kat.models import align_vocab, load_model
+    from kat.train import build_terminator
+
+    path = os.path.join(run_dir, "diagnostics", f"rollouts_{point}.jsonl")
+    if os.path.isfile(path):
+        return read_jsonl(path)
+    detector, student_path = build_terminator(cfg), cfg.student
+    if point == "after":
+        ckpt = os.path.join(run_dir, f"checkpoint-{cfg.steps:06d}", "terminator.pt")
+        detector.load_state_dict(torch.load(ckpt, weights_only=False))
+        student_path = os.path.join(run_dir, "student")
+    student = load_model(student_path, "", torch.float32, "student").eval()
+    align_vocab(student, teacher, tokenizer)  # as kat.train.train does: one logit width for both models
+    t0 = time.perf_counter()
+    records = shadow_rollouts(student, teacher, tokenizer, problems, cfg, detector, batches=batches,
+                              first_step=cfg.steps)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+    log(f"  shadow seed {cfg.seed} {point}: {len(records)} rollouts in {time.perf_counter() - t0:.0f} s")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+
+def as_traces(records: list[dict], cfg: Config) -> list[dict]:
+    """Records in the format of traces.jsonl (plus outcome and prompt), for kat.plot.plot_traces."""
+    return [{"step": 0, "tokens": [""] * r["length"], "kl": r["kl"], "z": r["z"], "threshold": r["threshold"],
+             "window": cfg.window, "stride": cfg.stride, "exempt": cfg.exempt, "cut": None,
+             "shadow_cut": r["shadow_cut"], "stop": STOP_NAMES.index(r["stop"]), "correct": r["correct"],
+             "prompt": r["prompt"]} for r in records]
+
+
+def pick_examples(records: list[dict], correct: bool, n: int = 4) -> list[dict]:
+    """Up to n rollouts of different prompts that end correct (or wrong), would-be-cut ones first."""
+    rows = [r for r in records if r["correct"] == correct]
+    picked, prompts = [], set()
+    for r in [r for r in rows if r["shadow_cut"] is not None] + [r for r in rows if r["shadow_cut"] is None]:
+        if r["prompt"] not in prompts and len(picked) < n:
+            picked.append(r)
+            prompts.add(r["prompt"])
+    return picked
+
+
+def shadow_plots(records: dict[str, list[dict]], cfg: Config, out: str, label: str) -> dict:
+    """The cut-position histogram and, per point and outcome, example traces; name -> path. The data
+    of each picture is written beside it (kat.plot.redraw)."""
+    positions = {f"student {p} training": [{k: r.get(k) for k in ("length", "correct", "shadow_cut", "first_error")}
+                                           for r in recs] for p, recs in records.items()}
+    plots = {"cut_positions": plot_cut_positions(positions, os.path.join(out, f"shadow_{label}_cut_positions.png"),
+                                                 f"would-be cuts, {label} world", keep_data=True)}
+    students = {"before": f"the initial student ({cfg.student})",
+                "after": f"the student after the {cfg.steps}-step shadow run"}
+    for point, recs in records.items():
+        for ok in (True, False):
+            name = f"shadow_{label}_{point}_traces_{'correct' if ok else 'wrong'}.png"
+            title = (f"{label} world: shadow rollouts of {students.get(point, point)} that end "
+                     f"{'correct' if ok else 'wrong'} (would-be cuts first); threshold held fixed")
+            plots[name] = plot_traces(as_traces(pick_examples(recs, ok), cfg), os.path.join(out, name), title=title,
+                                      keep_data=True)
+    return plots
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment
+
+def shadow_world(base: Config, seeds: int, out: str, label: str, batches: int, log=print) -> tuple[dict, list[str]]:
+    """Shadow runs and graded rollouts of one world: its entry of shadow.json and its markdown lines."""
+    from kat.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(base.student, base.student_gguf)
+    teacher = load_model(base.teacher, base.teacher_gguf, torch.float32, "teacher").eval()
+    problems = train_problems(tokenizer, base)
+    records: dict[str, list[dict]] = {p: [] for p in POINTS}
+    runs = []
+    for k in range(seeds):
+        cfg = replace(base, seed=base.seed + k)
+        cfg = replace(cfg, output_dir=os.path.join(out, label, "shadow", f"seed{cfg.seed}"))
+        runs.append(summarize_run(run_arm(cfg, "shadow", cfg.seed, log)))
+        for point in records:
+            records[point] += diagnose(cfg.output_dir, cfg, point, teacher, tokenizer, problems, batches, log)
+    summary = {p: shadow_summary(r) for p, r in records.items()}
+    plots = shadow_plots(records, base, out, label)
+    training_rate = statistics.fmean(r["shadow_rate"] for r in runs)
+    entry = {"config": base.to_dict(), "summary": summary, "plots": plots,
+             "shadow_runs": [r["run_dir"] for r in runs], "shadow_rate_during_training": training_rate}
+    md = [f"## {label} world ({seeds} seed(s); {batches} batches of "
+          f"{base.batch_size * base.samples_per_prompt} rollouts per seed and point)", "", setup_line(base), "",
+          shadow_markdown(summary), "",
+          f"Would-be cut rate over the shadow run's own training rollouts (warm-up included): "
+          f"{100 * training_rate:.1f}%.", "",
+          f"![cut positions]({os.path.basename(plots['cut_positions'])})", ""]
+    return entry, md
+
+
+def run_shadow(argv: list[str], seeds: int, out: str, worlds: list[str | None], batches: int = 8,
+               dry_run: bool = False, command: str = "", log=print) -> dict:
+    """Shadow KAT runs, then graded shadow rollouts of the student before and after training.
+
+    Finished runs and graded rollouts found under `out` are reused (`run_arm`, `diagnose`).
+    """
+    result = {"command": command, "commit": git_commit(), "worlds": {}}
+    md = ["# Shadow-mode diagnostics", "", f"`{command}` at commit {result['commit']} (runs and graded rollouts "
+          "found in the output directory are reused, not redone)", "",
+          "A KAT run with shadow=True (nothing cut, would-be cuts recorded). Then, with its settings, batches "
+          "of training prompts sampled by the student before training (detector calibrated on that student's "
+          "own rollouts first) and by the student after the shadow run (detector state of its last checkpoint), "
+          "threshold held fixed, every rollout graded.", ""]
+    if not dry_run:
+        os.makedirs(out, exist_ok=True)
+    for world in worlds:
+        base = replace(base_config(argv, world), **STATIC_ARMS["shadow"])
+        label = world or world_name(base)
+        log(plan_line("shadow", ["shadow"], seeds, base, label) + f"; then {batches} graded batches of "
+            f"{base.batch_size * base.samples_per_prompt} rollouts per seed before and after training")
+        if dry_run:
+            continue
+        result["worlds"][label], lines = shadow_world(base, seeds, out, label, batches, log)
+        md += lines
+    if dry_run:
+        return result
+    with open(os.path.join(out, "shadow.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    with open(os.path.join(out, "shadow.md"), "w") as fh:
+        fh.write("\n".join(md))
+    log(f"wrote {os.path.join(out, 'shadow.md')} and shadow.json")
+    return result
