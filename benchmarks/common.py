@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import platform
 import re
 import resource
@@ -194,16 +193,7 @@ def describe_device(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """The checkout's commit; KAT_COMMIT overrides it (a copied tree may carry stale git metadata)."""
-    if os.environ.get("KAT_COMMIT"):
-        return os.environ["KAT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
+    return import_kat("experiments.runs").git_commit()
 
 
 def header(device: torch.device, command: str) -> str:

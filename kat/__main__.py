@@ -5,7 +5,7 @@
     python -m kat models prune --model PATH --layers N --out DIR   a layer-pruned copy (kat.models)
     python -m kat toy build [--world rich|plain]                   rebuild the toy world's checkpoints
     python -m kat toy stats [--world rich|plain]                   KL statistics of the toy world
-    python -m kat experiment table1|shadow|sensitivity ...         the paper's experiments (kat.experiment)
+    python -m kat experiment table1|shadow|sensitivity ...         the paper's experiments (kat.experiments)
     python -m kat plot ...                                         figures from a run (kat.plot)
     python -m kat bench ...                                        speed/memory benchmarks (kat.bench)
 
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 # Commands that own their whole argument list: everything after the command name is passed on.
 _DELEGATED = {
     "train": ("kat.train", "distil a student from a teacher (on-policy distillation with KAT)"),
-    "experiment": ("kat.experiment", "paper-style experiments: table1, shadow, sensitivity"),
+    "experiment": ("kat.experiments.cli", "paper-style experiments: table1, shadow, sensitivity"),
     "plot": ("kat.plot", "draw figures from a training run"),
     "bench": ("kat.bench", "speed and memory benchmarks"),
     "models": ("kat.models", "model utilities: prune (a layer-pruned copy of a model)"),

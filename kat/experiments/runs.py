@@ -24,7 +24,10 @@ from kat.plot import read_jsonl
 
 def git_commit() -> str:
     """Short hash of the checkout this code runs from, '+dirty' with uncommitted changes to tracked
-    files; 'unknown' outside a git checkout."""
+    files; 'unknown' outside a git checkout. KAT_COMMIT overrides it (a copied tree can carry stale
+    git metadata)."""
+    if os.environ.get("KAT_COMMIT"):
+        return os.environ["KAT_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
