@@ -85,7 +85,8 @@ def sampled(toy, student, n: int, max_new_tokens: int = 32, seed: int = 0, first
     return r, batch, state
 
 
-def make_trainer(toy, student, tmp_path, detector=None, n_prompts: int = 16, score_batch_size=None, **overrides):
+def make_trainer(toy, student, tmp_path, detector=None, n_prompts: int = 16, score_batch_size=None,
+                 reuse_teacher: bool = True, **overrides):
     from datasets import Dataset
     from trl import DistillationConfig
 
@@ -102,7 +103,7 @@ def make_trainer(toy, student, tmp_path, detector=None, n_prompts: int = 16, sco
         return KATDistillationTrainer(model=student, teacher_model=toy["teacher"], args=DistillationConfig(**args),
                                       train_dataset=Dataset.from_dict({"prompt": prompts}),
                                       processing_class=toy["tok"], detector=detector,
-                                      score_batch_size=score_batch_size)
+                                      score_batch_size=score_batch_size, reuse_teacher=reuse_teacher)
 
 
 def reference_kl(student, teacher, batch, temperature: float = 1.0) -> torch.Tensor:
@@ -246,6 +247,44 @@ def test_masked_trl_loss_equals_opd_loss(trl, toy, tmp_path, one_thread):
     assert abs((full_sum / full_n).item() - loss_kat.item()) > 1e-3
 
 
+def test_reused_teacher_hidden_states_give_trls_loss_without_a_second_teacher_pass(trl, toy, tmp_path, one_thread):
+    from kat.integrations.trl import TEACHER_HIDDEN
+
+    student = toy_student().train()
+    _, batch, _ = sampled(toy, student, 8)
+    calls = []
+    hook = toy["teacher"].base_model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        trainer = make_trainer(toy, student, tmp_path, detector=armed(), score_batch_size=3)
+        out = trainer.select_tokens(dict(batch))
+        assert len(calls) == 3  # the scoring pass, in pieces of 3 rows
+        hidden = out[TEACHER_HIDDEN]
+        T = batch["completion_ids"].shape[1]
+        assert hidden.shape == (8, T, toy["teacher"].config.hidden_size)
+        # what TRL's loss would compute from the teacher for these tokens
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        with torch.no_grad():
+            own = super(type(trainer), trainer)._get_last_hidden_state(toy["teacher"], ids, mask, T)
+        torch.testing.assert_close(hidden, own, rtol=1e-5, atol=1e-5)
+        del calls[:]
+        losses, grads = [], []
+        for inputs in (out, {k: v for k, v in out.items() if k != TEACHER_HIDDEN}):
+            loss = trainer.compute_loss(student, inputs)
+            loss.backward()
+            losses.append(loss.item())
+            grads.append([p.grad.clone() for p in student.parameters()])
+            student.zero_grad()
+        assert len(calls) == 1  # only the loss without the kept states ran the teacher
+    finally:
+        hook.remove()
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    no_reuse = make_trainer(toy, student, tmp_path, detector=armed(), reuse_teacher=False)
+    assert TEACHER_HIDDEN not in no_reuse.select_tokens(dict(batch))
+
+
 def test_two_step_run_trains_on_kept_tokens_over_micro_batches(trl, toy, tmp_path, one_thread):
     """2 optimiser steps, each over 2 micro-batches of 4 rows (gradient accumulation), plain SGD:
     the first update equals -lr times the gradient of sum_kept d_t / (kept tokens of the step)."""
@@ -269,7 +308,13 @@ def test_two_step_run_trains_on_kept_tokens_over_micro_batches(trl, toy, tmp_pat
         return out
 
     trainer.select_tokens = recording
-    trainer.train()
+    rows = []  # rows through the teacher's decoder, per call
+    hook = toy["teacher"].base_model.register_forward_hook(lambda m, a, out: rows.append(out[0].shape[0]))
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
+    assert sum(rows) == 16  # each row once: the scoring pass, whose states both micro-batches' loss reuse
     assert trainer.state.global_step == 2 and len(seen) == 2 and all(b["completion_ids"].shape[0] == 8 for b in seen)
     assert trainer.detector.steps_done == 2 and trainer.detector.buffer.numel() == 1 + 16
 
@@ -430,3 +475,26 @@ def test_import_without_trl_names_the_install(monkeypatch):
     assert "trl" in kat.integrations.__doc__
     with pytest.raises(ImportError, match=r"needs TRL >= 1.16 .*pip install 'kat\[trl\]'"):
         import kat.integrations.trl  # noqa: F401
+
+
+def test_example_runs_as_written(trl, toy, tmp_path, capsys, monkeypatch):
+    """examples/trl_kat.py on a tiny budget: it trains, prints its step lines and saves the student."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trl_kat_example", ROOT / "examples" / "trl_kat.py")
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(example)
+    threads = torch.get_num_threads()
+    try:
+        example.main(["--output_dir", str(tmp_path / "run"), "--max_steps", "3", "--per_device_train_batch_size", "8",
+                      "--max_completion_length", "24", "--eval_limit", "4", "--eval_k", "1", "--kat_min_buffer", "8",
+                      "--kat_warmup_steps", "1", "--use_cpu", "true"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == ["1", "2", "3"]
+    assert "before: avg@1" in out and "after: avg@1" in out
+    step2 = next(line for line in out.splitlines() if line.startswith("step    2"))
+    assert "threshold -" not in step2  # the detector calibrated on step 1's 8 completions
+    assert (tmp_path / "run" / "model.safetensors").is_file()

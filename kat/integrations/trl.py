@@ -10,7 +10,9 @@ selects the reverse KL, whose per-token term is the paper's
 step (`select_tokens`):
 
 1. score: one forward of the student and one of the teacher over prompt + completion, without
-   gradient, give d_t at every generated position (at TRL's loss temperature, 1 by default);
+   gradient, give d_t at every generated position (at TRL's loss temperature, 1 by default).
+   The teacher's last hidden states are kept and handed to TRL's loss, which would otherwise
+   run the teacher's decoder again for the same tokens;
 2. detect: the `kat.detector.TrapDetector` runs over each completion's d_t. The whole completion
    goes in as one chunk: a row's decisions depend only on its own past d_t and on the threshold,
    which is fixed during a step, so this cuts exactly where feeding it while decoding would;
@@ -24,8 +26,9 @@ What this keeps, against the lockstep sampler of `kat train`: KAT's choice of to
 detector on the same d_t). What it gives up: the generation that stopping early saves. TRL's
 decoder runs every completion to EOS or ``max_completion_length`` and KAT sees d_t only after
 that; in exchange it needs nothing from the decoder, so it works with TRL's vLLM generation.
-It also pays for d_t with that extra no-grad forward of each model: TRL's loss computes d_t as
-well, but inside its own forward, after the kept-token count it divides by must be known.
+It also pays for d_t before the loss: one more forward of the student without gradient and one
+more pass of the teacher's head (TRL's loss computes d_t too, but inside its own forward, after
+the kept-token count it divides by must already be known).
 
     from kat import TrapDetector
     from kat.integrations.trl import KATDistillationTrainer
@@ -64,12 +67,14 @@ except ImportError as err:  # the rest of kat never needs TRL
     raise ImportError(f"kat.integrations.trl needs TRL >= 1.16 (its DistillationTrainer); install it with "
                       f"`pip install 'kat[trl]'` or `pip install 'trl>=1.16'` ({err})") from err
 # The hook overrides these methods of TRL's trainer (private API, tested with trl 1.16.0).
-_HOOKS = ("_generate_and_score_completions", "_save_checkpoint", "_load_optimizer_and_scheduler")
+_HOOKS = ("_generate_and_score_completions", "_compute_loss", "_get_last_hidden_state", "_save_checkpoint",
+          "_load_optimizer_and_scheduler")
 if not all(hasattr(DistillationTrainer, m) for m in _HOOKS):
     raise ImportError(f"kat.integrations.trl: trl {trl.__version__}'s DistillationTrainer lacks one of {_HOOKS}, "
                       "which KAT's hook overrides; install the tested version with `pip install 'trl==1.16.0'`")
 
 DETECTOR_FILE = "kat_detector.pt"
+TEACHER_HIDDEN = "kat_teacher_hidden"  # batch key: the teacher's (B, T, H) hidden states from the scoring pass
 
 # Batch keys of vision-language models: the scoring forward passes text only.
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
@@ -86,30 +91,57 @@ def _completion_logits(model, input_ids: Tensor, attention_mask: Tensor, complet
 
 
 @torch.no_grad()
-def completion_kl(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                  completion_mask: Tensor, *, temperature: float = 1.0, rows: int | None = None,
-                  logits_to_keep: bool = True) -> Tensor:
-    """Reverse KL d_t at every completion position: (B, T) float32, 0 where completion_mask is 0.
+def score_completions(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                      completion_mask: Tensor, *, temperature: float = 1.0, rows: int | None = None,
+                      logits_to_keep: bool = True, teacher_backbone=None) -> tuple[Tensor, Tensor | None]:
+    """Reverse KL d_t at every completion position, and optionally the teacher's hidden states.
 
     d_t = KL(p || q) with p = softmax(s / tau), q = softmax(t / tau) for student and teacher
     logits s, t: the per-token term of TRL's loss at ``beta=1`` (its ``temperature`` tau scales
     both). Prompts left-padded, completions right-padded, as TRL builds them. One forward of each
     model per `rows` rows (all at once by default), accumulation in fp32 (`kat.scorer.reverse_kl`).
+
+    Returns kl (B, T) float32, 0 where completion_mask is 0, and, when `teacher_backbone` (the
+    teacher's decoder stack, ``teacher.base_model``) is given and returns ``last_hidden_state``,
+    the (B, T, H) hidden states that predict the completion tokens: what TRL's loss computes from
+    the teacher before its head, so it need not run the teacher again. Otherwise None.
     """
     batch, completion_len = completion_ids.shape
     rows = rows or batch
-    parts = []
-    for i in range(0, batch, rows):
-        sl = slice(i, i + rows)
-        ids = torch.cat([prompt_ids[sl], completion_ids[sl]], dim=1)  # (b, P + T)
-        mask = torch.cat([prompt_mask[sl], completion_mask[sl]], dim=1)  # (b, P + T)
-        s = _completion_logits(student, ids, mask, completion_len, logits_to_keep)  # (b, T, V)
-        t = _completion_logits(teacher, ids, mask, completion_len, logits_to_keep)  # (b, T, V)
-        if temperature != 1.0:
-            s, t = s / temperature, t / temperature
-        kl = reverse_kl(s, t.to(s.device))  # (b, T) KL(p_student || q_teacher)
-        parts.append(torch.where(completion_mask[sl].bool(), kl, 0.0))
-    return torch.cat(parts)
+    kls, hiddens = [], []
+    captured: list = []
+    hook = (teacher_backbone.register_forward_hook(lambda m, a, out: captured.append(out))
+            if teacher_backbone is not None else None)
+    try:
+        for i in range(0, batch, rows):
+            sl = slice(i, i + rows)
+            ids = torch.cat([prompt_ids[sl], completion_ids[sl]], dim=1)  # (b, P + T)
+            mask = torch.cat([prompt_mask[sl], completion_mask[sl]], dim=1)  # (b, P + T)
+            s = _completion_logits(student, ids, mask, completion_len, logits_to_keep)  # (b, T, V)
+            captured.clear()
+            t = _completion_logits(teacher, ids, mask, completion_len, logits_to_keep)  # (b, T, V)
+            if temperature != 1.0:
+                s, t = s / temperature, t / temperature
+            kl = reverse_kl(s, t.to(s.device))  # (b, T) KL(p_student || q_teacher)
+            kls.append(torch.where(completion_mask[sl].bool(), kl, 0.0))
+            h = getattr(captured[-1], "last_hidden_state", None) if captured else None  # (b, P + T, H)
+            hiddens.append(None if h is None else h[:, -(completion_len + 1) : -1].contiguous())  # (b, T, H)
+    finally:
+        if hook is not None:
+            hook.remove()
+    hidden = torch.cat(hiddens) if hiddens and all(h is not None for h in hiddens) else None
+    return torch.cat(kls), hidden
+
+
+def completion_kl(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                  completion_mask: Tensor, *, temperature: float = 1.0, rows: int | None = None,
+                  logits_to_keep: bool = True) -> Tensor:
+    """Reverse KL d_t at every completion position: (B, T) float32, 0 where completion_mask is 0.
+
+    See `score_completions`, which also returns the teacher's hidden states.
+    """
+    return score_completions(student, teacher, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                             temperature=temperature, rows=rows, logits_to_keep=logits_to_keep)[0]
 
 
 def trap_mask(detector, kl: Tensor, valid: Tensor) -> tuple[TerminatorState, Tensor]:
@@ -140,11 +172,16 @@ class KATDistillationTrainer(DistillationTrainer):
         would-be cuts and trains on everything.
     score_batch_size: rows per scoring forward (default: ``per_device_train_batch_size``); the
         scoring pass holds (rows, completion length, vocabulary) logits of both models at once.
+    reuse_teacher: keep the teacher's last hidden states from the scoring forward and hand them
+        to TRL's loss instead of running the teacher's decoder again (default True). Costs one
+        (generation batch, completion length, teacher hidden size) tensor per step in the
+        teacher's dtype; False trades that memory for a second teacher forward.
 
     Evaluation runs TRL's loss over every token and leaves the detector as it is.
     """
 
-    def __init__(self, *args, detector=None, score_batch_size: int | None = None, **kwargs):
+    def __init__(self, *args, detector=None, score_batch_size: int | None = None, reuse_teacher: bool = True,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if self.teacher_model is None:
             raise ValueError("KATDistillationTrainer needs teacher_model: KAT's cuts come from the teacher's "
@@ -159,6 +196,8 @@ class KATDistillationTrainer(DistillationTrainer):
             raise ValueError(f"score_batch_size must be a positive integer, got {score_batch_size!r}")
         self.detector = detector
         self.score_batch_size = int(score_batch_size or self.args.per_device_train_batch_size)
+        self.reuse_teacher = bool(reuse_teacher)
+        self._teacher_hidden: Tensor | None = None  # (b, T, H) for the micro-batch whose loss is running
 
     # -- the hook: after TRL's generation, before its loss ----------------------------------------
 
@@ -186,11 +225,15 @@ class KATDistillationTrainer(DistillationTrainer):
             valid = valid & batch["tool_mask"].bool()
         step = self.state.global_step
         if getattr(self.detector, "needs_kl", True):
-            kl = completion_kl(self.model_wrapped, self.teacher_model, batch["prompt_ids"], batch["prompt_mask"],
-                               batch["completion_ids"], batch["completion_mask"], temperature=self.temperature,
-                               rows=self.score_batch_size,
-                               logits_to_keep="logits_to_keep" in self.model_kwarg_keys)  # (B, T)
+            backbone = self.accelerator.unwrap_model(self.teacher_model).base_model if self.reuse_teacher else None
+            kl, hidden = score_completions(
+                self.model_wrapped, self.teacher_model, batch["prompt_ids"], batch["prompt_mask"],
+                batch["completion_ids"], batch["completion_mask"], temperature=self.temperature,
+                rows=self.score_batch_size, logits_to_keep="logits_to_keep" in self.model_kwarg_keys,
+                teacher_backbone=backbone)  # (B, T), (B, T, H) or None
             self._check_finite(kl, valid, step)
+            if hidden is not None:  # split and shuffled with the rest of the batch by TRL
+                batch[TEACHER_HIDDEN] = hidden
         else:
             kl = torch.zeros(valid.shape, device=valid.device)
         state, kept = trap_mask(self.detector, kl, valid)
@@ -199,6 +242,23 @@ class KATDistillationTrainer(DistillationTrainer):
         self._log_selection(state, kl, valid, kept)
         self.detector.end_batch(state, step)
         return batch
+
+    # -- TRL's loss: the teacher's hidden states from the scoring pass instead of a second forward ---
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        self._teacher_hidden = inputs.get(TEACHER_HIDDEN)
+        try:
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        finally:
+            self._teacher_hidden = None
+
+    def _get_last_hidden_state(self, unwrapped_model, *args, **kwargs):
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        if (self._teacher_hidden is not None and unwrapped_model is teacher
+                and unwrapped_model is not self.accelerator.unwrap_model(self.model)):  # not self-distillation
+            hidden, self._teacher_hidden = self._teacher_hidden, None
+            return hidden
+        return super()._get_last_hidden_state(unwrapped_model, *args, **kwargs)
 
     def _check_finite(self, kl: Tensor, valid: Tensor, step: int) -> None:
         """Stop on non-finite d_t on every process together (one alone would leave the others
