@@ -20,9 +20,12 @@ step, gradient clipping at 1.0, fp32, no gradient checkpointing, the whole batch
 Each run draws its own samples (three samplers, three random streams), so the tokens differ a
 little between runs. A step is timed from the start of generation to the end of the optimiser
 step (TRL: `on_step_begin` to `on_step_end` of a callback; kat train: ``time_rollout +
-time_learn`` of metrics.jsonl). The table covers the steps where the detector may cut (after its
-warm-up: steps 6 onwards), the same step numbers for every run; ``--repeats`` runs the three
-again in rotated order, for a shared machine whose load changes.
+time_learn`` of metrics.jsonl), in wall time and in CPU time of the training thread (with
+``--threads 1`` all of torch's work runs on it; on a shared machine CPU time barely moves with
+the load while wall time does; kat train: its `sample` and `learn` calls, which hold all but the
+prompt encoding). The table covers the steps where the detector may cut (after its warm-up:
+steps 6 onwards), the same step numbers for every run; ``--repeats`` runs the three again in
+rotated order.
 """
 
 from __future__ import annotations
@@ -72,13 +75,14 @@ def run_trl(cfg, texts: list[list[str]], kat: bool, out: str) -> list[dict]:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.seconds = []
+            self.seconds, self.cpu = [], []
 
         def on_step_begin(self, args, state, control, **kw):
-            self._start = time.perf_counter()
+            self._start, self._cpu = time.perf_counter(), time.thread_time()
 
         def on_step_end(self, args, state, control, **kw):
             self.seconds.append(time.perf_counter() - self._start)
+            self.cpu.append(time.thread_time() - self._cpu)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.student, padding_side="left")
     student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
@@ -106,24 +110,43 @@ def run_trl(cfg, texts: list[list[str]], kat: bool, out: str) -> list[dict]:
         trainer.train()
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     assert len(logs) == len(timer.seconds) == cfg.steps
-    return [{"seconds": s, "tokens": h["completions/mean_length"] * rows,
+    return [{"seconds": s, "cpu": c, "tokens": h["completions/mean_length"] * rows,
              "kept": h.get("kat/kept_length", h["completions/mean_length"]) * rows,
-             "cut_rate": h.get("kat/cut_rate", 0.0)} for s, h in zip(timer.seconds, logs)]
+             "cut_rate": h.get("kat/cut_rate", 0.0)} for s, c, h in zip(timer.seconds, timer.cpu, logs)]
 
 
 def run_kat(cfg) -> list[dict]:
-    """One `kat train` run; per step from its metrics.jsonl."""
-    from kat.train import train
+    """One `kat train` run; per step from its metrics.jsonl, plus the CPU time of its sampling and
+    learning calls (wrapped here: the loop has no callbacks)."""
+    import kat.train as loop
 
-    with contextlib.redirect_stdout(sys.stderr):
-        train(cfg)
+    cpu: list[float] = []
+
+    def timed(fn, first: bool):
+        def wrapper(*args, **kw):
+            start = time.thread_time()
+            try:
+                return fn(*args, **kw)
+            finally:
+                if first:
+                    cpu.append(0.0)
+                cpu[-1] += time.thread_time() - start
+        return wrapper
+
+    sample, learn = loop.sample, loop.learn
+    loop.sample, loop.learn = timed(sample, True), timed(learn, False)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            loop.train(cfg)
+    finally:
+        loop.sample, loop.learn = sample, learn
     with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh]
     rows = [r for r in rows if "eval" not in r and "skipped" not in r]
-    assert len(rows) == cfg.steps
+    assert len(rows) == len(cpu) == cfg.steps
     n = cfg.batch_size * cfg.samples_per_prompt
-    return [{"seconds": r["time_rollout"] + r["time_learn"], "tokens": r["tokens"], "kept": r["kept_length"] * n,
-             "cut_rate": r["cut_rate"]} for r in rows]
+    return [{"seconds": r["time_rollout"] + r["time_learn"], "cpu": c, "tokens": r["tokens"],
+             "kept": r["kept_length"] * n, "cut_rate": r["cut_rate"]} for r, c in zip(rows, cpu)]
 
 
 def same_token_ids(cfg, texts: list[list[str]]) -> bool:
@@ -178,17 +201,19 @@ def main(argv: list[str] | None = None) -> None:
 
     first = cfg.warmup_steps  # 0-based index of the first step the detector may cut in
     active = {name: [s for run in v for s in run[first:]] for name, v in steps.items()}
-    summary = {name: {"seconds": common.median([s["seconds"] for s in v]),
+    summary = {name: {"seconds": common.median([s["seconds"] for s in v]), "cpu": common.median([s["cpu"] for s in v]),
                       "tokens": sum(s["tokens"] for s in v) / len(v), "kept": sum(s["kept"] for s in v) / len(v),
                       "cut_rate": sum(s["cut_rate"] for s in v) / len(v)} for name, v in active.items()}
     base = summary["TRL plain"]
     rows = [[name, f"{s['tokens']:.0f}", common.fmt_ratio(s["tokens"] / base["tokens"]), f"{s['kept']:.0f}",
-             common.fmt_ratio(s["kept"] / base["kept"]), f"{s['cut_rate']:.2f}", f"{s['seconds'] * 1e3:.0f}",
+             common.fmt_ratio(s["kept"] / base["kept"]), f"{s['cut_rate']:.2f}", f"{s['cpu'] * 1e3:.0f}",
+             common.fmt_ratio(s["cpu"] / base["cpu"]), f"{s['seconds'] * 1e3:.0f}",
              common.fmt_ratio(s["seconds"] / base["seconds"])] for name, s in summary.items()]
     print(f"\nSteps {first + 1}-{cfg.steps} (the detector active), {args.repeats} run(s) each: mean tokens per "
-          "step, median step time.\n")
+          "step, median step time (CPU time of the training thread, and wall time).\n")
     print(common.markdown_table(["run", "generated tokens / step", "vs TRL plain", "trained tokens / step",
-                                 "vs TRL plain", "cut rate", "median step ms", "vs TRL plain"], rows))
+                                 "vs TRL plain", "cut rate", "step CPU ms", "vs TRL plain", "step wall ms",
+                                 "vs TRL plain"], rows))
     print(f"\nload average at end: {os.getloadavg()[0]:.1f} (1 min)")
 
 

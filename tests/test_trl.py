@@ -348,6 +348,25 @@ def test_two_step_run_trains_on_kept_tokens_over_micro_batches(trl, toy, tmp_pat
     assert logs[1]["kat/threshold"] != pytest.approx(THRESHOLD)  # moved by step 1's minima
 
 
+def test_scoring_ignores_dropout_and_restores_training_mode(trl, toy, tmp_path, one_thread):
+    from kat.integrations.trl import completion_kl
+
+    student = toy_student()
+    for layer in student.model.layers:
+        layer.self_attn.attention_dropout = 0.5  # a student that trains with dropout
+    _, batch, _ = sampled(toy, student, 4)
+    trainer = make_trainer(toy, student, tmp_path, detector=armed())
+    student.train()
+    for _ in range(2):
+        trainer.select_tokens(dict(batch))
+        assert student.training
+    kl_logged = trainer._metrics["train"]["kat/kl"]
+    assert kl_logged[0] == kl_logged[1]  # no dropout noise in d_t
+    valid = batch["completion_mask"].bool()
+    expected = completion_kl(student.eval(), toy["teacher"], *batch.values())[valid].mean().item()
+    assert kl_logged[0] == pytest.approx(expected, rel=1e-6)
+
+
 def test_random_terminator_skips_scoring_and_keeps_its_lengths(trl, toy, tmp_path, one_thread):
     student = toy_student()
     _, batch, _ = sampled(toy, student, 8)

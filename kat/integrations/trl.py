@@ -10,7 +10,7 @@ selects the reverse KL, whose per-token term is the paper's
 step (`select_tokens`):
 
 1. score: one forward of the student and one of the teacher over prompt + completion, without
-   gradient, give d_t at every generated position (at TRL's loss temperature, 1 by default).
+   gradient or dropout, give d_t at every generated position (at TRL's loss temperature, 1 by default).
    The teacher's last hidden states are kept and handed to TRL's loss, which would otherwise
    run the teacher's decoder again for the same tokens;
 2. detect: the `kat.detector.TrapDetector` runs over each completion's d_t. The whole completion
@@ -226,11 +226,19 @@ class KATDistillationTrainer(DistillationTrainer):
         step = self.state.global_step
         if getattr(self.detector, "needs_kl", True):
             backbone = self.accelerator.unwrap_model(self.teacher_model).base_model if self.reuse_teacher else None
-            kl, hidden = score_completions(
-                self.model_wrapped, self.teacher_model, batch["prompt_ids"], batch["prompt_mask"],
-                batch["completion_ids"], batch["completion_mask"], temperature=self.temperature,
-                rows=self.score_batch_size, logits_to_keep="logits_to_keep" in self.model_kwarg_keys,
-                teacher_backbone=backbone)  # (B, T), (B, T, H) or None
+            # d_t of the policy itself, without dropout noise (as kat's sampler scores it); the loss's
+            # own forward runs in training mode, as TRL's does
+            self.teacher_model.eval()
+            was_training = self.model_wrapped.training
+            self.model_wrapped.eval()
+            try:
+                kl, hidden = score_completions(
+                    self.model_wrapped, self.teacher_model, batch["prompt_ids"], batch["prompt_mask"],
+                    batch["completion_ids"], batch["completion_mask"], temperature=self.temperature,
+                    rows=self.score_batch_size, logits_to_keep="logits_to_keep" in self.model_kwarg_keys,
+                    teacher_backbone=backbone)  # (B, T), (B, T, H) or None
+            finally:
+                self.model_wrapped.train(was_training)
             self._check_finite(kl, valid, step)
             if hidden is not None:  # split and shuffled with the rest of the batch by TRL
                 batch[TEACHER_HIDDEN] = hidden
@@ -287,7 +295,7 @@ class KATDistillationTrainer(DistillationTrainer):
         metrics["kat/cut_rate"].append(cut / rows)
         metrics["kat/kept_length"].append(kept_tokens / rows)
         metrics["kat/active"].append(float(state.active))
-        # NaN values are dropped by TRL's averaging: no threshold yet leaves the key out of the log
+        # TRL's averaging drops NaN: the log shows None until the detector has a threshold
         metrics["kat/threshold"].append(math.nan if state.threshold is None else state.threshold)
         if getattr(self.detector, "needs_kl", True):
             metrics["kat/kl"].append(kl_sum / max(tokens, 1.0))
