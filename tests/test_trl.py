@@ -409,6 +409,8 @@ for step in range(2):  # the same global batch twice: step 2 cuts with the thres
            "metrics": {{k: v[-1] for k, v in trainer._metrics["train"].items()}}}}
     with open(os.path.join(sys.argv[1], f"rank{{rank}}_step{{step}}.json"), "w") as fh:
         json.dump(res, fh)
+# tear the process group down before exit: gloo threads alive at interpreter exit can abort it
+trainer.accelerator.end_training()
 """
 
 
