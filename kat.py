@@ -681,7 +681,7 @@ def parse_specs(text: str, cfg: Config, split: str, k: int = 1, limit: int = 0) 
     specs, allowed = [], {"split": ".+", "subset": ".+", "prompt": ".+", "answer": ".+", "k": r"[1-9]\d*",
                           "limit": r"\d+", "unwrap": "dapo"}
     for entry in filter(None, map(str.strip, re.split(r"[,\n](?![^\[]*\])", text))):  # not inside [...]
-        m = re.fullmatch(r"(?:([^/\\\s=\[]+)=)?([^\[]+?)\s*(?:\[(.*)\])?", entry, re.S)
+        m = re.fullmatch(r"(?:([^/\\\s=\[]+)=)?([^\[]*?[^\[=\s])\s*(?:\[(.*)\])?", entry, re.S)
         if m is None:
             sys.exit(f"error: dataset {entry!r}: write it as [name=]source[key=value, ...]")
         specs.append(dict(name=m[1] or re.sub(r"\.(jsonl?|parquet)$", "", os.path.basename(m[2].rstrip("/"))),
@@ -793,7 +793,7 @@ def main(cfg: Config | None = None) -> list[dict]:
         sys.exit("error: teacher and student tokenizers differ; use a teacher and a student of one model family")
     teacher = teacher.to(acc.device).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:  # acts in training mode only: sampling keeps its KV caches
-        student.gradient_checkpointing_enable()
+        getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()  # new name
     eos = stop_ids(tok, student)
 
     # --- data: training prompts without the too long ones; evaluation sets, each with its own k
@@ -871,6 +871,7 @@ def main(cfg: Config | None = None) -> list[dict]:
         acc.unwrap_model(student).save_pretrained(os.path.join(cfg.output_dir, "student"), state_dict=state_dict)
         tok.save_pretrained(os.path.join(cfg.output_dir, "student"))
         plot_traces(r, threshold, cfg, os.path.join(cfg.output_dir, "kl_traces.png"))
+    acc.wait_for_everyone()  # no process tears down the process group while another still saves
     acc.end_training()
     return rows
 

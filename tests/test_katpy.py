@@ -30,6 +30,7 @@ HUB = {"BytedTsinghua-SIA/DAPO-Math-17k": "dapo_math_17k.jsonl", "AI-MO/aimo-val
        "HuggingFaceH4/aime_2024": "aime24.jsonl"}
 RUN_SIZE = dict(steps=1, batch_size=2, samples_per_prompt=2, max_new_tokens=8, micro_batch_size=2, eval_limit=2,
                 warmup_steps=0, min_buffer=1)
+BYTES_PER_TOKEN = 4  # the stand-ins' byte tokenizer spends about 4x the tokens of a real BPE one on a prompt
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,8 @@ def test_config_runs_one_step(single_file, pair, tmp_path, name, capsys, monkeyp
     for key in ("train_data", "eval_data"):
         if key in raw:
             over[key] = local(raw[key])
+    if "max_prompt_length" in raw:
+        over["max_prompt_length"] = raw["max_prompt_length"] * BYTES_PER_TOKEN
     argv = ["--config", str(path)] + [f"--{k}={v}" for k, v in over.items()]
     cfg = single_file.parse_config(argv)
     unused = sorted(set(raw) & set(single_file.PACKAGE_ONLY))
@@ -162,7 +165,7 @@ def test_spec_grammar_equals_the_package(single_file):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("x.jsonl[kk=3]", r"'kk'=?.*is not one of split="), ("x.jsonl[k=0]", r"k='0' is not one of"),
+    ("x.jsonl[kk=3]", r"kk='3' is not one of split="), ("x.jsonl[k=0]", r"k='0' is not one of"),
     ("x.jsonl[unwrap=gsm8k]", "unwrap='gsm8k'"), ("name=[k=2]", "write it as"),
 ])
 def test_spec_errors_name_the_entry(single_file, text, message):
@@ -237,7 +240,7 @@ def test_math_grader_equals_the_package(single_file):
     for text, answer in cases:
         for grader in ("math", "exact"):
             assert single_file.grade(text, answer, grader) == grade(text, answer, grader), (text, answer, grader)
-    assert [single_file.grade(t, a, "math") for t, a in cases] == [True, True, False, True, False, False, False]
+    assert [single_file.grade(t, a, "math") for t, a in cases] == [True, True, True, True, False, False, True]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,7 +250,8 @@ def tiny_run(single_file, pair, out: Path, **over):
     cfg = single_file.Config(teacher=pair["teacher"], student=pair["student"], output_dir=str(out),
                              train_data=f"{FIXTURES / 'dapo_math_17k.jsonl'}[answer=reward_model.ground_truth, "
                                         "unwrap=dapo]", eval_data="", max_prompt_length=100, steps=3, batch_size=2,
-                             samples_per_prompt=2, max_new_tokens=12, chunk=4, window=4, stride=2, patience=1,
+                             instruction="\nPut the final answer in \\boxed{}.", samples_per_prompt=2,
+                             max_new_tokens=12, chunk=4, window=4, stride=2, patience=1,
                              exempt=0, eta=0.8, min_buffer=2, warmup_steps=1, lr=1e-2, seed=1, **over)
     return single_file.main(cfg)
 
@@ -259,8 +263,9 @@ def test_gradient_checkpointing_gives_the_same_run(single_file, pair, tmp_path, 
     seen, learn = [], single_file.learn
 
     def spy(student, *args):
-        seen.append(student.module.is_gradient_checkpointing if hasattr(student, "module")
-                    else student.is_gradient_checkpointing)
+        model = getattr(student, "module", student)
+        seen.append(model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing")
+                    else model.is_gradient_checkpointing)
         return learn(student, *args)
 
     monkeypatch.setattr(single_file, "learn", spy)
@@ -321,24 +326,27 @@ with open(os.path.join(kp.parse_config(sys.argv[1:]).output_dir, f"rank{{os.envi
 """
 
 
-def test_two_processes_ending_at_different_lengths(tmp_path):
+def test_two_processes_ending_at_different_lengths(single_file, tmp_path, one_thread, fresh_accelerator):
     # one short and one long toy problem: the two processes' rollouts end many tokens apart
     (tmp_path / "train.jsonl").write_text('{"prompt": "5+6", "answer": "11"}\n'
                                           '{"prompt": "82-18-25+67-13+44", "answer": "137"}\n')
     script = tmp_path / "run.py"
     script.write_text(TWO_PROC.format(katpy=str(ROOT / "kat.py")))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    runs = {}
-    for n_proc, batch in ((2, 1), (1, 2)):
-        out = tmp_path / f"p{n_proc}"
-        args = ["--train_data", str(tmp_path / "train.jsonl"), "--steps", "2", "--batch_size", str(batch),
+
+    def args(batch: int, out: str) -> list[str]:  # 129 eval problems: one process gets 65, the other 64
+        return ["--train_data", str(tmp_path / "train.jsonl"), "--steps", "2", "--batch_size", str(batch),
                 "--samples_per_prompt", "2", "--max_new_tokens", "40", "--eval_limit", "129", "--eval_k", "1",
-                "--eval_max_new_tokens", "6", "--min_buffer", "2", "--warmup_steps", "1", "--output_dir", str(out)]
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               str(n_proc), str(script), *args], env=env, capture_output=True, text=True, timeout=600)
-        failed = [line for line in proc.stderr.splitlines() if "[rank1]" in line or "Error" in line]
-        assert proc.returncode == 0, "\n".join(failed[-40:]) or proc.stderr[-3000:]
-        runs[n_proc] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n_proc)], metrics(out)
+                "--eval_max_new_tokens", "48", "--min_buffer", "2", "--warmup_steps", "1", "--output_dir", out]
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *args(1, str(tmp_path / "p2"))], env=env, capture_output=True, text=True,
+                          timeout=600)
+    failed = [line for line in proc.stderr.splitlines() if "[rank1]" in line or "Error" in line]
+    assert proc.returncode == 0, "\n".join(failed[-40:]) or proc.stderr[-3000:]
+    runs = {2: ([json.loads((tmp_path / "p2" / f"rank{r}.json").read_text()) for r in range(2)],
+                metrics(tmp_path / "p2")),
+            1: ([None], single_file.main(single_file.parse_config(args(2, str(tmp_path / "p1")))))}
     (rank0, rank1), rows2 = runs[2]
     # the processes' rollouts end at different lengths, yet both ran the same forwards
     assert any(max(a) != max(b) for a, b in zip(rank0["lengths"], rank1["lengths"]))
@@ -356,9 +364,11 @@ def test_two_processes_ending_at_different_lengths(tmp_path):
 
     one, two = (AutoModelForCausalLM.from_pretrained(tmp_path / d / "student") for d in ("p1", "p2"))
     start = AutoModelForCausalLM.from_pretrained(TOY / "student")
+    # AdamW moves each weight by up to lr (1e-3) a step whatever its gradient's size, so weights whose
+    # gradients are nearly 0 carry the rounding of the 2-process sum: 5% of a step is the tolerance
     for (name, p1), p2 in zip(one.named_parameters(), two.parameters()):
-        assert torch.allclose(p1, p2, atol=1e-5, rtol=0), name
+        torch.testing.assert_close(p1, p2, atol=5e-5, rtol=0, msg=name)
     assert any(not torch.equal(p0, p2) for p0, p2 in zip(start.parameters(), two.parameters()))
     # evaluation ran on both processes' shares of the 129 problems (one process had a stand-in call)
     assert [r.get("eval") for r in rows2] == ["before", None, None, "after"]
-    assert all(0 < r["test/avg@k"] <= r["test/pass@k"] < 1 for r in (rows2[0], rows2[-1]))
+    assert all(0 < r["test/avg@k"] == r["test/pass@k"] < 1 for r in (rows2[0], rows2[-1]))  # k = 1
