@@ -19,18 +19,14 @@ KAT (arXiv 2606.09471). The teacher scores the growing rollout online, chunk by 
   6. cuts at the start of the first low window: generation stops, and the cut segment and all after
      it leave the loss (not an end of sequence: no EOS is appended or trained).
 
-Deviations from / choices beyond the paper:
-  - Loss `full` (exact reverse KL over the vocabulary) is the default; the paper's top-64 + tail is `--loss topk`.
-  - "4 consecutive windows" is ambiguous in the paper; `stride` sets how often z is evaluated
-    (stride = W: non-overlapping windows, the paper-scale configs' choice).
-  - The teacher scores C = `chunk` new tokens per cached forward (C = 1 is exact token lockstep), so
-    a trap is stopped within C tokens of its confirmation at close to prefill cost.
-  - Controls: `--termination random` cuts at random positions calibrated to a target mean length (the
-    length-matched control the paper lacks), `--termination none` is plain OPD (FixedPrefix: with a
-    smaller `--max_new_tokens`), `--shadow true` detects without cutting.
-  - Only in the package `kat/` (`python -m kat train`): the zscore threshold rule (s = running mean
-    - kappa * std of z), the sampled-token loss, checkpoints and resume, trackers, traces. kat.py reads
-    the same config files and says which fields it does not use.
+Choices beyond the paper. `--loss full` (exact KL, the default) besides the paper's top-64 + tail
+(`--loss topk`); `stride` reads "4 consecutive windows" (stride = W: non-overlapping windows); the
+teacher scores C = `chunk` tokens per cached forward, so a trap stops within C tokens at close to prefill
+cost. Controls: `--termination random` (random cuts matched to a target mean length, which the paper's
+lack), `none` (plain OPD; FixedPrefix is a smaller `--max_new_tokens`), `--shadow true` (detect only).
+The package `kat/` (`python -m kat train`) adds the zscore threshold rule (s = running mean - kappa * std
+of z), the sampled-token loss, scoring after decoding, resumable checkpoints and trackers; kat.py reads
+the same config files and names the fields it does not use.
 
 Run (`kat/` is the same maths as a package; tests check that both agree):
     accelerate launch kat.py                                   # toy world, CPU, a few minutes
@@ -48,7 +44,6 @@ import math
 import os
 import re
 import sys
-import threading
 import warnings
 from dataclasses import dataclass, fields
 
@@ -118,20 +113,16 @@ class Config:
     seed: int = 0  # random seed
     dtype: str = "auto"  # teacher dtype / student mixed precision: auto | float32 | bfloat16 | float16
 
-
 CHOICES = {"loss": ("full", "topk"), "termination": ("kat", "none", "random"), "rule": ("quantile",),
            "grader": ("exact", "math"), "dtype": ("auto", "float32", "bfloat16", "float16")}
 # Fields of kat/config.py that kat.py accepts in a config and does not use
 PACKAGE_ONLY = ("kappa", "ema", "max_bad_steps", "save_every", "keep_last", "resume", "log_with", "n_traces", "plot")
 
-
 def parse_config(argv: list[str]) -> Config:
     """`--config FILE` (YAML) then `--field value` / `--field=value` pairs; `--help` lists the fields."""
-    source = open(__file__).read()  # each field's comment is its help text
-    docs = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", source[source.index("class Config"):], re.M))
-    if "-h" in argv or "--help" in argv:
-        sys.exit("usage: kat.py [--config FILE] [--field value ...]\n" + "\n".join(
-            f"  --{f.name} ({f.default!r}): {docs[f.name]}" for f in fields(Config)))
+    if "-h" in argv or "--help" in argv:  # the fields as written below: name, type, default and what it does
+        source = open(__file__).read().split("class Config:\n")[1]
+        sys.exit("usage: kat.py [--config FILE] [--field value ...]\n" + source[:source.index("\n\n")])
     pairs, i = {}, 0
     while i < len(argv):
         key, eq, value = argv[i].removeprefix("--").partition("=")
@@ -149,11 +140,9 @@ def parse_config(argv: list[str]) -> Config:
     for key, value in [(k, v) for k, v in values.items() if k not in unused]:
         if key not in types:
             sys.exit(f"error: unknown field {key!r}; kat.py --help lists them")
-        if types[key] is bool and isinstance(value, str):
-            if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                sys.exit(f"error: {key}: expected true or false, got {value!r}")
-            value = value.lower() in ("1", "true", "yes", "on")
         try:
+            if types[key] is bool and isinstance(value, str):  # "ture" is an error, not False
+                value = ("1", "true", "yes", "on", "0", "false", "no", "off").index(value.lower()) < 4
             values[key] = "" if value is None and types[key] is str else types[key](value)
         except ValueError:
             sys.exit(f"error: {key}: expected {types[key].__name__}, got {value!r}")
@@ -163,16 +152,14 @@ def parse_config(argv: list[str]) -> Config:
 
 
 # ==== Score: reverse KL and log-probs, fp16/bf16 logits in, fp32 accumulation, chunked over rows ====
-# A (16k tokens x 152k vocab) fp32 buffer is 10 GB; chunks of rows keep each one near 64 MiB.
 
-def chunk_rows(vocab: int) -> int:
+def chunk_rows(vocab: int) -> int:  # a (16k tokens x 152k vocab) fp32 buffer is 10 GB: chunks of ~64 MiB
     return max(1, (1 << 24) // vocab)
-
 
 class ReverseKL(torch.autograd.Function):
     """d = sum_v p (log p - log q), p = softmax(x), q = softmax(y) for student logits x and teacher
-    logits y; backward recomputes p, q per chunk instead of storing them:
-    dd/dx_j = p_j (log p_j - log q_j - d),   dd/dy_j = q_j - p_j."""
+    logits y (a constant target: no gradient flows into y); backward recomputes p, q per chunk instead
+    of storing them: dd/dx_j = p_j (log p_j - log q_j - d)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, n: int) -> Tensor:  # x, y: (R, V) any float dtype
@@ -188,21 +175,13 @@ class ReverseKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, y, kl = ctx.saved_tensors
-        n, need_x, need_y = ctx.n, *ctx.needs_input_grad[:2]
-        gx = torch.empty_like(x) if need_x else None
-        gy = torch.empty_like(y) if need_y else None
+        (x, y, kl), n, gx = ctx.saved_tensors, ctx.n, torch.empty_like(ctx.saved_tensors[0])
         for i in range(0, x.shape[0], n):
             logp = torch.log_softmax(x[i:i + n].float(), -1)
             logq = torch.log_softmax(y[i:i + n].float(), -1)
             p, gi = logp.exp(), g[i:i + n].float().unsqueeze(-1)  # (r, V), (r, 1)
-            if need_x:
-                d = torch.where(p > 0, p * (logp - logq - kl[i:i + n].unsqueeze(-1)), 0.0)
-                gx[i:i + n] = (gi * d).to(x.dtype)
-            if need_y:
-                gy[i:i + n] = (gi * (logq.exp() - p)).to(y.dtype)
-        return gx, gy, None
-
+            gx[i:i + n] = (gi * torch.where(p > 0, p * (logp - logq - kl[i:i + n].unsqueeze(-1)), 0.0)).to(x.dtype)
+        return gx, None, None
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """(..., V) x (..., V) -> (...) float32: KL(student || teacher) at temperature 1.
@@ -211,7 +190,6 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     V = student_logits.shape[-1]
     out = ReverseKL.apply(student_logits.reshape(-1, V), teacher_logits.reshape(-1, V), chunk_rows(V))
     return out.reshape(student_logits.shape[:-1])
-
 
 class TokenLogp(torch.autograd.Function):
     """log softmax(x)[ids] per row; d/dx = onehot(ids) - softmax(x)."""
@@ -236,12 +214,10 @@ class TokenLogp(torch.autograd.Function):
             grad[i:i + ctx.n] = chunk.scatter_add_(-1, ids[i:i + ctx.n, None], gi).to(x.dtype)
         return grad, None, None
 
-
 def token_logp(logits: Tensor, ids: Tensor) -> Tensor:
     """log p(ids): (..., V), (...) -> (...) float32."""
     V = logits.shape[-1]
     return TokenLogp.apply(logits.reshape(-1, V), ids.reshape(-1).long(), chunk_rows(V)).reshape(ids.shape)
-
 
 @torch.no_grad()
 def topk_tail(student_logits: Tensor, teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -277,30 +253,25 @@ def sample_token(logits: Tensor, u: Tensor | None, temperature: float, top_p: fl
     idx = torch.minimum(idx, torch.searchsorted(cdf, total))  # rounding guard: a token with mass
     return order.gather(-1, idx).squeeze(-1)
 
-
-def forward(model, ids: Tensor, mask: Tensor, positions: Tensor, cache, keep: int = 0):
-    """HF causal LM forward with an explicit mask and position ids (prompts are left-padded)."""
+def forward(model, ids: Tensor, mask: Tensor, positions: Tensor, cache, last: bool = True):
+    """HF causal LM forward with an explicit mask and position ids (prompts are left-padded): the logits
+    of the last position (A, V), or of all (A, c, V), and the grown KV cache."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=keep)
-    return out.logits, out.cache
-
+                logits_to_keep=int(last))
+    return out.logits[:, -1] if last else out.logits, out.cache
 
 @torch.no_grad()
 def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator, cfg: Config,
            eos: Tensor, pad: int, generator: torch.Generator, first: int = 0,
-           world_rows: int | None = None, score: bool = True) -> tuple[dict, object]:
+           world_rows: int | None = None) -> tuple[dict, object]:
     """Lockstep chunked decoding. The teacher's output at token t predicts t+1, so a chunk's teacher
     logits are the carried last logits plus the first C-1 outputs of its forward over the chunk.
-    score=False (no KL-driven terminator, `full` loss): the teacher never runs here, the learner's
-    teacher pass yields the KL; kl / student_logp / teacher_logp stay NaN ("scored" False).
     Every process runs the same forwards (under FSDP each is a collective): decoding goes on while a
     row is alive on ANY process, and a process whose rows all ended feeds pads through one placeholder."""
     B, dev, T_max = prompt_ids.shape[0], prompt_ids.device, cfg.max_new_tokens
     world_rows = world_rows or B  # rows first..first+B-1 of the batch over all processes
-    lockstep = score or terminator.needs_kl  # (the package can also score after decoding)
     state = terminator.start(B, device=dev)
-    out = {k: torch.full((B, T_max), 0.0 if lockstep else float("nan"), device=dev)
-           for k in ("kl", "student_logp", "teacher_logp")}
+    out = {k: torch.zeros(B, T_max, device=dev) for k in ("kl", "student_logp", "teacher_logp")}
     ids = torch.full((B, T_max), pad, dtype=torch.long, device=dev)  # (B, T)
     gen_mask = torch.zeros(B, T_max, dtype=torch.bool, device=dev)  # (B, T)
     stop = torch.full((B,), STOP_LENGTH, dtype=torch.long, device=dev)
@@ -311,14 +282,11 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
     attn = prompt_mask.long()  # (A, P + t)
     pos = attn.sum(-1)  # (A,) position id of the next token
     prefill_pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    p_last, p_cache = forward(student, prompt_ids, attn, prefill_pos, None, keep=1)  # p: the student's side
-    p_last, q_cache, q_last = p_last[:, -1], None, None  # (A, V); q: the teacher's side
+    p_last, p_cache = forward(student, prompt_ids, attn, prefill_pos, None)  # (A, V); p: the student's side
+    q_last, q_cache = forward(teacher, prompt_ids, attn, prefill_pos, None)  # q: the teacher's side
     K = min(cfg.topk, p_last.shape[-1]) if cfg.loss == "topk" else 0  # K >= V: the whole vocabulary
     topk_ids = torch.zeros(B, T_max, K, dtype=torch.long, device=dev) if K else None
     topk_logq = torch.zeros(B, T_max, K + 1, device=dev) if K else None
-    if lockstep:
-        q_last, q_cache = forward(teacher, prompt_ids, attn, prefill_pos, None, keep=1)
-        q_last = q_last[:, -1]
     t = 0  # completion position of the chunk's first token
     while gather_cat(live.any().reshape(1)).any():  # a row alive on any process
         c, A = min(cfg.chunk, T_max - t), rows.numel()
@@ -331,27 +299,20 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
                 if cfg.temperature > 0 else None  # one uniform per row of the GLOBAL batch
             token = sample_token(p_last, u, cfg.temperature, cfg.top_p)  # (A,)
             tokens[:, j], valid[:, j] = torch.where(alive, token, pad), alive
-            alive = alive & ~torch.isin(token, eos)
-            if lockstep:  # unscored rollouts keep no student logits
-                p_chunk.append(p_last)
+            alive, p_chunk = alive & ~torch.isin(token, eos), p_chunk + [p_last]
             attn = torch.cat([attn, valid[:, j:j + 1].long()], 1)
             if t + j + 1 < T_max:
                 p_last, p_cache = forward(student, tokens[:, j:j + 1], attn, (pos + j)[:, None], p_cache)
-                p_last = p_last[:, -1]
         ids[rows, t:t + c], gen_mask[rows, t:t + c] = tokens, valid
-        kl_full = torch.zeros(B, c, device=dev)
-        if lockstep:  # --- the teacher reads the chunk in one cached forward; score it
-            q_out, q_cache = forward(teacher, tokens, attn, pos[:, None] + torch.arange(c, device=dev), q_cache)
-            q_chunk = torch.cat([q_last[:, None], q_out[:, :-1]], 1)  # (A, c, V) positions t..t+c-1
-            q_last = q_out[:, -1]
-            score_into(out, topk_ids, topk_logq, rows, t, torch.stack(p_chunk, 1), q_chunk, tokens, valid)
-            kl_full[rows] = out["kl"][rows, t:t + c]
+        # --- the teacher reads the chunk in one cached forward; score it
+        q_out, q_cache = forward(teacher, tokens, attn, pos[:, None] + torch.arange(c, device=dev), q_cache, False)
+        q_chunk = torch.cat([q_last[:, None], q_out[:, :-1]], 1)  # (A, c, V) positions t..t+c-1
+        q_last = q_out[:, -1]
+        score_into(out, topk_ids, topk_logq, rows, t, torch.stack(p_chunk, 1), q_chunk, tokens, valid)
         pos = pos + c
         ended = ~alive | (t + c >= T_max)  # --- which rows end: EOS, length, or the terminator
         stop[rows[live & ~alive]] = STOP_EOS
-        valid_full = torch.zeros(B, c, dtype=torch.bool, device=dev)
-        valid_full[rows] = valid
-        fired, fired_cut = terminator.observe(state, kl_full, valid_full)
+        fired, fired_cut = terminator.observe(state, out["kl"][:, t:t + c], gen_mask[:, t:t + c])  # all B rows
         fired = fired[rows]
         stop[rows[fired]], cut[rows[fired]] = terminator.stop_code or 0, fired_cut[rows[fired]]
         ended |= fired
@@ -361,23 +322,19 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
             live = live[keep]
             if keep.numel() == 0:  # nothing left here: one placeholder row keeps the forwards in step
                 keep, live = keep.new_zeros(1), live.new_zeros(1)
-            for cache in (p_cache, q_cache):
-                if cache is not None:
-                    cache.batch_select_indices(keep)
-            rows, attn, pos, p_last = rows[keep], attn[keep], pos[keep], p_last[keep]
-            q_last = q_last[keep] if q_last is not None else None
-    T = int(gen_mask.sum(-1).max())
+            p_cache.batch_select_indices(keep)
+            q_cache.batch_select_indices(keep)
+            rows, attn, pos, p_last, q_last = rows[keep], attn[keep], pos[keep], p_last[keep], q_last[keep]
     lengths = gen_mask.sum(-1)
-    cut = torch.where(cut < 0, lengths, cut)
+    T, cut = int(lengths.max()), torch.where(cut < 0, lengths, cut)
     rollout = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=ids[:, :T],
                    completion_mask=gen_mask[:, :T], stop=stop, cut=cut,
                    loss_mask=gen_mask[:, :T] & (torch.arange(T, device=dev) < cut[:, None]),
                    topk_ids=None if topk_ids is None else topk_ids[:, :T],
                    teacher_topk_logp=None if topk_logq is None else topk_logq[:, :T],
                    shadow_cut=state.would_cut.clone() if terminator.shadow else None,
-                   scored=lockstep, **{k: v[:, :T] for k, v in out.items()})
+                   scored=True, **{k: v[:, :T] for k, v in out.items()})
     return rollout, state
-
 
 def score_into(out: dict, topk_ids, topk_logq, rows: Tensor, t0: int, logits: Tensor, teacher_logits: Tensor,
                tokens: Tensor, valid: Tensor) -> None:
@@ -388,8 +345,7 @@ def score_into(out: dict, topk_ids, topk_logq, rows: Tensor, t0: int, logits: Te
         bad = valid & ~value.isfinite()
         if bad.any():
             where = [(int(rows[a]), t0 + int(b)) for a, b in bad.nonzero().tolist()][:8]
-            raise FloatingPointError(f"non-finite {key} at (row, position) {where}: check the models' "
-                                     "dtype (fp16 overflow: use bf16 or fp32) and weights")
+            raise FloatingPointError(f"non-finite {key} at (row, position) {where}: fp16 overflow? use bf16")
         out[key][rows, t0:t0 + c] = torch.where(valid, value, 0.0)
     if topk_ids is not None:
         k_ids, k_logq = topk_tail(logits, teacher_logits, topk_ids.shape[-1])
@@ -409,11 +365,9 @@ class State:
         self.pos, self.active, self.threshold = 0, False, None
         self.__dict__.update(extra)
 
-
 def gather_cat(x: Tensor) -> Tensor:
     """Concatenate a 1-D tensor of any length from every process (rank order), returned on the CPU."""
     return torch.cat(gather_object([x.cpu()]))
-
 
 class TrapDetector:
     """z_t = mean(d_{t-W+1..t}), evaluated when (t+1) % stride == 0 and t+1 >= W over fully generated
@@ -421,7 +375,7 @@ class TrapDetector:
     windows starting before `exempt` never count; `patience` consecutive z < s fire, cut = the start
     of the run's first window, s = Q_{1-eta}(B) (the package adds a zscore rule)."""
 
-    needs_kl, stop_code = True, STOP_TRAP
+    stop_code = STOP_TRAP
 
     def __init__(self, cfg: Config):
         self.cfg, self.shadow = cfg, cfg.shadow
@@ -438,12 +392,9 @@ class TrapDetector:
                 and self.threshold is not None)
 
     def start(self, B: int, device=None) -> State:
-        def filled(dtype, value=0):
-            return torch.full((B,), value, dtype=dtype, device=device)
-        st = State(B, device, ring=torch.zeros(B, self.cfg.window, dtype=torch.float64, device=device),
-                   ring_ok=torch.zeros(B, self.cfg.window, dtype=torch.bool, device=device),
-                   run=filled(torch.long), run_start=filled(torch.long, -1), decided=filled(torch.bool),
-                   min_z=filled(torch.float64, math.inf))
+        ring = torch.zeros(B, self.cfg.window, dtype=torch.float64, device=device)  # the last W values of d
+        st = State(B, device, ring=ring, ring_ok=ring.bool(), run=ring[:, 0].long(), decided=ring[:, 0].bool(),
+                   run_start=torch.full((B,), -1, device=device), min_z=torch.full_like(ring[:, 0], math.inf))
         st.active, st.threshold = self.active, self.threshold
         return st
 
@@ -451,7 +402,7 @@ class TrapDetector:
         W, fired_now = self.cfg.window, torch.zeros_like(st.fired)
         for j in range(kl.shape[1]):
             t, live = st.pos, valid[:, j] & ~st.fired
-            st.ring[:, t % W] = torch.where(live, kl[:, j].double(), 0.0)  # the last W values of d
+            st.ring[:, t % W] = torch.where(live, kl[:, j].double(), 0.0)
             st.ring_ok[:, t % W] = live
             st.pos += 1
             if (t + 1) % self.cfg.stride == 0 and t + 1 >= W:
@@ -483,12 +434,11 @@ class TrapDetector:
         self.buffer = torch.cat([self.buffer, gather_cat(st.min_z[st.min_z < math.inf])])[-self.cfg.buffer_size:]
         self.steps_done = step + 1
 
-
 class RandomTerminator:
     """Length-matched control: cut = exempt + G, G geometric with hazard h, P(G >= g) = (1-h)^g;
     after each batch h <- h * clamp((mean_len - E) / (target - E), 1/4, 4) ** 0.5."""
 
-    needs_kl, stop_code, shadow, threshold, active = False, STOP_RANDOM, False, None, True
+    stop_code, shadow, threshold, active = STOP_RANDOM, False, None, True
 
     def __init__(self, cfg: Config, seed: int):
         self.E, self.target = cfg.exempt, cfg.random_target_length or cfg.max_new_tokens / 2
@@ -521,18 +471,16 @@ class RandomTerminator:
         ratio = min(max((lengths - self.E) / (self.target - self.E), 0.25), 4.0)
         self.hazard, self.steps_done = min(max(self.hazard * ratio ** 0.5, 1e-6), 1.0), step + 1
 
-
 class NoTerminator:
     """Plain OPD: never cuts."""
 
-    needs_kl, stop_code, shadow, threshold, active = False, None, False, None, False
+    stop_code, shadow, threshold, active = None, False, None, False
 
     def start(self, B: int, device=None) -> State:
         return State(B, device)
 
     def observe(self, st: State, kl: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        st.pos += kl.shape[1]
-        return torch.zeros_like(st.fired), st.cut
+        return st.fired, st.cut  # all False
 
     def end_batch(self, st: State, step: int) -> None:
         pass
@@ -546,13 +494,11 @@ def completion_logits(model, r: dict) -> Tensor:
     T = r["completion_ids"].shape[1]
     ids = torch.cat([r["prompt_ids"], r["completion_ids"]], 1)  # (B, P + T)
     mask = torch.cat([r["prompt_mask"], r["completion_mask"]], 1).long()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=False, logits_to_keep=T + 1)
-    return out.logits[:, -(T + 1):-1]
+    return model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                 use_cache=False, logits_to_keep=T + 1).logits[:, -(T + 1):-1]
 
-
-def token_losses(logits: Tensor, r: dict, kind: str, teacher_logits: Tensor | None) -> Tensor:
-    """Per-token OPD loss (B, T), 0 outside loss_mask."""
+def opd_loss(logits: Tensor, r: dict, kind: str, teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(sum of the per-token OPD loss over loss_mask, number of those tokens)."""
     m = r["loss_mask"]
     if kind == "full":  # exact d_t, the teacher a constant target
         loss = reverse_kl(logits, teacher_logits.detach())
@@ -568,53 +514,33 @@ def token_losses(logits: Tensor, r: dict, kind: str, teacher_logits: Tensor | No
         loss = head + torch.where(has_tail, p_tail * (p_tail.log() - logq_tail), 0.0)
     else:
         raise ValueError(f"loss must be one of {CHOICES['loss']} (the package has `sampled` too), got {kind!r}")
-    return torch.where(m, loss, 0.0)
-
-
-def opd_loss(logits: Tensor, r: dict, kind: str, teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(sum of the per-token loss over loss_mask, number of those tokens)."""
-    return token_losses(logits, r, kind, teacher_logits).sum(), r["loss_mask"].sum()
-
+    return torch.where(m, loss, 0.0).sum(), m.sum()
 
 def learn(student, teacher, r: dict, optimizer, scheduler, acc: Accelerator, cfg: Config) -> dict:
     """One optimiser step in micro-batches. Each adds grad(sum_t l_t / N * processes), N = kept tokens on
     ALL processes (DDP averages over processes), so neither micro-batching nor the number of processes
-    changes the update. A non-finite loss anywhere skips the step on every process."""
-    n = acc.reduce(r["loss_mask"].sum().float(), "sum").item()
-    stats = {"loss": 0.0, "grad_norm": 0.0, "finite": True, "bad_rows": []}
-    if n == 0 and cfg.loss != "full":
-        return stats
-    B = r["completion_ids"].shape[0]
-    starts, total, bad = list(range(0, B, cfg.micro_batch_size)), torch.zeros((), device=acc.device), []
-    kls = []  # full loss: d_t at every generated position, the rollout's KL when sampled unscored
-    for i in starts:
+    changes the update. Nothing kept, or a non-finite loss on any process: every process skips the step."""
+    n, B = acc.reduce(r["loss_mask"].sum().float(), "sum").item(), r["completion_ids"].shape[0]
+    if n == 0:
+        return {"loss": 0.0, "grad_norm": 0.0, "finite": True}
+    total = torch.zeros((), device=acc.device)
+    for i in range(0, B, cfg.micro_batch_size):
         mb = {k: v[i:i + cfg.micro_batch_size] if isinstance(v, Tensor) else v for k, v in r.items()}
-        with contextlib.nullcontext() if i == starts[-1] else acc.no_sync(student), torch.set_grad_enabled(n > 0):
-            logits = completion_logits(student, mb)  # (b, T, V)
-            if cfg.loss == "full":  # the per-token loss IS d_t, the teacher a constant target
-                with torch.no_grad():
-                    teacher_logits = completion_logits(teacher, mb)  # (b, T, V)
-                kl = reverse_kl(logits, teacher_logits)  # (b, T)
-                kls.append(torch.where(mb["completion_mask"], kl.detach(), 0.0))
-                row_loss = torch.where(mb["loss_mask"], kl, 0.0).sum(-1)  # (b,)
-            else:
-                row_loss = token_losses(logits, mb, cfg.loss, None).sum(-1)  # (b,)
-            if n > 0:
-                acc.backward(row_loss.sum() / n * acc.num_processes)
-        bad += (torch.nonzero(~row_loss.detach().isfinite()).squeeze(-1) + i).tolist()
-        total += row_loss.sum().detach()
-    stats.update({"token_kl": torch.cat(kls)} if kls else {})
-    if n == 0:  # nothing kept anywhere: no step (every process skips alike)
-        return stats
-    stats["loss"] = acc.reduce(total, "sum").item() / n
-    if acc.reduce(torch.tensor(float(len(bad)), device=acc.device), "sum").item() > 0:
-        optimizer.zero_grad(set_to_none=True)  # never step on NaN: report and skip
-        return {**stats, "grad_norm": float("nan"), "finite": False, "bad_rows": bad}
-    stats["grad_norm"] = float(acc.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
+        with contextlib.nullcontext() if i + cfg.micro_batch_size >= B else acc.no_sync(student):
+            with torch.no_grad():  # the `full` loss's target: the teacher's whole distribution
+                teacher_logits = completion_logits(teacher, mb) if cfg.loss == "full" else None  # (b, T, V)
+            loss, _ = opd_loss(completion_logits(student, mb), mb, cfg.loss, teacher_logits)
+            acc.backward(loss / n * acc.num_processes)
+        total += loss.detach()
+    loss = acc.reduce(total, "sum").item() / n
+    if not math.isfinite(loss):  # never step on NaN
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "grad_norm": float("nan"), "finite": False}
+    grad_norm = float(acc.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return stats
+    return {"loss": loss, "grad_norm": grad_norm, "finite": True}
 
 
 # ==== Evaluate: avg@k = mean accuracy of k samples per problem; pass@k = share with one correct =====
@@ -629,14 +555,12 @@ def grade(text: str, answer: str, grader: str = "exact") -> bool:
             return bool(found) and int(found[-1]) == int(answer)
         return bool(found) and str(int(found[-1])) == answer.strip()
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-    timeout = 30 if threading.current_thread() is threading.main_thread() else None  # signal.alarm: main only
     ref = answer if "$" in answer or "\\boxed" in answer else f"${answer}$"  # a bare 55 read as LaTeX
     with contextlib.suppress(Exception):
         gold, pred = (parse(s, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
-                            parsing_timeout=timeout) for s in (ref, text))
-        return bool(gold and pred and verify(gold, pred, timeout_seconds=timeout))
+                            parsing_timeout=30) for s in (ref, text))  # timeouts: main thread only (signal.alarm)
+        return bool(gold and pred and verify(gold, pred, timeout_seconds=30))
     return False
-
 
 @torch.no_grad()
 def evaluate(model, tok, eval_sets: dict, cfg: Config, acc: Accelerator, eos: list[int]) -> dict:
@@ -674,7 +598,6 @@ DAPO = ("Solve the following math problem step by step. The last line of your re
         "Answer: $Answer (without quotes) where $Answer is the answer to the problem.",
         'Remember to put your answer on its own line after "Answer:".')  # unwrap=dapo: `instruction` asks instead
 
-
 def parse_specs(text: str, cfg: Config, split: str, k: int = 1, limit: int = 0) -> list[dict]:
     """`[name=]source[key=value, ...]`, comma-separated, e.g. `aime24=HuggingFaceH4/aime_2024[split=train, k=32]`;
     keys split, subset, prompt, answer (columns; a.b: field b of struct column a), k, limit, unwrap=dapo."""
@@ -693,7 +616,6 @@ def parse_specs(text: str, cfg: Config, split: str, k: int = 1, limit: int = 0) 
                          "answer=, k=(>= 1), limit=(>= 0), unwrap=dapo")
             specs[-1][key] = int(value) if key in ("k", "limit") else value
     return specs
-
 
 def load_problems(spec: dict) -> list[dict]:
     """{"prompt", "answer"} strings from a local json/jsonl/parquet file or a hub dataset: a chat prompt keeps
@@ -717,7 +639,7 @@ def load_problems(spec: dict) -> list[dict]:
         if spec["unwrap"] and prompt:
             prompt = str(prompt).strip().removeprefix(DAPO[0]).removesuffix(DAPO[1]).strip()
         if isinstance(answer, float):  # AMC stores 55.0; NaN marks a missing number
-            answer = None if answer != answer else int(answer) if answer.is_integer() else answer
+            answer = None if math.isnan(answer) else int(answer) if answer.is_integer() else answer
         row = (str(prompt), str(answer).strip())
         if prompt and answer is not None and row[1] and row not in seen:
             seen.add(row)
@@ -728,7 +650,6 @@ def load_problems(spec: dict) -> list[dict]:
         sys.exit(f"error: {src!r}: no row has both a prompt ({spec['prompt']}) and an answer ({spec['answer']})")
     return problems
 
-
 def render(tok, question: str, cfg: Config) -> str:
     """The prompt as the model sees it: [system turn,] question + instruction, the assistant's turn opened."""
     content = question + cfg.instruction
@@ -737,7 +658,6 @@ def render(tok, question: str, cfg: Config) -> str:
     messages = [{"role": "system", "content": cfg.system_prompt}] * bool(cfg.system_prompt)
     return tok.apply_chat_template(messages + [{"role": "user", "content": content}], add_generation_prompt=True,
                                    tokenize=False)
-
 
 def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int, seed: int) -> list[dict]:
     """Batch of `step` for process `rank`: a seeded permutation per epoch, a pure function of the step."""
@@ -748,7 +668,6 @@ def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int,
         out.append(problems[perm[i].item()])
     return out
 
-
 def load_model(path: str, gguf: str, dtype: torch.dtype):
     """(tokenizer, model) from a directory, a hub name or `pkg:<package>` (a checkpoint shipped inside an
     installed package), read from the GGUF file `gguf` there if given. Left padding: cached decoding."""
@@ -758,7 +677,6 @@ def load_model(path: str, gguf: str, dtype: torch.dtype):
     tok = AutoTokenizer.from_pretrained(path, padding_side="left", **kw)
     tok.pad_token = tok.pad_token or tok.eos_token  # base models often have none; pads are masked anyway
     return tok, AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-
 
 def stop_ids(tok, model) -> list[int]:
     """EOS, the model's generation EOS ids, and the chat template's end-of-turn token: the first special
@@ -778,8 +696,7 @@ def main(cfg: Config | None = None) -> list[dict]:
     from transformers import get_cosine_schedule_with_warmup
 
     cfg = cfg or parse_config(sys.argv[1:])
-    cuda = torch.cuda.is_available()
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (torch.bfloat16 if cuda else torch.float32)
+    dtype = getattr(torch, cfg.dtype if cfg.dtype != "auto" else "bfloat16" if torch.cuda.is_available() else "float32")
     acc = Accelerator(mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
                       step_scheduler_with_optimizer=False)  # else the schedule advances once per process
     set_seed(cfg.seed)
@@ -833,12 +750,11 @@ def main(cfg: Config | None = None) -> list[dict]:
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(acc.device)
         gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1_000_003 + step * 1009)
         threshold = terminator.threshold  # what this batch is judged against (end_batch moves it)
-        score = cfg.loss != "full" or terminator.needs_kl  # else the learner's teacher pass gives the KL
         student.eval()
         r, state = sample(acc.unwrap_model(student), teacher, enc["input_ids"], enc["attention_mask"].bool(),
                           terminator, cfg, torch.tensor(eos, device=acc.device), pad=tok.pad_token_id,
                           generator=gen, first=acc.process_index * len(texts),
-                          world_rows=acc.num_processes * len(texts), score=score)
+                          world_rows=acc.num_processes * len(texts))
         student.train()
 
         # --- 2. detect: this batch's minima (from every process) move the threshold for the next one
@@ -846,8 +762,8 @@ def main(cfg: Config | None = None) -> list[dict]:
 
         # --- 3. learn: one step on the kept tokens
         stats = learn(student, teacher, r, optimizer, scheduler, acc, cfg)
-        if not score:
-            r["kl"] = stats["token_kl"]
+        if not stats["finite"]:
+            acc.print(f"step {step + 1}: non-finite loss; step skipped (check the models' dtype and weights)")
 
         # --- 4. log: sums over processes, then ratios
         m = r["completion_mask"]
@@ -875,16 +791,13 @@ def main(cfg: Config | None = None) -> list[dict]:
     acc.end_training()
     return rows
 
-
 def plot_traces(r: dict, threshold: float | None, cfg: Config, path: str, n: int = 6):
     """d_t and window means z of the first rollouts, the threshold they were judged against, the cut. z
     is drawn at its window's START, where a cut lands; the log axis shows values below 1e-4 at 1e-4."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(min(n, len(r["kl"])), 1, figsize=(10, 1.7 * min(n, len(r["kl"])) + 0.5),
-                             sharex=True, squeeze=False)
-    for b, ax in enumerate(axes[:, 0]):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 1.7 * min(n, len(r["kl"])) + 0.5))
+    axes = fig.subplots(min(n, len(r["kl"])), 1, sharex=True, squeeze=False)[:, 0]
+    for b, ax in enumerate(axes):
         d = r["kl"][b, :int(r["completion_mask"][b].sum())].float().cpu()
         ax.plot(d.clamp(min=1e-4), lw=0.8, color="0.6", label="d_t, per-token reverse KL")
         if len(d) >= cfg.window:
@@ -894,12 +807,11 @@ def plot_traces(r: dict, threshold: float | None, cfg: Config, path: str, n: int
         if r["cut"][b] < len(d):
             ax.axvline(int(r["cut"][b]), color="k", lw=1.2, label="cut")
         ax.set(yscale="log", ylabel=f"rollout {b}\nnats")
-    axes[-1, 0].set_xlabel("completion position t")
-    handles = {label: h for ax in axes[:, 0] for h, label in zip(*ax.get_legend_handles_labels())}
+    axes[-1].set_xlabel("completion position t")
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
     fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=4, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # the legend sits above the panels
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return fig
 
 

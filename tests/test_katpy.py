@@ -206,9 +206,9 @@ def test_stop_ids_equal_the_package_and_end_a_rollout(single_file, pair):
     cfg = single_file.Config(max_new_tokens=16, chunk=4, loss="full")
     enc = tok([single_file.render(tok, q, cfg) for q in ("1+1", "What is 2+3?")], return_tensors="pt",
               padding=True, add_special_tokens=False)
-    r, _ = single_file.sample(student.eval(), None, enc["input_ids"], enc["attention_mask"].bool(),
+    r, _ = single_file.sample(student.eval(), student, enc["input_ids"], enc["attention_mask"].bool(),
                               single_file.NoTerminator(), cfg, torch.tensor(single_file.stop_ids(tok, student)),
-                              tok.pad_token_id, torch.Generator().manual_seed(0), score=False)
+                              tok.pad_token_id, torch.Generator().manual_seed(0))
     lengths = r["completion_mask"].sum(-1)
     assert (r["stop"] == single_file.STOP_EOS).all() and (lengths < 16).all()
     assert all(int(r["completion_ids"][b, n - 1]) == im_end for b, n in enumerate(lengths.tolist()))
