@@ -44,7 +44,6 @@ import math
 import os
 import re
 import sys
-import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -53,10 +52,10 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
 TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kat", "toy", "rich")
 STOP_EOS, STOP_LENGTH, STOP_TRAP, STOP_RANDOM = 0, 1, 2, 3
-
 
 # ==== Config: defaults < --config FILE < --key value ================================================
 
@@ -150,7 +149,6 @@ def parse_config(argv: list[str]) -> Config:
             sys.exit(f"error: {key}: {value!r} is not one of {CHOICES[key]} (`python -m kat train` has more)")
     return Config(**{k: v for k, v in values.items() if k not in unused})
 
-
 # ==== Score: reverse KL and log-probs, fp16/bf16 logits in, fp32 accumulation, chunked over rows ====
 
 def chunk_rows(vocab: int) -> int:  # a (16k tokens x 152k vocab) fp32 buffer is 10 GB: chunks of ~64 MiB
@@ -235,9 +233,7 @@ def topk_tail(student_logits: Tensor, teacher_logits: Tensor, k: int) -> tuple[T
         out[i:i + n, k] = torch.logsumexp(logq.scatter(-1, ids[i:i + n], float("-inf")), -1)
     return ids.reshape(*student_logits.shape[:-1], k), out.reshape(*student_logits.shape[:-1], k + 1)
 
-
 # ==== Sample: the student decodes C tokens, the teacher scores them in one cached forward ============
-# The terminator looks at each chunk; rows that ended leave both KV caches.
 
 def sample_token(logits: Tensor, u: Tensor | None, temperature: float, top_p: float) -> Tensor:
     """Inverse-CDF draw from softmax(logits / T) within the top-p nucleus; u (A,) one uniform per row,
@@ -274,8 +270,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
     out = {k: torch.zeros(B, T_max, device=dev) for k in ("kl", "student_logp", "teacher_logp")}
     ids = torch.full((B, T_max), pad, dtype=torch.long, device=dev)  # (B, T)
     gen_mask = torch.zeros(B, T_max, dtype=torch.bool, device=dev)  # (B, T)
-    stop = torch.full((B,), STOP_LENGTH, dtype=torch.long, device=dev)
-    cut = torch.full((B,), -1, dtype=torch.long, device=dev)
+    stop, cut = torch.full((B,), STOP_LENGTH, device=dev), torch.full((B,), -1, device=dev)  # (B,) each
 
     rows = torch.arange(B, device=dev)  # original row of each active row
     live = torch.ones(B, dtype=torch.bool, device=dev)  # (A,) False: the placeholder row
@@ -291,8 +286,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
     while gather_cat(live.any().reshape(1)).any():  # a row alive on any process
         c, A = min(cfg.chunk, T_max - t), rows.numel()
         alive = live.clone()
-        tokens = torch.full((A, c), pad, dtype=torch.long, device=dev)  # (A, c)
-        valid = torch.zeros(A, c, dtype=torch.bool, device=dev)  # (A, c)
+        tokens, valid = torch.full((A, c), pad, device=dev), torch.zeros(A, c, dtype=torch.bool, device=dev)  # (A, c)
         p_chunk = []
         for j in range(c):  # --- the student samples c tokens (pads after its EOS, masked out)
             u = torch.rand(world_rows, generator=generator, device=generator.device).to(dev)[first + rows] \
@@ -359,10 +353,8 @@ class State:
     """Per-batch running state: `fired`, `cut` (-1: none), `would_cut` (what a shadow run would cut)."""
 
     def __init__(self, B: int, dev, **extra):
-        self.fired = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.cut = torch.full((B,), -1, dtype=torch.long, device=dev)
-        self.would_cut = self.cut.clone()
-        self.pos, self.active, self.threshold = 0, False, None
+        self.fired, self.cut = torch.zeros(B, dtype=torch.bool, device=dev), torch.full((B,), -1, device=dev)
+        self.would_cut, self.pos, self.active, self.threshold = self.cut.clone(), 0, False, None
         self.__dict__.update(extra)
 
 def gather_cat(x: Tensor) -> Tensor:
@@ -370,10 +362,9 @@ def gather_cat(x: Tensor) -> Tensor:
     return torch.cat(gather_object([x.cpu()]))
 
 class TrapDetector:
-    """z_t = mean(d_{t-W+1..t}), evaluated when (t+1) % stride == 0 and t+1 >= W over fully generated
-    windows. Active (fixed per batch) once the buffer holds min_buffer minima and warmup_steps passed;
-    windows starting before `exempt` never count; `patience` consecutive z < s fire, cut = the start
-    of the run's first window, s = Q_{1-eta}(B) (the package adds a zscore rule)."""
+    """z_t = mean(d_{t-W+1..t}), evaluated when (t+1) % stride == 0 and t+1 >= W over fully generated windows.
+    Active (fixed per batch) once the buffer holds min_buffer minima and warmup_steps passed; windows starting
+    before `exempt` never count; `patience` consecutive z < s = Q_{1-eta}(B) fire; cut = that run's start."""
 
     stop_code = STOP_TRAP
 
@@ -485,7 +476,6 @@ class NoTerminator:
     def end_batch(self, st: State, step: int) -> None:
         pass
 
-
 # ==== Learn: the OPD loss on the kept tokens, normalised by the global token count ==================
 
 def completion_logits(model, r: dict) -> Tensor:
@@ -520,10 +510,9 @@ def learn(student, teacher, r: dict, optimizer, scheduler, acc: Accelerator, cfg
     """One optimiser step in micro-batches. Each adds grad(sum_t l_t / N * processes), N = kept tokens on
     ALL processes (DDP averages over processes), so neither micro-batching nor the number of processes
     changes the update. Nothing kept, or a non-finite loss on any process: every process skips the step."""
-    n, B = acc.reduce(r["loss_mask"].sum().float(), "sum").item(), r["completion_ids"].shape[0]
+    n, B, total = acc.reduce(r["loss_mask"].sum().float(), "sum").item(), len(r["stop"]), torch.zeros(()).to(acc.device)
     if n == 0:
         return {"loss": 0.0, "grad_norm": 0.0, "finite": True}
-    total = torch.zeros((), device=acc.device)
     for i in range(0, B, cfg.micro_batch_size):
         mb = {k: v[i:i + cfg.micro_batch_size] if isinstance(v, Tensor) else v for k, v in r.items()}
         with contextlib.nullcontext() if i + cfg.micro_batch_size >= B else acc.no_sync(student):
@@ -542,9 +531,7 @@ def learn(student, teacher, r: dict, optimizer, scheduler, acc: Accelerator, cfg
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, "grad_norm": grad_norm, "finite": True}
 
-
 # ==== Evaluate: avg@k = mean accuracy of k samples per problem; pass@k = share with one correct =====
-# (with n = k samples the unbiased estimator 1 - C(n-c, k) / C(n, k) is exactly that)
 
 def grade(text: str, answer: str, grader: str = "exact") -> bool:
     """exact: the integer after the last `A=` (the toy); math: math-verify on LaTeX/boxed/plain answers.
@@ -586,11 +573,9 @@ def evaluate(model, tok, eval_sets: dict, cfg: Config, acc: Accelerator, eos: li
         rows = gather_object(rows)  # k consecutive samples per problem, in every process's share
         correct = [[c for c, _ in rows[j:j + k]] for j in range(0, len(rows), k)]
         out.update({f"{name}/avg@k": sum(sum(c) / k for c in correct) / len(correct),
-                    f"{name}/pass@k": sum(any(c) for c in correct) / len(correct),
+                    f"{name}/pass@k": sum(any(c) for c in correct) / len(correct),  # = 1 - C(k-c, k) / C(k, k)
                     f"{name}/mean_length": sum(n for _, n in rows) / len(rows)})
-    model.train()
-    return out
-
+    return out  # the model stays in eval mode: the loop sets train mode before each learning step
 
 # ==== Data and models: datasets by file or hub name, the chat template, stop ids ====================
 
@@ -671,7 +656,6 @@ def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int,
 def load_model(path: str, gguf: str, dtype: torch.dtype):
     """(tokenizer, model) from a directory, a hub name or `pkg:<package>` (a checkpoint shipped inside an
     installed package), read from the GGUF file `gguf` there if given. Left padding: cached decoding."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     found = importlib.util.find_spec(path[4:]) if path.startswith("pkg:") else None
     path, kw = os.path.dirname(found.origin) if found else path, {"gguf_file": gguf} if gguf else {}
     tok = AutoTokenizer.from_pretrained(path, padding_side="left", **kw)
@@ -689,12 +673,9 @@ def stop_ids(tok, model) -> list[int]:
         ids.update(set(first) & {*tok.all_special_ids, *(i for i, t in tok.added_tokens_decoder.items() if t.special)})
     return sorted(i for i in ids if i is not None)
 
-
 # ==== Main: sample -> detect -> learn -> log, with evaluation before and after ======================
 
 def main(cfg: Config | None = None) -> list[dict]:
-    from transformers import get_cosine_schedule_with_warmup
-
     cfg = cfg or parse_config(sys.argv[1:])
     dtype = getattr(torch, cfg.dtype if cfg.dtype != "auto" else "bfloat16" if torch.cuda.is_available() else "float32")
     acc = Accelerator(mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
@@ -715,11 +696,12 @@ def main(cfg: Config | None = None) -> list[dict]:
 
     # --- data: training prompts without the too long ones; evaluation sets, each with its own k
     problems = [p for s in parse_specs(cfg.train_data, cfg, cfg.train_split) for p in load_problems(s)]
-    lengths = [len(x) for x in tok([render(tok, p["prompt"], cfg) for p in problems]).input_ids]
+    lengths = [len(x) for x in tok([render(tok, p["prompt"], cfg) for p in problems],
+                                   add_special_tokens=False).input_ids]
     kept = [p for p, n in zip(problems, lengths) if n <= cfg.max_prompt_length]
     if len(kept) < len(problems):
-        warnings.warn(f"train_data: skipped {len(problems) - len(kept)} of {len(problems)} prompts longer than "
-                      f"max_prompt_length={cfg.max_prompt_length} tokens", stacklevel=1)
+        acc.print(f"warning: train_data: skipped {len(problems) - len(kept)} of {len(problems)} prompts longer than "
+                  f"max_prompt_length={cfg.max_prompt_length} tokens")
     problems = kept or sys.exit(f"error: max_prompt_length: all prompts are longer than {cfg.max_prompt_length}")
     tests = {s["name"]: (s["k"], load_problems(s)) for s in parse_specs(cfg.eval_data, cfg, cfg.eval_split,
                                                                           cfg.eval_k, cfg.eval_limit)}
@@ -813,7 +795,6 @@ def plot_traces(r: dict, threshold: float | None, cfg: Config, path: str, n: int
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # the legend sits above the panels
     fig.savefig(path, dpi=100)
     return fig
-
 
 if __name__ == "__main__":
     main()
