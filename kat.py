@@ -182,9 +182,8 @@ class ReverseKL(torch.autograd.Function):
         return gx, None, None
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """(..., V) x (..., V) -> (...) float32: KL(student || teacher) at temperature 1.
-    (F.kl_div(input, target) computes KL(target || input): the same value is
-    kl_div(teacher_logp, student_logp, log_target=True).)"""
+    """(..., V) x (..., V) -> (...) float32: KL(student || teacher) at temperature 1. (F.kl_div(input, target)
+    is KL(target || input): the same value is kl_div(teacher_logp, student_logp, log_target=True).)"""
     V = student_logits.shape[-1]
     out = ReverseKL.apply(student_logits.reshape(-1, V), teacher_logits.reshape(-1, V), chunk_rows(V))
     return out.reshape(student_logits.shape[:-1])
@@ -250,8 +249,7 @@ def sample_token(logits: Tensor, u: Tensor | None, temperature: float, top_p: fl
     return order.gather(-1, idx).squeeze(-1)
 
 def forward(model, ids: Tensor, mask: Tensor, positions: Tensor, cache, last: bool = True):
-    """HF causal LM forward with an explicit mask and position ids (prompts are left-padded): the logits
-    of the last position (A, V), or of all (A, c, V), and the grown KV cache."""
+    """HF forward with explicit mask and positions (prompts are left-padded): last (A, V) or all (A, c, V) logits."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                 logits_to_keep=int(last))
     return out.logits[:, -1] if last else out.logits, out.cache
@@ -378,9 +376,8 @@ class TrapDetector:
         return torch.quantile(self.buffer, 1 - self.cfg.eta).item() if self.buffer.numel() else None
 
     @property
-    def active(self) -> bool:
-        return (self.buffer.numel() >= self.cfg.min_buffer and self.steps_done >= self.cfg.warmup_steps
-                and self.threshold is not None)
+    def active(self) -> bool:  # a threshold exists, and the buffer and the step count are past their warm-ups
+        return self.buffer.numel() >= max(self.cfg.min_buffer, 1) and self.steps_done >= self.cfg.warmup_steps
 
     def start(self, B: int, device=None) -> State:
         ring = torch.zeros(B, self.cfg.window, dtype=torch.float64, device=device)  # the last W values of d
@@ -603,9 +600,8 @@ def parse_specs(text: str, cfg: Config, split: str, k: int = 1, limit: int = 0) 
     return specs
 
 def load_problems(spec: dict) -> list[dict]:
-    """{"prompt", "answer"} strings from a local json/jsonl/parquet file or a hub dataset: a chat prompt keeps
-    its user turns, unwrap=dapo strips DAPO's own answer format, 55.0 becomes "55"; rows missing either, and
-    repeats, are dropped."""
+    """{"prompt", "answer"} strings from a json/jsonl/parquet file or a hub dataset: a chat prompt keeps its user
+    turns, unwrap=dapo strips DAPO's answer format, 55.0 becomes "55"; incomplete and repeated rows drop."""
     from datasets import load_dataset
     src, local = spec["source"], spec["source"].endswith((".json", ".jsonl", ".parquet"))
     try:
@@ -658,9 +654,13 @@ def load_model(path: str, gguf: str, dtype: torch.dtype):
     installed package), read from the GGUF file `gguf` there if given. Left padding: cached decoding."""
     found = importlib.util.find_spec(path[4:]) if path.startswith("pkg:") else None
     path, kw = os.path.dirname(found.origin) if found else path, {"gguf_file": gguf} if gguf else {}
-    tok = AutoTokenizer.from_pretrained(path, padding_side="left", **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, padding_side="left", **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    except (OSError, ValueError) as err:  # no such directory or hub name, no network, a bad GGUF file
+        sys.exit(f"error: cannot load a model from {path!r} (teacher / student): {err}")
     tok.pad_token = tok.pad_token or tok.eos_token  # base models often have none; pads are masked anyway
-    return tok, AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    return tok, model
 
 def stop_ids(tok, model) -> list[int]:
     """EOS, the model's generation EOS ids, and the chat template's end-of-turn token: the first special

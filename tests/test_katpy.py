@@ -173,7 +173,7 @@ def test_spec_errors_name_the_entry(single_file, text, message):
         single_file.parse_specs(text, single_file.Config(), "test")
 
 
-def test_data_errors_are_one_line(single_file):
+def test_data_and_model_errors_are_one_line(single_file):
     cfg = single_file.Config()
     spec = single_file.parse_specs(f"{FIXTURES / 'math500.jsonl'}[prompt=question]", cfg, "test")[0]
     with pytest.raises(SystemExit, match=r"has columns \[.*'problem'.*\]; name the question and answer columns"):
@@ -181,6 +181,8 @@ def test_data_errors_are_one_line(single_file):
     spec = single_file.parse_specs(str(FIXTURES / "nope.jsonl"), cfg, "test")[0]
     with pytest.raises(SystemExit, match="nope.jsonl.* cannot be loaded"):
         single_file.load_problems(spec)
+    with pytest.raises(SystemExit, match="cannot load a model from '/no/such/model' \\(teacher / student\\)"):
+        single_file.load_model("/no/such/model", "", torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------
