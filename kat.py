@@ -21,9 +21,9 @@ KAT (arXiv 2606.09471). The teacher scores the growing rollout online, chunk by 
 
 Choices beyond the paper. `--loss full` (exact KL, the default) besides the paper's top-64 + tail
 (`--loss topk`); `stride` reads "4 consecutive windows" (stride = W: non-overlapping windows); the
-teacher scores C = `chunk` tokens per cached forward, so a trap stops within C tokens at close to prefill
-cost. Controls: `--termination random` (random cuts matched to a target mean length, which the paper's
-lack), `none` (plain OPD; FixedPrefix is a smaller `--max_new_tokens`), `--shadow true` (detect only).
+teacher scores C = `chunk` tokens per cached forward, so a trap stops within C tokens at near prefill cost.
+Controls: `--termination random` (random cuts calibrated to a target mean length, which the paper's
+RandomTerm was not), `none` (plain OPD; FixedPrefix: smaller `--max_new_tokens`), `--shadow true` (no cut).
 The package `kat/` (`python -m kat train`) adds the zscore threshold rule (s = running mean - kappa * std
 of z), the sampled-token loss, scoring after decoding, resumable checkpoints and trackers; kat.py reads
 the same config files and names the fields it does not use.

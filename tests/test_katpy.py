@@ -198,7 +198,7 @@ def test_stop_ids_equal_the_package_and_end_a_rollout(single_file, pair):
     im_end, eot = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     assert single_file.stop_ids(tok, student) == sorted({im_end, eot}) and tok.pad_token == "<|endoftext|>"
 
-    # a student that says <|im_end|> after its first token or two: every rollout ends there, as EOS
+    # a student biased towards <|im_end|>: every rollout ends on it, recorded as EOS
     head = student.lm_head
     student.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
     with torch.no_grad():
@@ -343,7 +343,7 @@ def test_two_processes_ending_at_different_lengths(single_file, tmp_path, one_th
 
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), *args(1, str(tmp_path / "p2"))], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=300)
     failed = [line for line in proc.stderr.splitlines() if "[rank1]" in line or "Error" in line]
     assert proc.returncode == 0, "\n".join(failed[-40:]) or proc.stderr[-3000:]
     runs = {2: ([json.loads((tmp_path / "p2" / f"rank{r}.json").read_text()) for r in range(2)],
