@@ -7,7 +7,7 @@ three modes (`Mode`, chosen by `sampling_mode` from the terminator and `score`):
   reads the KL (`needs_kl`, e.g. `TrapDetector`) needs to stop a rollout early:
 
       prefill student and teacher on the prompts
-      repeat until every row has ended:
+      repeat until no row is alive on any process (kat.distributed; a process whose rows ended feeds a pad row):
           the student samples C tokens, one cached decode step each
           the teacher reads the same C tokens in ONE cached forward
           d_t = KL(p_student || q_teacher) at those C positions       (kat.scorer.reverse_kl)
@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from kat.config import check_value
+from kat.distributed import any_process, draw_range
 from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
 from kat.scorer import reverse_kl, token_logp, topk_tail
 
@@ -278,14 +279,6 @@ def _check_args(prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, te
         raise ValueError("topk > 0 captures the teacher's top-K log-probs, which needs score=True")
 
 
-def _draw_range(global_rows: tuple[int, int] | None, batch: int) -> tuple[int, int]:
-    """(offset of this process's first row, uniforms drawn per step) for `global_rows`."""
-    first, n_draw = global_rows if global_rows is not None else (0, batch)
-    if not (0 <= first and first + batch <= n_draw):
-        raise ValueError(f"global_rows={global_rows} must satisfy 0 <= offset and offset + B <= total (B={batch})")
-    return first, n_draw
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -301,9 +294,13 @@ class _Active:
     s_cache: object
     t_last: Tensor | None = None  # (A, V) lockstep: teacher logits for the next position
     t_cache: object = None
+    pad: bool = False  # every row has ended; the one row left only feeds pad forwards (`_pad_chunk`)
 
-    def keep(self, idx: Tensor) -> None:
-        """Keep only the active rows `idx` (A',), in the tensors and in both caches."""
+    def keep(self, live: Tensor) -> None:
+        """Keep only the active rows where `live` (A,) holds, in the tensors and in both caches; with
+        none left, one row stays as the pad row."""
+        self.pad = not bool(live.any())
+        idx = live.new_zeros(1, dtype=torch.long) if self.pad else live.nonzero().squeeze(-1)  # (A',)
         _keep_rows(idx, self.s_cache, self.t_cache)
         self.rows, self.attn, self.pos, self.s_last = self.rows[idx], self.attn[idx], self.pos[idx], self.s_last[idx]
         if self.t_last is not None:
@@ -392,6 +389,15 @@ def _terminate(terminator, state, act: _Active, valid: Tensor, scores: ChunkScor
     return fired
 
 
+def _pad_chunk(teacher, act: _Active, mode: Mode, tokens: Tensor, valid: Tensor, s_chunk: list[Tensor], t: int,
+               topk: int) -> int:
+    """The teacher's lockstep forward of a pad chunk (the student's ran on the pad row); outputs are discarded."""
+    if mode is Mode.LOCKSTEP:
+        _teacher_chunk(teacher, act, tokens, valid, s_chunk, t, topk)
+    act.pos = act.pos + tokens.shape[1]
+    return t + tokens.shape[1]
+
+
 def _score_posthoc(teacher, prompt_ids: Tensor, prompt_mask: Tensor, buf: _RolloutBuffer,
                    held: list[tuple[Tensor, int, Tensor]], topk: int) -> None:
     """One teacher forward over prompt + completion, then the KL chunk by chunk against the held
@@ -429,14 +435,15 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
         pad_token_id: fills completion positions after a row's end.
         temperature, top_p: sampling only (0 = greedy); all recorded numbers are at temperature 1.
         chunk: C, tokens the student samples between two teacher forwards (1 = exact lockstep).
-        terminator: None, or an object with `needs_kl`, `stop_code`, `shadow`, `start(B, device=)`
-            and `observe(state, kl_chunk, valid_chunk) -> (fired, cut)` ((B, C) in, (B,) out,
-            called once per chunk for every row; rows that already ended have valid False).
+        terminator: None, or an object with `needs_kl`, `stop_code`, `shadow`, `start(B, device=)` and
+            `observe(state, kl_chunk, valid_chunk) -> (fired, cut)` ((B, C) in, (B,) out, called once per
+            chunk while a row is active here; rows that already ended have valid False).
         topk: K > 0 also captures the student's top-K ids and the teacher's K+1 log-probs.
         generator: source of the sampling randomness (one uniform per original row per step).
         global_rows: (offset, total) when these B rows are rows offset..offset+B-1 of a batch of
-            `total` rows split across processes: every step draws `total` uniforms and uses this
-            process's slice, so with one seed the tokens do not depend on the number of processes.
+            `total` rows split across processes (the tokens then do not depend on the number of
+            processes: `kat.distributed.draw_range`). With torch.distributed initialised, every
+            process calls `sample` together, and decoding ends when no process has a live row.
         score: False selects the unscored mode when no terminator needs the KL while decoding:
             kl / student_logp / teacher_logp stay NaN and the teacher never runs here.
     Returns:
@@ -447,7 +454,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
     device, B = prompt_ids.device, prompt_ids.shape[0]
     prompt_mask = prompt_mask.bool()
     eos = _eos_ids(eos_token_id, device)  # (E,)
-    first, n_draw = _draw_range(global_rows, B)
+    first, n_draw = draw_range(global_rows, B)
     mode = sampling_mode(terminator, score)
     state = terminator.start(B, device=device) if terminator is not None else None
     stop = torch.full((B,), STOP_LENGTH, dtype=torch.long, device=device)  # overwritten on EOS / fire
@@ -460,12 +467,15 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
     if mode is Mode.UNSCORED:
         buf.mark_unscored()
     t = 0  # completion position of the chunk's first token
-    while act.rows.numel() > 0:
+    while any_process(not act.pad):  # until no row is alive on any process (kat.distributed)
         c = min(chunk, max_new_tokens - t)
         tokens, valid, alive, s_chunk = _student_chunk(
             student, act, c, t, max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad_token_id,
             temperature=temperature, top_p=top_p, generator=generator, first=first, n_draw=n_draw,
             keep_logits=mode is not Mode.UNSCORED)
+        if act.pad:  # every row here has ended: the pad row keeps this process's forwards in step
+            t = _pad_chunk(teacher, act, mode, tokens, valid, s_chunk, t, topk)
+            continue
         buf.write_tokens(act.rows, t, tokens, valid)
         scores = None
         if mode is Mode.LOCKSTEP:
@@ -482,7 +492,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
             ended = ended | _terminate(terminator, state, act, valid, scores, t, B, stop, cut)
         t += c
         if ended.any():  # ended rows leave the batch and both caches, so later chunks cost less
-            act.keep((~ended).nonzero().squeeze(-1))  # (A',)
+            act.keep(~ended)
 
     if mode is Mode.POSTHOC:
         _score_posthoc(teacher, prompt_ids, prompt_mask, buf, held, topk)
