@@ -38,6 +38,10 @@ def save_student(accelerator, student, tokenizer, out: str, *, merge: bool = Fal
     model = accelerator.unwrap_model(student)
     if not accelerator.is_main_process:
         return
+    # a gathered state dict holds tied weights (e.g. the output head tied to the embeddings) as
+    # separate copies, which save_pretrained would write twice: keep the first name of each
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    state = {k: v for k, v in state.items() if k not in tied}
     if is_lora(model):
         model.save_pretrained(os.path.join(out, ADAPTER_DIR), state_dict=state)
         tokenizer.save_pretrained(os.path.join(out, ADAPTER_DIR))

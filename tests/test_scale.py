@@ -118,3 +118,131 @@ def test_one_process_exchanges_nothing(monkeypatch):
     assert draw_range(None, 3) == (0, 3) and draw_range((2, 6), 4) == (2, 6)
     with pytest.raises(ValueError, match="offset \\+ B <= total"):
         draw_range((3, 6), 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training under FSDP (configs/accelerate/fsdp.yaml) against DDP, two CPU processes
+
+TRAIN = r"""
+import json, os, sys
+import accelerate, torch
+import kat.train as kat_train
+
+rank = int(os.environ["RANK"])
+args, out = json.loads(sys.argv[1]), sys.argv[2]
+if os.environ.get("ACCELERATE_USE_FSDP") == "true":
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    class CpuFsdpAccelerator(accelerate.Accelerator):
+        # Accelerate switches FSDP on for accelerator devices only; torch's FSDP2 runs on CPU with
+        # gloo too, so the FSDP the launcher asked for (its FSDP_* variables) is switched on here
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+                shared["distributed_type"] = DistributedType.FSDP
+            self.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+
+    kat_train.Accelerator = CpuFsdpAccelerator
+
+# every forward of the student on this process, and each step's longest rollout here
+seen = {"forwards": 0, "lengths": [], "fsdp": False}
+setup, sample = kat_train.setup, kat_train.sample
+
+def counted_setup(cfg):
+    run = setup(cfg)
+    model = run.accelerator.unwrap_model(run.student)
+    seen["fsdp"] = type(model).__name__.startswith("FSDP")
+    model.register_forward_hook(lambda *a: seen.__setitem__("forwards", seen["forwards"] + 1))
+    return run
+
+def recorded_sample(*a, **kw):
+    rollout, state = sample(*a, **kw)
+    seen["lengths"].append(int(rollout.completion_mask.sum(-1).max()))
+    return rollout, state
+
+kat_train.setup, kat_train.sample = counted_setup, recorded_sample
+assert kat_train.main([f"--{k}={v}" for k, v in args.items()]) == 0
+json.dump(seen, open(f"{out}/seen_{rank}.json", "w"))
+"""
+
+FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script, args: dict, out, fsdp: bool):
+    """DDP: torchrun; FSDP: `accelerate launch` with the shipped FSDP config (no GPU: gloo)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not fsdp:
+        return torchrun(script, [json.dumps(args), str(out)])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG), "--num_processes",
+           "2", "--mixed_precision", "no", "--main_process_port", str(free_port()), str(script), json.dumps(args),
+           str(out)]
+    # ACCELERATE_USE_CPU=1 (not --cpu, which would launch one process) makes each process a gloo CPU one
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    failed = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
+    assert proc.returncode == 0, "\n".join(failed[-40:]) or proc.stderr[-3000:]
+
+
+def test_fsdp_trains_saves_and_resumes_like_ddp(tiny_world, tmp_path):
+    """Two processes under FSDP2 (gloo) finish a run whose processes' rollouts end at different
+    lengths, run the same student forwards, save a student that loads with from_pretrained, resume
+    from a sharded checkpoint, and end where the same run under DDP ends."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    args = dict(teacher=tiny_world["teacher"], student=tiny_world["student"], train_data=tiny_world["train"],
+                eval_data=tiny_world["test"], eval_limit=3, eval_k=2, steps=3, batch_size=2, samples_per_prompt=2,
+                max_new_tokens=20, chunk=4, window=4, stride=2, patience=1, exempt=4, eta=0.5, min_buffer=2,
+                warmup_steps=1, lr=3e-3, seed=3, save_every=1, keep_last=3, plot=False)
+    runs = {}
+    for name, fsdp in (("ddp", False), ("fsdp", True)):
+        runs[name] = tmp_path / name
+        launch(script, {**args, "output_dir": str(runs[name])}, runs[name], fsdp)
+    seen = [json.loads((runs["fsdp"] / f"seen_{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0]["fsdp"] and seen[1]["fsdp"]
+    assert seen[0]["lengths"] != seen[1]["lengths"], "the processes' rollouts must end at different lengths"
+    assert seen[0]["forwards"] == seen[1]["forwards"] > 0  # sampling, learning and evaluation alike
+
+    rows = {n: [json.loads(line) for line in open(runs[n] / "metrics.jsonl")] for n in runs}
+    steps = {n: [r for r in rows[n] if "loss" in r] for n in runs}
+    assert len(steps["fsdp"]) == len(steps["ddp"]) == 3
+    for a, b in zip(steps["ddp"], steps["fsdp"]):
+        assert a["tokens"] == b["tokens"] and a["cut_rate"] == b["cut_rate"], a["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["kl"] == pytest.approx(b["kl"], rel=1e-5)
+    evals = {n: [r for r in rows[n] if "eval" in r] for n in runs}
+    assert [r["eval"] for r in evals["fsdp"]] == ["before", "after"]
+    ddp, fsdp = load_file(runs["ddp"] / "student" / "model.safetensors"), load_file(
+        runs["fsdp"] / "student" / "model.safetensors")
+    assert sorted(ddp) == sorted(fsdp)
+    assert all(torch.allclose(ddp[k], fsdp[k], atol=1e-5, rtol=0) for k in ddp)
+    assert any(not torch.equal(ddp[k], load_file_initial(tiny_world, k)) for k in ddp)  # it trained
+    for d in (runs["fsdp"] / "student", runs["fsdp"] / "checkpoint-000002" / "student"):
+        model = AutoModelForCausalLM.from_pretrained(d)
+        saved = load_file(d / "model.safetensors")
+        assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved), d
+    assert "## Final evaluation" in (runs["fsdp"] / "student" / "README.md").read_text()
+
+    # resume the FSDP run from its sharded checkpoint after step 2
+    again = tmp_path / "again"
+    again.mkdir()
+    os.rename(runs["fsdp"] / "checkpoint-000002", again / "checkpoint-000002")
+    (again / "metrics.jsonl").write_text("".join(open(runs["fsdp"] / "metrics.jsonl").readlines()[:3]))
+    launch(script, {**args, "output_dir": str(again), "resume": "latest"}, again, True)
+    resumed = load_file(again / "student" / "model.safetensors")
+    assert all(torch.allclose(resumed[k], fsdp[k], atol=1e-6, rtol=0) for k in fsdp)
+
+
+def load_file_initial(tiny_world, key: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(tiny_world["student"], "model.safetensors"))[key]
