@@ -7,7 +7,8 @@
 - The student (`save_student`) is written in Hugging Face format. Saving is collective: every
   process calls it, Accelerate's `get_state_dict` gathers the full state dict (under FSDP an
   all-gather of the shards), and the main process writes it. A LoRA student writes its adapter
-  (small; `adapter/`) and, at the end of training, a merged copy that loads like any model.
+  (small; `adapter/` beside `student/`) and, at the end of training, a merged copy in `student/`
+  that loads like any model.
 - A model card (README.md beside the final student) says what the student is: base models, data,
   the command, the final evaluation and the whole config.
 """
@@ -27,12 +28,13 @@ from kat.models import is_lora
 ADAPTER_DIR = "adapter"
 
 
-def save_student(accelerator, student, tokenizer, out: str, *, merge: bool = False, card: str = "") -> None:
-    """Write the student to `out` (every process calls this; the main process writes).
+def save_student(accelerator, student, tokenizer, where: str, *, merge: bool = False, card: str = "") -> None:
+    """Write the student into directory `where` (every process calls this; the main process writes).
 
-    A LoRA student writes its adapter to `out/adapter`; with `merge` (the end of training) its
-    merged weights go to `out` itself, so `out` always loads with `from_pretrained`. The model card
-    `card` (markdown) becomes `out/README.md`.
+    `where/student` holds the model in Hugging Face format. A LoRA student writes its adapter to
+    `where/adapter` and, with `merge` (the end of training), its merged weights to `where/student`;
+    without `merge` (a checkpoint) only the adapter is written. The model card `card` (markdown)
+    becomes `where/student/README.md`.
     """
     state = accelerator.get_state_dict(student)  # collective: the full weights on the main process
     model = accelerator.unwrap_model(student)
@@ -42,15 +44,16 @@ def save_student(accelerator, student, tokenizer, out: str, *, merge: bool = Fal
     # separate copies, which save_pretrained would write twice: keep the first name of each
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     state = {k: v for k, v in state.items() if k not in tied}
+    out = os.path.join(where, "student")
     if is_lora(model):
-        model.save_pretrained(os.path.join(out, ADAPTER_DIR), state_dict=state)
-        tokenizer.save_pretrained(os.path.join(out, ADAPTER_DIR))
-        if merge:  # training is over: merging in place costs no copy of the weights
-            model.merge_and_unload().save_pretrained(out, safe_serialization=True)
-    else:
-        model.save_pretrained(out, state_dict=state, safe_serialization=True)
-    if not is_lora(model) or merge:
-        tokenizer.save_pretrained(out)
+        model.save_pretrained(os.path.join(where, ADAPTER_DIR), state_dict=state)
+        tokenizer.save_pretrained(os.path.join(where, ADAPTER_DIR))
+        if not merge:
+            return
+        model = model.merge_and_unload()  # training is over: merging in place costs no copy of the weights
+        state = None
+    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(out)
     if card:
         with open(os.path.join(out, "README.md"), "w") as fh:
             fh.write(card)
@@ -73,7 +76,7 @@ def save_checkpoint(accelerator, cfg: Config, step: int, terminator, counters: d
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     if student is not None:
-        save_student(accelerator, student, tokenizer, os.path.join(tmp, "student"))
+        save_student(accelerator, student, tokenizer, tmp)
     accelerator.wait_for_everyone()  # every process writes its own RNG state into tmp first
     if accelerator.is_main_process:
         torch.save(terminator.state_dict(), os.path.join(tmp, "terminator.pt"))

@@ -400,13 +400,13 @@ def after_step(run: Run, done: int, rollout: Rollout, threshold: float | None, s
 
 
 def finish(run: Run, results: dict) -> dict:
-    """Evaluate after training, save the student (safetensors, tokenizer, model card; a LoRA student's
-    adapter beside it), plot, write results.json."""
+    """Evaluate after training, save the student (safetensors, tokenizer, model card; a LoRA student
+    merged, its adapter in output_dir/adapter), plot, write results.json."""
     acc, cfg = run.accelerator, run.cfg
     if run.eval_sets:
         results["after"] = eval_and_log(run, cfg.steps, "after", "after")
     card = model_card(cfg, results, run.command or "kat.train.train(cfg)", acc.num_processes)
-    save_student(acc, run.student, run.tokenizer, os.path.join(cfg.output_dir, "student"), merge=True, card=card)
+    save_student(acc, run.student, run.tokenizer, cfg.output_dir, merge=True, card=card)
     acc.wait_for_everyone()
     if acc.is_main_process:
         if cfg.plot:

@@ -246,3 +246,120 @@ def load_file_initial(tiny_world, key: str) -> torch.Tensor:
     from safetensors.torch import load_file
 
     return load_file(os.path.join(tiny_world["student"], "model.safetensors"))[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory switches: gradient checkpointing, a LoRA student
+
+def tiny_args(world: dict, out, **over) -> dict:
+    args = dict(teacher=world["teacher"], student=world["student"], train_data=world["train"], eval_data="",
+                steps=2, batch_size=2, samples_per_prompt=2, max_new_tokens=20, chunk=4, window=4, stride=2,
+                patience=1, exempt=4, eta=0.5, min_buffer=4, warmup_steps=1, lr=3e-3, seed=3,
+                output_dir=str(out), plot=False)
+    args.update(over)
+    return args
+
+
+def metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def student_weights(run_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "student", "model.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["full", "topk"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_world, one_thread, kind):
+    """The OPD loss's gradient with activations recomputed equals the one with them stored."""
+    from transformers import AutoModelForCausalLM
+
+    from kat.data import encode_prompts
+    from kat.learner import completion_logits, opd_loss
+    from kat.models import prepare_student
+    from kat.sampler import sample
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_world["teacher"]).eval()
+    ids, mask = encode_prompts(tiny_world["tokenizer"], ["1+2", "37+48-19", "5-3+8"])
+    rollout, _ = sample(AutoModelForCausalLM.from_pretrained(tiny_world["student"]).eval(), teacher, ids, mask,
+                        max_new_tokens=16, eos_token_id=2, pad_token_id=0, chunk=4, topk=8 if kind == "topk" else 0,
+                        generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for checkpointing in (False, True):
+        student = prepare_student(AutoModelForCausalLM.from_pretrained(tiny_world["student"]),
+                                  gradient_checkpointing=checkpointing).train()
+        assert student.is_activation_checkpointing == checkpointing
+        with torch.no_grad():
+            target = completion_logits(teacher, rollout) if kind == "full" else None
+        loss, n = opd_loss(completion_logits(student, rollout), rollout, kind, target)
+        (loss / n).backward()
+        grads[checkpointing] = {k: p.grad.clone() for k, p in student.named_parameters()}
+    assert grads[True].keys() == grads[False].keys()
+    for k in grads[False]:
+        assert torch.allclose(grads[True][k], grads[False][k], atol=1e-7, rtol=1e-6), k
+    assert any(g.abs().sum() > 0 for g in grads[False].values())
+
+
+def test_gradient_checkpointing_run_ends_on_the_same_student(tiny_world, tmp_path, one_thread):
+    from kat.config import load_config
+    from kat.train import train
+
+    for on in (False, True):
+        train(load_config([], **tiny_args(tiny_world, tmp_path / str(on), gradient_checkpointing=on)))
+    a, b = student_weights(tmp_path / "False"), student_weights(tmp_path / "True")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    assert [r["loss"] for r in metrics(tmp_path / "False")] == pytest.approx(
+        [r["loss"] for r in metrics(tmp_path / "True")], rel=1e-6)
+
+
+def mean_kl(student, teacher, rollout) -> float:
+    """Mean reverse KL of `student` to `teacher` over a rollout's generated tokens."""
+    from kat.learner import completion_logits
+    from kat.scorer import reverse_kl
+
+    with torch.no_grad():
+        kl = reverse_kl(completion_logits(student, rollout), completion_logits(teacher, rollout))  # (B, T)
+    mask = rollout.completion_mask
+    return float((kl * mask).sum() / mask.sum())
+
+
+def test_lora_student_starts_as_the_base_learns_and_saves_adapter_and_merged_copy(tiny_world, tmp_path, one_thread):
+    """A LoRA run's first loss equals the full model's (the adapter starts as the identity), its
+    loss falls, the adapter is saved beside the merged student, and `kat eval` evaluates both alike."""
+    from transformers import AutoModelForCausalLM
+
+    from kat.config import load_config
+    from kat.data import encode_prompts
+    from kat.evaluate import main as kat_eval
+    from kat.models import load_model
+    from kat.sampler import sample
+    from kat.train import train
+
+    args = dict(steps=10, lr=1e-2, termination="none")
+    train(load_config([], **tiny_args(tiny_world, tmp_path / "full", **args)))
+    train(load_config([], **tiny_args(tiny_world, tmp_path / "lora", lora_r=8, lora_alpha=16, **args)))
+    full, lora = [r["loss"] for r in metrics(tmp_path / "full")], [r["loss"] for r in metrics(tmp_path / "lora")]
+    assert lora[0] == pytest.approx(full[0], rel=1e-6)  # same student, same rollouts at step 1
+    assert sum(lora[-3:]) / 3 < 0.8 * lora[0]
+    assert lora[1:] != pytest.approx(full[1:], rel=1e-3)  # and it is not the full model that trained
+
+    adapter, merged = tmp_path / "lora" / "adapter", tmp_path / "lora" / "student"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    saved = AutoModelForCausalLM.from_pretrained(merged).eval()
+    from_adapter = load_model(str(adapter), "", torch.float32, "student").eval()  # base + adapter, merged
+    for k, v in saved.state_dict().items():
+        assert torch.allclose(v, from_adapter.state_dict()[k], atol=1e-6, rtol=0), k
+    base = AutoModelForCausalLM.from_pretrained(tiny_world["student"]).eval()
+    assert torch.equal(saved.model.embed_tokens.weight, base.model.embed_tokens.weight)  # frozen outside LoRA
+    # the trained student is closer to the teacher than the base, on rollouts the base sampled
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_world["teacher"]).eval()
+    ids, mask = encode_prompts(tiny_world["tokenizer"], ["1+2", "37+48-19", "5-3+8", "90-45+7"])
+    rollout, _ = sample(base, teacher, ids, mask, max_new_tokens=20, eos_token_id=2, pad_token_id=0, chunk=4,
+                        score=False, generator=torch.Generator().manual_seed(1))
+    assert mean_kl(saved, teacher, rollout) < 0.8 * mean_kl(base, teacher, rollout)
+
+    argv = ["--data", tiny_world["test"], "-k", "2", "--limit", "4", "--max-new-tokens", "20", "--seed", "1"]
+    by_adapter, by_merged = kat_eval(["--model", str(adapter), *argv]), kat_eval(["--model", str(merged), *argv])
+    assert by_adapter["test"]["problems"] == by_merged["test"]["problems"]
