@@ -181,8 +181,8 @@ def prepare_student(model, *, gradient_checkpointing: bool = False, lora_r: int 
     try:
         model = peft.get_peft_model(model, config)
     except ValueError as err:  # e.g. no module of that name
-        raise ConfigError(f"lora_target_modules: {' '.join(str(err).split())}; name linear layers of the "
-                          "student (e.g. q_proj,v_proj) or use all-linear") from None
+        raise ConfigError(f"lora_target_modules: {' '.join(str(err).split()).rstrip('.')}; name linear layers "
+                          "of the student (e.g. q_proj,v_proj) or use all-linear") from None
     base = model.peft_config["default"].base_model_name_or_path or ""
     if os.path.isdir(base):  # the saved adapter must find its base from any working directory
         model.peft_config["default"].base_model_name_or_path = os.path.abspath(base)

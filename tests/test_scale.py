@@ -337,6 +337,7 @@ def test_lora_student_starts_as_the_base_learns_and_saves_adapter_and_merged_cop
     from kat.sampler import sample
     from kat.train import train
 
+    pytest.importorskip("peft")
     args = dict(steps=10, lr=1e-2, termination="none")
     train(load_config([], **tiny_args(tiny_world, tmp_path / "full", **args)))
     train(load_config([], **tiny_args(tiny_world, tmp_path / "lora", lora_r=8, lora_alpha=16, **args)))
@@ -363,3 +364,33 @@ def test_lora_student_starts_as_the_base_learns_and_saves_adapter_and_merged_cop
     argv = ["--data", tiny_world["test"], "-k", "2", "--limit", "4", "--max-new-tokens", "20", "--seed", "1"]
     by_adapter, by_merged = kat_eval(["--model", str(adapter), *argv]), kat_eval(["--model", str(merged), *argv])
     assert by_adapter["test"]["problems"] == by_merged["test"]["problems"]
+
+
+def test_lora_user_errors_are_one_line(tiny_world, tmp_path, capsys, monkeypatch):
+    """No peft installed; LoRA under FSDP; target modules the student does not have."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    import kat.train as kat_train
+
+    def run(**over) -> str:
+        argv = [f"--{k}={v}" for k, v in tiny_args(tiny_world, tmp_path / "run", lora_r=4, **over).items()]
+        assert kat_train.main(argv) == 2
+        err = capsys.readouterr().err  # may also hold progress bars of datasets and transformers
+        errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+        assert len(errors) == 1 and errors[0].startswith("error: "), err
+        return errors[0]
+
+    assert run(lora_target_modules="no_such_proj").startswith("error: lora_target_modules: ")
+
+    class Sharded(Accelerator):
+        @property
+        def distributed_type(self):
+            return DistributedType.FSDP
+
+    with monkeypatch.context() as m:
+        m.setattr(kat_train, "Accelerator", Sharded)
+        assert run().startswith("error: lora_r: a LoRA student is not sharded here")
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
+    assert run() == ("error: lora_r: a LoRA student needs peft; install it (pip install -e .[peft], or pip "
+                     "install peft), or set lora_r: 0")
