@@ -141,17 +141,6 @@ def _forward(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Ten
     return out.logits.to(input_ids.device), out.cache
 
 
-def _keep_rows(idx: Tensor, *caches) -> None:
-    """Drop finished rows from KV caches in place (`idx`: (A',) rows of the active batch to keep).
-
-    The index goes in on the CPU, which indexes cache tensors on any device, including a model
-    split across several devices.
-    """
-    for cache in caches:
-        if cache is not None:
-            cache.batch_select_indices(idx.cpu())
-
-
 # ---------------------------------------------------------------------------------------------
 # Chunk bookkeeping
 # ---------------------------------------------------------------------------------------------
@@ -295,13 +284,16 @@ class _Active:
     t_last: Tensor | None = None  # (A, V) lockstep: teacher logits for the next position
     t_cache: object = None
     pad: bool = False  # every row has ended; the one row left only feeds pad forwards (`_pad_chunk`)
+    error: FloatingPointError | None = None  # the first non-finite chunk, raised once decoding has ended
 
     def keep(self, live: Tensor) -> None:
-        """Keep only the active rows where `live` (A,) holds, in the tensors and in both caches; with
-        none left, one row stays as the pad row."""
+        """Keep only the active rows where `live` (A,) holds, in the tensors and in both caches (in place;
+        with none left, one row stays as the pad row)."""
         self.pad = not bool(live.any())
         idx = live.new_zeros(1, dtype=torch.long) if self.pad else live.nonzero().squeeze(-1)  # (A',)
-        _keep_rows(idx, self.s_cache, self.t_cache)
+        for cache in (self.s_cache, self.t_cache):  # a CPU index selects rows on any device, or across several
+            if cache is not None:
+                cache.batch_select_indices(idx.cpu())
         self.rows, self.attn, self.pos, self.s_last = self.rows[idx], self.attn[idx], self.pos[idx], self.s_last[idx]
         if self.t_last is not None:
             self.t_last = self.t_last[idx]
@@ -361,7 +353,10 @@ def _teacher_chunk(teacher, act: _Active, tokens: Tensor, valid: Tensor, s_chunk
     t_logits = torch.cat([act.t_last[:, None], t_out[:, :-1]], dim=1)  # (A, c, V) positions t..t+c-1
     act.t_last = t_out[:, -1]  # (A, V) position t+c, for the next chunk
     scores = score_chunk(s_logits, t_logits, tokens, topk)
-    _check_finite(scores, valid, act.rows, t, s_logits, t_logits)
+    try:
+        _check_finite(scores, valid, act.rows, t, s_logits, t_logits)
+    except FloatingPointError as err:  # raised after decoding: other processes may still be decoding
+        act.error = act.error or err
     return scores
 
 
@@ -430,8 +425,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
         student, teacher: HF causal LMs in eval mode (unwrapped), sharing one vocabulary.
         prompt_ids, prompt_mask: (B, P) left-padded prompts.
         max_new_tokens: completion length limit (rows reaching it stop with STOP_LENGTH).
-        eos_token_id: id or list of ids that end a row (the EOS is part of the completion);
-            an empty list disables EOS stops.
+        eos_token_id: id or list of ids that end a row (the EOS is part of the completion; [] disables).
         pad_token_id: fills completion positions after a row's end.
         temperature, top_p: sampling only (0 = greedy); all recorded numbers are at temperature 1.
         chunk: C, tokens the student samples between two teacher forwards (1 = exact lockstep).
@@ -440,10 +434,9 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
             chunk while a row is active here; rows that already ended have valid False).
         topk: K > 0 also captures the student's top-K ids and the teacher's K+1 log-probs.
         generator: source of the sampling randomness (one uniform per original row per step).
-        global_rows: (offset, total) when these B rows are rows offset..offset+B-1 of a batch of
-            `total` rows split across processes (the tokens then do not depend on the number of
-            processes: `kat.distributed.draw_range`). With torch.distributed initialised, every
-            process calls `sample` together, and decoding ends when no process has a live row.
+        global_rows: (offset, total): these B rows are rows offset..offset+B-1 of `total` split across
+            processes (tokens then do not depend on the process count: `kat.distributed.draw_range`).
+            With torch.distributed, all processes call `sample` together; it ends when none decodes.
         score: False selects the unscored mode when no terminator needs the KL while decoding:
             kl / student_logp / teacher_logp stay NaN and the teacher never runs here.
     Returns:
@@ -493,7 +486,8 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
         t += c
         if ended.any():  # ended rows leave the batch and both caches, so later chunks cost less
             act.keep(~ended)
-
+    if act.error is not None:
+        raise act.error
     if mode is Mode.POSTHOC:
         _score_posthoc(teacher, prompt_ids, prompt_mask, buf, held, topk)
     shadow_cut = state.would_cut.clone() if terminator is not None and terminator.shadow else None  # (B,)

@@ -107,6 +107,53 @@ def test_every_process_runs_the_same_forwards_while_sampling(tiny_world, tmp_pat
         assert torch.allclose(alone.kl, synced.kl, atol=1e-6, rtol=0, equal_nan=True), mode
 
 
+NON_FINITE_ON_ONE = r"""
+import json, sys
+import torch, torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from kat.detector import TrapDetector
+from kat.sampler import sample
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+student_dir, teacher_dir, prompts_path, out = sys.argv[1:5]
+student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+if rank == 0:  # only this process's teacher gives non-finite logits
+    with torch.no_grad():
+        teacher.model.norm.weight.fill_(float("nan"))
+calls = {"student": 0, "teacher": 0}
+for name, model in (("student", student), ("teacher", teacher)):
+    model.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+ids, mask = torch.load(prompts_path)
+try:
+    sample(student, teacher, ids[2 * rank: 2 * rank + 2], mask[2 * rank: 2 * rank + 2], max_new_tokens=12,
+           eos_token_id=[], pad_token_id=0, chunk=4, generator=torch.Generator().manual_seed(5),
+           global_rows=(2 * rank, 4), terminator=TrapDetector(window=2, stride=1, patience=1, exempt=0))
+    calls["error"] = None
+except FloatingPointError as err:
+    calls["error"] = str(err)
+json.dump(calls, open(f"{out}/nan_{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_a_non_finite_chunk_on_one_process_is_raised_after_decoding(tiny_world, tmp_path):
+    """The process that meets non-finite logits keeps decoding with the others (which would otherwise
+    wait for it forever) and raises once every process has ended."""
+    from kat.data import encode_prompts
+
+    ids, mask = encode_prompts(tiny_world["tokenizer"], ["1+2", "37+48-19", "5-3+8", "90-45"])
+    torch.save((ids, mask), tmp_path / "prompts.pt")
+    script = tmp_path / "nan.py"
+    script.write_text(NON_FINITE_ON_ONE)
+    torchrun(script, [tiny_world["student"], tiny_world["teacher"], str(tmp_path / "prompts.pt"), str(tmp_path)])
+    calls = [json.loads((tmp_path / f"nan_{r}.json").read_text()) for r in (0, 1)]
+    assert calls[0]["error"].startswith("non-finite reverse KL or log-prob at (row, completion position) [(0, 0)")
+    assert "teacher logits are non-finite" in calls[0]["error"] and calls[1]["error"] is None
+    assert [(c["student"], c["teacher"]) for c in calls] == [(12, 4), (12, 4)]
+
+
 def test_one_process_exchanges_nothing(monkeypatch):
     """Without torch.distributed `any_process` is the flag itself and no collective is called."""
     import torch.distributed as dist
