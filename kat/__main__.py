@@ -1,7 +1,7 @@
 """``python -m kat <command>``: the project's command line.
 
     python -m kat train [--config FILE] [--key value ...]         distil a student (kat.train)
-    python -m kat eval --model PATH --data SPEC -k 8               avg@k / pass@k of a model or LoRA adapter (kat.evaluate)
+    python -m kat eval --model PATH --data SPEC -k 8               avg@k / pass@k of a model or adapter (kat.evaluate)
     python -m kat models prune --model PATH --layers N --out DIR   a layer-pruned copy (kat.models)
     python -m kat toy build [--world rich|plain]                   rebuild the toy world's checkpoints
     python -m kat toy stats [--world rich|plain]                   KL statistics of the toy world
