@@ -31,7 +31,6 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 
@@ -61,24 +60,6 @@ def _check_source(path: str, gguf_file: str, role: str) -> str:
         found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
         raise ConfigError(f"{role}_gguf: {gguf_file!r} is not in {path!r}; GGUF files there: {found or 'none'}")
     return path
-
-
-@contextmanager
-def weights_on_every_process():
-    """Load real weights on every process. Under Accelerate's FSDP with cpu-RAM-efficient loading,
-    transformers loads every model's weights on the first process only (the others get empty
-    "meta" tensors) and relies on `accelerator.prepare` to broadcast them; the teacher is never
-    prepared, so it must be loaded whole everywhere."""
-    key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = old
 
 
 def torch_dtype(name: str, device: torch.device | str) -> torch.dtype:

@@ -42,7 +42,7 @@ from kat.detector import make_terminator, window_means
 from kat.evaluate import run_eval
 from kat.learner import build_optimizer, learn
 from kat.models import (align_vocab, check_tokenizers, eos_ids, load_model, load_tokenizer, prepare_student,
-                        torch_dtype, weights_on_every_process)
+                        torch_dtype)
 from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
 from kat.sampler import sample
 
@@ -116,8 +116,7 @@ def load_models(cfg: Config, device: torch.device):
     check_tokenizers(tokenizer, load_tokenizer(cfg.teacher, cfg.teacher_gguf, "teacher"))
     compute = torch_dtype(cfg.dtype, device)
     student = load_model(cfg.student, cfg.student_gguf, compute if cfg.lora_r else torch.float32, "student")
-    with weights_on_every_process():  # the teacher is never prepared, so nothing would broadcast it
-        teacher = load_model(cfg.teacher, cfg.teacher_gguf, compute, "teacher")
+    teacher = load_model(cfg.teacher, cfg.teacher_gguf, compute, "teacher")
     teacher = teacher.to(device).eval().requires_grad_(False)
     align_vocab(student, teacher, tokenizer)  # padded embedding rows past the tokenizer trimmed
     eos = eos_ids(tokenizer, student)
