@@ -335,6 +335,13 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
     return path, out
 
 
+def render_kw(cfg: Config) -> dict:
+    """How prompts are rendered (kat.data.render_prompt), the same for the length filter, sampling and
+    evaluation."""
+    return {"system_prompt": cfg.system_prompt, "instruction": cfg.instruction,
+            "template_kw": cfg.chat_template_kwargs}
+
+
 def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     """Defaults, then the YAML file given by --config, then --key value pairs, then **overrides."""
     path, cli = parse_overrides(list(argv or []))

@@ -35,9 +35,8 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from kat.checkpoint import find_checkpoint, load_checkpoint, model_card, save_checkpoint, save_student
-from kat.config import Config, ConfigError, help_text, load_config, random_target
-from kat.data import (DataError, encode_prompts, filter_long_prompts, load_eval_sets, load_problems, render_prompt,
-                      step_generator, step_prompts)
+from kat.config import Config, ConfigError, help_text, load_config, random_target, render_kw
+from kat.data import DataError, filter_long_prompts, load_eval_sets, load_problems, step_batch, step_generator
 from kat.detector import make_terminator, window_means
 from kat.evaluate import run_eval
 from kat.learner import build_optimizer, learn
@@ -77,13 +76,6 @@ class Run:
     @property
     def traces_path(self) -> str:
         return os.path.join(self.cfg.output_dir, "traces.jsonl")
-
-
-def render_kw(cfg: Config) -> dict:
-    """How prompts are rendered (kat.data.render_prompt), the same for the length filter, sampling and
-    evaluation."""
-    return {"system_prompt": cfg.system_prompt, "instruction": cfg.instruction,
-            "template_kw": cfg.chat_template_kwargs}
 
 
 # --- Set-up ---------------------------------------------------------------------------------------
@@ -305,10 +297,8 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
     parameters and buffers would drift apart.
     """
     cfg, acc, terminator = run.cfg, run.accelerator, run.terminator
-    batch = step_prompts(run.problems, step, cfg.batch_size, acc.process_index, acc.num_processes, cfg.seed)
-    texts = [render_prompt(run.tokenizer, p["prompt"], **render_kw(cfg))
-             for p in batch for _ in range(cfg.samples_per_prompt)]
-    prompt_ids, prompt_mask = encode_prompts(run.tokenizer, texts, acc.device)
+    _, prompt_ids, prompt_mask = step_batch(run.tokenizer, run.problems, step, cfg, acc.process_index,
+                                            acc.num_processes, acc.device)
     rows = prompt_ids.shape[0]
     run.student.eval()
     try:
