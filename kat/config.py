@@ -78,6 +78,9 @@ class Config:
     weight_decay: float = _f(0.0, "AdamW weight decay", low=0.0)
     max_grad_norm: float = _f(1.0, "gradient clipping norm", low=0.0, low_open=True)
     max_bad_steps: int = _f(3, "stop after this many consecutive steps with a non-finite loss", low=1)
+    teacher_cache_mb: float = _f(1024.0, "loss full with a terminator that reads the KL: keep the lockstep "
+                                 "teacher's logits of the generated tokens while they fit in this many MiB per "
+                                 "process, so the learner does not run the teacher again (0: off)", low=0.0)
 
     # --- termination -----------------------------------------------------------------------------
     termination: str = _f("kat", "kat: trap detector; random: length-matched random cuts; none: plain OPD",

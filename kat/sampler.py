@@ -30,6 +30,14 @@ token, and a row whose terminator fires stops at the end of that chunk (at most 
 than with C = 1). A terminator cut is not an end of sequence: no EOS is ever appended, the row
 just stops, and the learner drops positions >= cut through `loss_mask`.
 
+Kept teacher logits (lockstep only, `teacher_cache_mb` > 0): the `full` loss needs the teacher's
+logits at every kept position, and lockstep has just computed them. Each chunk's (A, C, V) teacher
+logits are held in the model dtype while the total stays within the budget, and packed at the end
+into `Rollout.teacher_logits` at the loss_mask positions only (cut and post-EOS positions dropped),
+so the learner does not run the teacher again. The budget bounds what is held while decoding
+(every generated position: a later cut can reach back into earlier chunks); once it would be
+exceeded, everything held is dropped and the learner runs the teacher as without a budget.
+
 Post-hoc: the student keeps its per-chunk logits in the model dtype (the logits that actually
 produced the tokens, so `student_logp` is the behaviour policy's log-prob exactly as in lockstep,
 and no second student forward is needed); the teacher's one forward over prompt + completion is
@@ -200,7 +208,8 @@ def _check_finite(scores: ChunkScores, valid: Tensor, rows: Tensor, t0: int,
 class _RolloutBuffer:
     """Full-batch (B, max_new_tokens, ...) outputs that each chunk writes its active rows into."""
 
-    def __init__(self, batch: int, max_new_tokens: int, topk: int, pad_token_id: int, device: torch.device):
+    def __init__(self, batch: int, max_new_tokens: int, topk: int, pad_token_id: int, device: torch.device,
+                 teacher_cache_mb: float = 0.0):
         shape = (batch, max_new_tokens)
         self.completion_ids = torch.full(shape, pad_token_id, dtype=torch.long, device=device)
         self.completion_mask = torch.zeros(shape, dtype=torch.bool, device=device)
@@ -211,6 +220,9 @@ class _RolloutBuffer:
         if topk > 0:
             self.topk_ids = torch.zeros(*shape, topk, dtype=torch.long, device=device)
             self.teacher_topk_logp = torch.zeros(*shape, topk + 1, dtype=torch.float32, device=device)
+        # lockstep teacher logits kept for the `full` loss: (rows, t0, (A, c, V)) per chunk; None = not kept
+        self.teacher_chunks: list[tuple[Tensor, int, Tensor]] | None = [] if teacher_cache_mb > 0 else None
+        self.teacher_budget, self.teacher_held = teacher_cache_mb * 2**20, 0
 
     def mark_unscored(self) -> None:
         """Nothing will score these rows: their numbers are absent (NaN), not 0."""
@@ -232,6 +244,32 @@ class _RolloutBuffer:
             self.topk_ids[rows, t0 : t0 + c] = torch.where(v, scores.topk_ids, 0)
             self.teacher_topk_logp[rows, t0 : t0 + c] = torch.where(v, scores.teacher_topk_logp, 0.0)
 
+    def keep_teacher_logits(self, rows: Tensor, t0: int, logits: Tensor) -> None:
+        """Hold a chunk's teacher logits (A, c, V) while the total fits the budget; past it, drop
+        everything held and keep nothing more (the learner then runs the teacher)."""
+        if self.teacher_chunks is None:
+            return
+        self.teacher_held += logits.numel() * logits.element_size()
+        if self.teacher_held > self.teacher_budget:
+            self.teacher_chunks = None
+            return
+        self.teacher_chunks.append((rows, t0, logits))
+
+    def _pack_teacher_logits(self, loss_mask: Tensor) -> Tensor | None:
+        """(N, V): the held teacher logits at the N loss_mask positions, row-major. Each chunk is
+        released once copied, so the peak is the held chunks plus what is kept."""
+        if not self.teacher_chunks:
+            return None
+        T, first = loss_mask.shape[1], self.teacher_chunks[0][2]
+        slot = (loss_mask.flatten().cumsum(0) - 1).view_as(loss_mask)  # (B, T) packed row of a kept position
+        out = first.new_empty(int(loss_mask.sum()), first.shape[-1])  # (N, V) model dtype
+        while self.teacher_chunks:
+            rows, t0, logits = self.teacher_chunks.pop(0)
+            c = min(logits.shape[1], T - t0)
+            kept = loss_mask[rows, t0 : t0 + c]  # (A, c)
+            out[slot[rows, t0 : t0 + c][kept]] = logits[:, :c][kept]  # (n, V)
+        return out
+
     def to_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, stop: Tensor, cut: Tensor,
                    shadow_cut: Tensor | None, scored: bool) -> Rollout:
         """Trim to T = the longest completion and fill `cut` / `loss_mask` for rows that were not cut."""
@@ -240,15 +278,15 @@ class _RolloutBuffer:
         cut = torch.where(cut < 0, lengths, cut)  # (B,) uncut rows: cut = completion length
         position = torch.arange(T, device=cut.device)  # (T,)
         completion_mask = self.completion_mask[:, :T]  # (B, T)
+        loss_mask = completion_mask & (position[None, :] < cut[:, None])  # (B, T)
         return Rollout(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-            completion_ids=self.completion_ids[:, :T], completion_mask=completion_mask,
-            loss_mask=completion_mask & (position[None, :] < cut[:, None]),  # (B, T)
+            completion_ids=self.completion_ids[:, :T], completion_mask=completion_mask, loss_mask=loss_mask,
             student_logp=self.student_logp[:, :T], teacher_logp=self.teacher_logp[:, :T],
             kl=self.kl[:, :T], stop=stop, cut=cut,
             topk_ids=None if self.topk_ids is None else self.topk_ids[:, :T],
             teacher_topk_logp=None if self.teacher_topk_logp is None else self.teacher_topk_logp[:, :T],
-            shadow_cut=shadow_cut, scored=scored,
+            shadow_cut=shadow_cut, scored=scored, teacher_logits=self._pack_teacher_logits(loss_mask),
         )
 
 
@@ -354,9 +392,9 @@ def _student_chunk(student, act: _Active, c: int, t: int, *, max_new_tokens: int
 
 
 def _teacher_chunk(teacher, act: _Active, tokens: Tensor, valid: Tensor, s_chunk: list[Tensor], t: int,
-                   topk: int) -> ChunkScores:
+                   topk: int, buf: _RolloutBuffer) -> ChunkScores:
     """Lockstep: the teacher reads the chunk in one cached forward (its output at token t+j
-    predicts t+j+1) and the chunk is scored."""
+    predicts t+j+1); the chunk is scored into `buf`, which may keep the teacher's logits."""
     c = tokens.shape[1]
     s_logits = torch.stack(s_chunk, dim=1)  # (A, c, V) model dtype
     chunk_pos = act.pos[:, None] + torch.arange(c, device=tokens.device)  # (A, c)
@@ -365,6 +403,8 @@ def _teacher_chunk(teacher, act: _Active, tokens: Tensor, valid: Tensor, s_chunk
     act.t_last = t_out[:, -1]  # (A, V) position t+c, for the next chunk
     scores = score_chunk(s_logits, t_logits, tokens, topk)
     _check_finite(scores, valid, act.rows, t, s_logits, t_logits)
+    buf.write_scores(act.rows, t, scores, valid)
+    buf.keep_teacher_logits(act.rows, t, t_logits)
     return scores
 
 
@@ -417,7 +457,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
            eos_token_id: int | Sequence[int], pad_token_id: int, temperature: float = 1.0,
            top_p: float = 1.0, chunk: int = 8, terminator=None, topk: int = 0,
            generator: torch.Generator | None = None, global_rows: tuple[int, int] | None = None,
-           score: bool = True):
+           score: bool = True, teacher_cache_mb: float = 0.0):
     """Sample completions from `student`, scored by `teacher`, with online termination.
 
     Args:
@@ -439,11 +479,15 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
             process's slice, so with one seed the tokens do not depend on the number of processes.
         score: False selects the unscored mode when no terminator needs the KL while decoding:
             kl / student_logp / teacher_logp stay NaN and the teacher never runs here.
+        teacher_cache_mb: lockstep only: keep the teacher's logits of the kept positions in
+            `Rollout.teacher_logits` (for the `full` loss) while what is held fits this many MiB
+            (0: never; see the module docstring).
     Returns:
         (rollout, state): the `Rollout` (T = longest completion) and the terminator state to pass
         to `terminator.end_batch` (None without a terminator).
     """
     _check_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, chunk, topk, score)
+    check_value("teacher_cache_mb", teacher_cache_mb)
     device, B = prompt_ids.device, prompt_ids.shape[0]
     prompt_mask = prompt_mask.bool()
     eos = _eos_ids(eos_token_id, device)  # (E,)
@@ -456,7 +500,8 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
 
     act = _prefill(student, teacher, prompt_ids, prompt_mask, mode)
     topk = min(topk, act.s_last.shape[-1])  # K >= V keeps the whole vocabulary (empty tail)
-    buf = _RolloutBuffer(B, max_new_tokens, topk, pad_token_id, device)
+    buf = _RolloutBuffer(B, max_new_tokens, topk, pad_token_id, device,
+                         teacher_cache_mb if mode is Mode.LOCKSTEP else 0.0)
     if mode is Mode.UNSCORED:
         buf.mark_unscored()
     t = 0  # completion position of the chunk's first token
@@ -469,8 +514,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
         buf.write_tokens(act.rows, t, tokens, valid)
         scores = None
         if mode is Mode.LOCKSTEP:
-            scores = _teacher_chunk(teacher, act, tokens, valid, s_chunk, t, topk)
-            buf.write_scores(act.rows, t, scores, valid)
+            scores = _teacher_chunk(teacher, act, tokens, valid, s_chunk, t, topk, buf)
         elif mode is Mode.POSTHOC:
             held.append((act.rows, t, torch.stack(s_chunk, dim=1)))  # (A, c, V) model dtype
         act.pos = act.pos + c
