@@ -104,7 +104,8 @@ def sample_token(logits: Tensor, u: Tensor | None, temperature: float = 1.0, top
     """
     if temperature == 0:
         return logits.argmax(dim=-1)  # (A,)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (A, V)
+    logits = logits.float()
+    probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # (A, V)
     probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (A, V) each
     if top_p < 1.0:
         # nucleus: keep token i while the mass strictly before it is < top_p (the first one always stays)
@@ -374,20 +375,29 @@ def _student_chunk(student, act: _Active, c: int, t: int, *, max_new_tokens: int
     alive = torch.ones(A, dtype=torch.bool, device=device)  # (A,)
     tokens = torch.full((A, c), pad_token_id, dtype=torch.long, device=device)  # (A, c)
     valid = torch.zeros((A, c), dtype=torch.bool, device=device)  # (A, c)
+    # Set up once per chunk rather than per token: the mask grows inside one buffer (step j passes
+    # a view of its first L + j + 1 columns) instead of a new concatenation per token, and the
+    # position ids and this process's uniform indices are fixed for the chunk.
+    L = act.attn.shape[1]
+    attn = act.attn.new_zeros(A, L + c)  # (A, L + c)
+    attn[:, :L] = act.attn
+    positions = act.pos[:, None] + torch.arange(c, device=device)  # (A, c)
+    draw = first + act.rows  # (A,) the active rows' uniforms among the n_draw of each step
     s_chunk = []
     for j in range(c):
-        u = _uniforms(n_draw, generator, device)[first + act.rows] if temperature > 0 else None  # (A,)
+        u = _uniforms(n_draw, generator, device)[draw] if temperature > 0 else None  # (A,)
         token = sample_token(act.s_last, u, temperature, top_p)  # (A,)
         tokens[:, j] = torch.where(alive, token, pad_token_id)
         valid[:, j] = alive
-        alive = alive & ~torch.isin(token, eos)
+        attn[:, L + j] = alive  # 0 from the token after a row's EOS on
+        alive = alive & torch.isin(token, eos, invert=True)
         if keep_logits:
             s_chunk.append(act.s_last)
-        act.attn = torch.cat([act.attn, valid[:, j : j + 1].long()], dim=1)  # (A, P + t + j + 1)
         if t + j + 1 < max_new_tokens:  # the rollout's last token needs no next-token logits
-            s_last, act.s_cache = _forward(student, tokens[:, j : j + 1], act.attn, (act.pos + j)[:, None],
+            s_last, act.s_cache = _forward(student, tokens[:, j : j + 1], attn[:, : L + j + 1], positions[:, j : j + 1],
                                            act.s_cache, True)
             act.s_last = s_last[:, -1]  # (A, V)
+    act.attn = attn  # (A, L + c)
     return tokens, valid, alive, s_chunk
 
 
