@@ -88,3 +88,23 @@ class Rollout:
             v = getattr(self, f.name)
             out[f.name] = v.to(device) if isinstance(v, Tensor) else v
         return Rollout(**out)
+
+
+def pack_kept(chunks: list[tuple[Tensor, int, Tensor]] | None, loss_mask: Tensor) -> Tensor | None:
+    """`Rollout.teacher_logits` from per-chunk logits: (N, V) at the N loss_mask positions, row-major.
+
+    chunks: (rows, t0, (A, c, V) logits of positions t0..t0+c-1 of those rows), covering every
+    loss_mask position once; None or empty: nothing kept. Each chunk is released from the list
+    once copied, so the peak is what the chunks hold plus the packed result.
+    """
+    if not chunks:
+        return None
+    T, first = loss_mask.shape[1], chunks[0][2]
+    slot = (loss_mask.flatten().cumsum(0) - 1).view_as(loss_mask)  # (B, T) packed row of a kept position
+    out = first.new_empty(int(loss_mask.sum()), first.shape[-1])  # (N, V)
+    while chunks:
+        rows, t0, logits = chunks.pop(0)
+        c = min(logits.shape[1], T - t0)
+        kept = loss_mask[rows, t0 : t0 + c]  # (A, c)
+        out[slot[rows, t0 : t0 + c][kept]] = logits[:, :c][kept]  # (n, V)
+    return out

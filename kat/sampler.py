@@ -61,14 +61,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from kat.config import check_value
-from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
-from kat.scorer import reverse_kl, token_logp, topk_tail
+from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout, pack_kept
+from kat.scorer import ChunkScores, check_finite, score_chunk
 
 
 class Mode(str, Enum):
@@ -164,48 +163,6 @@ def _keep_rows(idx: Tensor, *caches) -> None:
 # Chunk bookkeeping
 # ---------------------------------------------------------------------------------------------
 
-class ChunkScores(NamedTuple):
-    """Per-token numbers of one chunk of active rows, all at temperature 1."""
-
-    kl: Tensor  # (A, C) float32: d_t
-    student_logp: Tensor  # (A, C) float32: log p(y_t)
-    teacher_logp: Tensor  # (A, C) float32: log q(y_t)
-    topk_ids: Tensor | None  # (A, C, K) long
-    teacher_topk_logp: Tensor | None  # (A, C, K+1) float32
-
-
-def score_chunk(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, topk: int = 0) -> ChunkScores:
-    """Score the sampled tokens of one chunk: (A, C, V) logits of both models and (A, C) tokens."""
-    kl = reverse_kl(student_logits, teacher_logits)  # (A, C)  d_t = sum_v p (log p - log q)
-    student_logp = token_logp(student_logits, tokens)  # (A, C)  log p(y_t)
-    teacher_logp = token_logp(teacher_logits, tokens)  # (A, C)  log q(y_t)
-    ids = tail = None
-    if topk > 0:
-        ids, tail = topk_tail(student_logits, teacher_logits, topk)  # (A, C, K), (A, C, K+1)
-    return ChunkScores(kl, student_logp, teacher_logp, ids, tail)
-
-
-def _check_finite(scores: ChunkScores, valid: Tensor, rows: Tensor, t0: int,
-                  student_logits: Tensor, teacher_logits: Tensor) -> None:
-    """Raise on a non-finite KL or log-prob at a generated position, naming the rows and positions."""
-    bad = valid & ~(scores.kl.isfinite() & scores.student_logp.isfinite() & scores.teacher_logp.isfinite())
-    if not bad.any():
-        return
-    a, j = bad.nonzero(as_tuple=True)
-    where = [(int(rows[x]), t0 + int(y)) for x, y in zip(a.tolist(), j.tolist())]
-    culprits = []
-    for name, logits in (("student", student_logits), ("teacher", teacher_logits)):
-        nonfinite = ~logits[a, j].isfinite().all(dim=-1)  # (n,)
-        if nonfinite.any():
-            culprits.append(f"{name} logits are non-finite at {[w for w, n in zip(where, nonfinite) if n][:8]}")
-    raise FloatingPointError(
-        f"non-finite reverse KL or log-prob at (row, completion position) {where[:8]}"
-        f"{' ...' if len(where) > 8 else ''} ({len(where)} in all); "
-        + ("; ".join(culprits) if culprits else "both models' logits are finite there (extreme logits?)")
-        + ". Check the models' dtype (fp16 overflow: try bf16 or fp32) and their weights."
-    )
-
-
 class _RolloutBuffer:
     """Full-batch (B, max_new_tokens, ...) outputs that each chunk writes its active rows into."""
 
@@ -256,21 +213,6 @@ class _RolloutBuffer:
             return
         self.teacher_chunks.append((rows, t0, logits))
 
-    def _pack_teacher_logits(self, loss_mask: Tensor) -> Tensor | None:
-        """(N, V): the held teacher logits at the N loss_mask positions, row-major. Each chunk is
-        released once copied, so the peak is the held chunks plus what is kept."""
-        if not self.teacher_chunks:
-            return None
-        T, first = loss_mask.shape[1], self.teacher_chunks[0][2]
-        slot = (loss_mask.flatten().cumsum(0) - 1).view_as(loss_mask)  # (B, T) packed row of a kept position
-        out = first.new_empty(int(loss_mask.sum()), first.shape[-1])  # (N, V) model dtype
-        while self.teacher_chunks:
-            rows, t0, logits = self.teacher_chunks.pop(0)
-            c = min(logits.shape[1], T - t0)
-            kept = loss_mask[rows, t0 : t0 + c]  # (A, c)
-            out[slot[rows, t0 : t0 + c][kept]] = logits[:, :c][kept]  # (n, V)
-        return out
-
     def to_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, stop: Tensor, cut: Tensor,
                    shadow_cut: Tensor | None, scored: bool) -> Rollout:
         """Trim to T = the longest completion and fill `cut` / `loss_mask` for rows that were not cut."""
@@ -287,7 +229,7 @@ class _RolloutBuffer:
             kl=self.kl[:, :T], stop=stop, cut=cut,
             topk_ids=None if self.topk_ids is None else self.topk_ids[:, :T],
             teacher_topk_logp=None if self.teacher_topk_logp is None else self.teacher_topk_logp[:, :T],
-            shadow_cut=shadow_cut, scored=scored, teacher_logits=self._pack_teacher_logits(loss_mask),
+            shadow_cut=shadow_cut, scored=scored, teacher_logits=pack_kept(self.teacher_chunks, loss_mask),
         )
 
 
@@ -412,7 +354,7 @@ def _teacher_chunk(teacher, act: _Active, tokens: Tensor, valid: Tensor, s_chunk
     t_logits = torch.cat([act.t_last[:, None], t_out[:, :-1]], dim=1)  # (A, c, V) positions t..t+c-1
     act.t_last = t_out[:, -1]  # (A, V) position t+c, for the next chunk
     scores = score_chunk(s_logits, t_logits, tokens, topk)
-    _check_finite(scores, valid, act.rows, t, s_logits, t_logits)
+    check_finite(scores, valid, act.rows, t, s_logits, t_logits)
     buf.write_scores(act.rows, t, scores, valid)
     buf.keep_teacher_logits(act.rows, t, t_logits)
     return scores
@@ -458,7 +400,7 @@ def _score_posthoc(teacher, prompt_ids: Tensor, prompt_mask: Tensor, buf: _Rollo
         valid = buf.completion_mask[chunk_rows, t0 : t0 + c]  # (A, c)
         s_c, t_c = s_chunk[:, :c], t_logits[chunk_rows, t0 : t0 + c]  # (A, c, V) each
         scores = score_chunk(s_c, t_c, tokens, topk)
-        _check_finite(scores, valid, chunk_rows, t0, s_c, t_c)
+        check_finite(scores, valid, chunk_rows, t0, s_c, t_c)
         buf.write_scores(chunk_rows, t0, scores, valid)
 
 
