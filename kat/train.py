@@ -367,6 +367,7 @@ def learn_step(run: Run, step: int, rollout: Rollout) -> tuple[dict, Rollout] | 
     stats = learn(run.student, rollout, run.optimizer, run.scheduler, run.accelerator, kind=run.cfg.loss,
                   micro_batch_size=run.cfg.micro_batch_size, teacher=run.teacher,
                   max_grad_norm=run.cfg.max_grad_norm)
+    rollout.teacher_logits = None  # the kept teacher logits are spent: not held through the next rollout
     if not stats["finite"]:
         skip_step(run, step, f"step {step + 1}: non-finite loss in rows {stats['bad_rows']} "
                              f"(process {run.accelerator.process_index})")

@@ -259,12 +259,13 @@ def test_training_with_kat_and_full_runs_the_teacher_only_in_lockstep(tiny_world
     import kat.train as train_module
     from kat.config import Config
 
-    seen, real = [], train_module.learn
+    seen, rollouts, real = [], [], train_module.learn
 
     def spy(student, rollout, *args, teacher=None, **kw):
         with Calls(teacher) as calls:
             out = real(student, rollout, *args, teacher=teacher, **kw)
         seen.append((rollout.teacher_logits is not None, calls.n))
+        rollouts.append(rollout)
         return out
 
     monkeypatch.setattr(train_module, "learn", spy)
@@ -279,6 +280,7 @@ def test_training_with_kat_and_full_runs_the_teacher_only_in_lockstep(tiny_world
         with open(tmp_path / str(budget) / "metrics.jsonl") as fh:
             rows[budget] = [json.loads(line) for line in fh if '"loss"' in line]
         assert seen == ([(True, 0)] * 2 if budget else [(False, 3)] * 2)  # 8 rows in micro-batches of 3
+    assert all(r.teacher_logits is None for r in rollouts)  # released after each step's learn
     assert rows[1024.0][-1]["cut_rate"] > 0  # the detector cut in the second step
     # float rounding of the two teacher paths, carried through one update into step 2's rollouts
     for a, b in zip(rows[1024.0], rows[0.0]):
