@@ -193,6 +193,20 @@ def test_lockstep_kept_logits_match_float64_and_the_two_pass_step(models, prompt
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
+def test_bf16_teacher_keeps_bf16_logits(models, prompts):
+    """As on a GPU: a bf16 teacher's logits are kept in bf16 (half the bytes of fp32) and the step
+    matches the two-pass step to bf16 rounding of the teacher's logits (5e-4 relative here)."""
+    import copy
+
+    student, teacher = models
+    teacher16 = copy.deepcopy(teacher).to(torch.bfloat16)
+    r = lockstep((student, teacher16), prompts, 64.0)
+    assert r.teacher_logits.dtype == torch.bfloat16
+    _, stats = one_step(student, teacher16, r, "full", 4)
+    _, ref = one_step(student, teacher16, dataclasses.replace(r, teacher_logits=None), "full", 4)
+    assert stats["loss"] == pytest.approx(ref["loss"], rel=5e-3)
+
+
 def test_nothing_kept_returns_the_rollouts_kl(models, prompts):
     student, teacher = models
     r = lockstep(models, prompts, 64.0, cuts={b: (0, 0) for b in range(6)})
