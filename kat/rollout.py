@@ -76,7 +76,7 @@ class Rollout:
             if len(picked) == 0:
                 return slice(0, 0)
             return slice(int(ends[picked[0]] - counts[picked[0]]), int(ends[picked[-1]]))
-        picked = torch.arange(len(counts))[rows]  # (b,) also for boolean masks and strided slices
+        picked = torch.arange(len(counts))[rows.cpu() if isinstance(rows, Tensor) else rows]  # (b,) any index
         first = (ends - counts)[picked]  # (b,)
         row_of = torch.repeat_interleave(torch.arange(len(picked)), counts[picked])  # (n,)
         offset = torch.arange(len(row_of)) - (counts[picked].cumsum(0) - counts[picked])[row_of]  # (n,)
