@@ -116,7 +116,7 @@ CHOICES = {"loss": ("full", "topk"), "termination": ("kat", "none", "random"), "
            "grader": ("exact", "math"), "dtype": ("auto", "float32", "bfloat16", "float16")}
 # Fields of kat/config.py that kat.py accepts in a config and does not use
 PACKAGE_ONLY = ("kappa", "ema", "max_bad_steps", "save_every", "keep_last", "resume", "log_with", "project_name",
-                "n_traces", "plot", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+                "n_traces", "plot", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "teacher_cache_mb")
 
 def parse_config(argv: list[str]) -> Config:
     """`--config FILE` (YAML) then `--field value` / `--field=value` pairs; `--help` lists the fields."""
@@ -326,7 +326,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
                    topk_ids=None if topk_ids is None else topk_ids[:, :T],
                    teacher_topk_logp=None if topk_logq is None else topk_logq[:, :T],
                    shadow_cut=state.would_cut.clone() if terminator.shadow else None,
-                   scored=True, **{k: v[:, :T] for k, v in out.items()})
+                   scored=True, teacher_logits=None, **{k: v[:, :T] for k, v in out.items()})
     return rollout, state
 
 def score_into(out: dict, topk_ids, topk_logq, rows: Tensor, t0: int, logits: Tensor, teacher_logits: Tensor,

@@ -94,6 +94,9 @@ class Config:
     lora_target_modules: str = _f("all-linear", "modules that get LoRA adapters: comma-separated names, or "
                                   "all-linear (every linear layer but the output head)")
     max_bad_steps: int = _f(3, "stop after this many consecutive steps with a non-finite loss", low=1)
+    teacher_cache_mb: float = _f(1024.0, "loss full with a terminator that reads the KL: keep the lockstep "
+                                 "teacher's logits of the generated tokens while they fit in this many MiB per "
+                                 "process, so the learner does not run the teacher again (0: off)", low=0.0)
 
     # --- termination -----------------------------------------------------------------------------
     termination: str = _f("kat", "kat: trap detector; random: length-matched random cuts; none: plain OPD",

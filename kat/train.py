@@ -305,7 +305,8 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
         # one generator seed per step on every process; each process takes its rows' uniforms
         # (global_rows), so the tokens do not depend on how many processes share the batch.
         # score=False with the `full` loss: unless the terminator reads the KL while decoding,
-        # the learner's teacher pass gives it (kat.sampler's unscored mode)
+        # the learner's teacher pass gives it (kat.sampler's unscored mode); when it does, lockstep
+        # keeps the teacher's logits for the learner (teacher_cache_mb) so the teacher runs once
         rollout, state = sample(acc.unwrap_model(run.student), run.teacher, prompt_ids, prompt_mask,
                                 max_new_tokens=cfg.max_new_tokens, eos_token_id=run.eos,
                                 pad_token_id=run.tokenizer.pad_token_id, temperature=cfg.temperature,
@@ -313,7 +314,8 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
                                 topk=cfg.topk if cfg.loss == "topk" else 0,
                                 generator=step_generator(cfg.seed, step, acc.device),
                                 global_rows=(acc.process_index * rows, acc.num_processes * rows),
-                                score=cfg.loss != "full")
+                                score=cfg.loss != "full",
+                                teacher_cache_mb=cfg.teacher_cache_mb if cfg.loss == "full" else 0.0)
         problem = None
     except FloatingPointError as err:  # non-finite logits or KL: reported with rows and positions
         problem = f"step {step + 1}, process {acc.process_index}: {err}"
@@ -334,6 +336,7 @@ def learn_step(run: Run, step: int, rollout: Rollout) -> tuple[dict, Rollout] | 
     stats = learn(run.student, rollout, run.optimizer, run.scheduler, run.accelerator, kind=run.cfg.loss,
                   micro_batch_size=run.cfg.micro_batch_size, teacher=run.teacher,
                   max_grad_norm=run.cfg.max_grad_norm)
+    rollout.teacher_logits = None  # the kept teacher logits are spent: not held through the next rollout
     if not stats["finite"]:
         skip_step(run, step, f"step {step + 1}: non-finite loss in rows {stats['bad_rows']} "
                              f"(process {run.accelerator.process_index})")

@@ -232,7 +232,9 @@ def test_three_step_trajectory_identical(single_file, tiny_world, tmp_path, term
                   max_new_tokens=24, chunk=4, window=4, stride=2, patience=1, exempt=0, eta=0.8,
                   min_buffer=4, warmup_steps=1, lr=3e-3, seed=11)
     rows_a = single_file.main(single_file.Config(output_dir=str(tmp_path / "a"), **common))
-    train(pkg_config.Config(output_dir=str(tmp_path / "b"), plot=False, n_traces=0, **common))
+    # teacher_cache_mb=0: the package's learner runs the teacher again, as kat.py's does (the kept
+    # lockstep logits give the same target to float rounding: tests/test_teacher_cache.py)
+    train(pkg_config.Config(output_dir=str(tmp_path / "b"), plot=False, n_traces=0, teacher_cache_mb=0, **common))
     with open(tmp_path / "b" / "metrics.jsonl") as fh:
         rows_b = [json.loads(line) for line in fh]
     assert len(rows_a) == len(rows_b) == 3
