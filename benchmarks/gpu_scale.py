@@ -13,11 +13,15 @@ how many tokens are generated and trained).
 Sections, each a table whose ratios are against a baseline measured in the same run:
 
 1. decode: student tokens per second, `kat.sampler.sample` (student alone, unscored) vs
-   `model.generate` with the same dynamic cache and sampling settings; also the student as
-   `kat.train` samples it (fp32 master weights under bf16 autocast) and, last and only if time is
-   left, `generate` with a static cache compiled by torch.compile.
+   `model.generate` with the same dynamic cache and sampling settings; on CUDA both also with the
+   other attention choice (the sampler's decode loop leaves cuDNN attention out, generate keeps
+   PyTorch's choice); the student as `kat.train` samples it (fp32 master weights under bf16
+   autocast) and, last and only if time is left, `generate` with a static cache compiled by
+   torch.compile.
 2. teacher: teacher time inside `sample` in lockstep (chunk 1, 8, 64) vs post-hoc scoring (one
-   teacher forward over the finished rollout), with the largest KL difference between the two.
+   teacher forward over the finished rollout), with the largest KL difference between the two;
+   then (phases) one post-hoc and one lockstep rollout timed phase by phase: model forwards,
+   token draw, scoring, terminator, cache row selection, and what lies outside them.
 3. learner: one `kat.learner.learn` step (micro-batch 1, AdamW) for the `topk` and `full` losses,
    with and without gradient checkpointing: time and peak memory beyond the models and optimiser.
 4. step: one whole OPD step (post-hoc scoring, loss topk) and one OPD + KAT step (lockstep chunk
@@ -46,7 +50,8 @@ import common  # noqa: E402
 from rollout import ForwardTimer  # noqa: E402
 
 MODELS = common.ROOT / "configs" / "models"
-SECTIONS = ("decode", "teacher", "profile", "learner", "step", "compiled")
+SECTIONS = ("decode", "teacher", "phases", "profile", "learner", "step", "compiled")
+DEFAULT_SECTIONS = ("decode", "teacher", "phases", "learner", "step", "compiled")  # profile: on request
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             vocab_size=1024, max_position_embeddings=4096)
 
@@ -165,6 +170,17 @@ class RandomCuts:
         return fire, state.cut
 
 
+@contextlib.contextmanager
+def cudnn_attention():
+    """The sampler with PyTorch's own choice of attention backend (cuDNN included on Hopper)."""
+    sampler = common.import_kat("sampler")
+    saved, sampler.DECODE_SDPA_BACKENDS = sampler.DECODE_SDPA_BACKENDS, None
+    try:
+        yield
+    finally:
+        sampler.DECODE_SDPA_BACKENDS = saved
+
+
 def synchronize(device: torch.device) -> None:
     common.synchronize(device)
 
@@ -208,12 +224,16 @@ def decode_section(run: Run, student, student_fp32, ids, mask) -> float:
     s, dev = run.shape, run.device
     cases = {"generate, dynamic cache (baseline)": lambda n: generate_decode(student, ids, mask, n),
              "kat.sampler.sample, unscored": lambda n: ours_decode(student, ids, mask, n, s.chunk, 0)}
-    if dev.type == "cuda":  # cuDNN attention showed ~1 ms of CPU per call at decode shapes (profile)
-        def no_cudnn(n):
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+    if dev.type == "cuda":  # the sampler leaves cuDNN attention out of its decode loop (DECODE_SDPA_BACKENDS)
+        def generate_no_cudnn(n):
+            with common.import_kat("sampler").decode_attention(dev):
+                return generate_decode(student, ids, mask, n)
+
+        def ours_cudnn(n):
+            with cudnn_attention():
                 return ours_decode(student, ids, mask, n, s.chunk, 0)
-        cases["kat.sampler.sample, unscored, SDPA without cuDNN"] = no_cudnn
+        cases["generate, dynamic cache, SDPA without cuDNN (as the sampler decodes)"] = generate_no_cudnn
+        cases["kat.sampler.sample, unscored, cuDNN attention allowed (PyTorch's choice)"] = ours_cudnn
     if student_fp32 is not None:
         def as_trained(n):
             with torch.autocast(dev.type, dtype=run.dtype):
@@ -299,6 +319,85 @@ def teacher_section(run: Run, student, teacher, ids, mask, chunks: list[int]) ->
              f"pair {base['kl_mean']:.2f})",
              common.markdown_table(["mode", "tokens", "sample s", "teacher s", "teacher vs post-hoc",
                                     "teacher calls", "same tokens", "max |KL - post-hoc KL|"], table))
+
+
+class PhaseClock:
+    """Wall time of a rollout by phase: wraps the sampler's step functions (and the model forwards,
+    the token draw and the scoring inside them) with synchronising timers and books each call's time
+    exclusive of the timed calls nested in it, so the phases add up to the whole call."""
+
+    FUNCTIONS = {"_prefill": "prefill (both models)", "_student_chunk": "student chunk: bookkeeping",
+                 "sample_token": "student chunk: token draw", "_teacher_chunk": "teacher chunk: bookkeeping",
+                 "score_chunk": "scoring (KL, log-probs, top-k)", "_terminate": "terminator",
+                 "_score_posthoc": "post-hoc scoring: bookkeeping"}
+
+    def __init__(self, student, teacher, device: torch.device):
+        self.sampler, self.device = common.import_kat("sampler"), device
+        self.models = {id(student): "student", id(teacher): "teacher"}
+        self.seconds: dict[str, float] = {}
+        self.stack: list[float] = []  # time of the timed calls nested in each open call
+        self.saved = {name: getattr(self.sampler, name) for name in (*self.FUNCTIONS, "_forward")}
+        for name, label in self.FUNCTIONS.items():
+            setattr(self.sampler, name, self._timed(self.saved[name], lambda *a, _label=label: _label))
+        forward = self.saved["_forward"]
+        self.sampler._forward = self._timed(forward, lambda model, *a: f"{self.models[id(model)]} forward")
+        self.keep = self.sampler._Active.keep
+        self.sampler._Active.keep = self._timed(self.keep, lambda *a: "rows leave the caches (keep)")
+
+    def _timed(self, fn, label):
+        def wrapper(*args, **kwargs):
+            synchronize(self.device)
+            t0 = time.perf_counter()
+            self.stack.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                synchronize(self.device)
+                total = time.perf_counter() - t0
+                nested = self.stack.pop()
+                key = label(*args)
+                self.seconds[key] = self.seconds.get(key, 0.0) + total - nested
+                if self.stack:
+                    self.stack[-1] += total
+        return wrapper
+
+    def remove(self) -> None:
+        for name, fn in self.saved.items():
+            setattr(self.sampler, name, fn)
+        self.sampler._Active.keep = self.keep
+
+
+def phases_section(run: Run, student, teacher, ids, mask) -> None:
+    """Where one rollout's wall time goes, post-hoc against lockstep (chunk 64): the same tokens,
+    timed phase by phase (each phase synchronises, so the sum exceeds an untimed call a little)."""
+    sampler, detector = common.import_kat("sampler"), common.import_kat("detector")
+    s, dev = run.shape, run.device
+    modes = [("post-hoc", False, False), (f"lockstep, chunk {s.chunk}", True, False)]
+    if dev.type == "cuda":
+        modes.append((f"lockstep, chunk {s.chunk}, cuDNN attention allowed", True, True))
+    res = {}
+    for name, lockstep, cudnn in modes:
+        w = min(64, s.decode_tokens)
+        term = detector.TrapDetector(window=w, stride=w, exempt=s.exempt) if lockstep else None  # inactive
+        clock = PhaseClock(student, teacher, dev)
+        wall = {}
+        try:
+            with cudnn_attention() if cudnn else contextlib.nullcontext(), timed(dev, wall, "wall"):
+                sampler.sample(student, teacher, ids, mask, max_new_tokens=s.decode_tokens, eos_token_id=[],
+                               pad_token_id=0, temperature=1.0, top_p=0.95, chunk=s.chunk, terminator=term,
+                               generator=torch.Generator(device=dev).manual_seed(1), score=True)
+        finally:
+            clock.remove()
+        phases = dict(sorted(clock.seconds.items(), key=lambda kv: -kv[1]))
+        phases["outside the timed calls"] = wall["wall"] - sum(clock.seconds.values())
+        res[name] = {"wall": wall["wall"], "phases": phases}
+    labels = list(dict.fromkeys(label for o in res.values() for label in o["phases"]))
+    table = [[label] + [f"{o['phases'][label]:.2f}" if label in o["phases"] else "-" for o in res.values()]
+             for label in labels]
+    table.append(["**wall**"] + [f"**{o['wall']:.2f}**" for o in res.values()])
+    run.results["phases"] = res
+    run.emit(f"Phases of one rollout: {s.rows} rows, {s.decode_tokens} new tokens, seconds (synchronised at "
+             f"every timed call)", common.markdown_table(["phase"] + list(res), table))
 
 
 class Scope:
@@ -492,7 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny models of the same family on CPU (a smoke run)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS), help=f"comma list of {', '.join(SECTIONS)} "
+                   "(default: all but profile, whose profiler slows the run far more than it measures)")
+    p.add_argument("--teacher-chunks", default="1,8",
+                   help="teacher section: lockstep chunk sizes besides the step's chunk (64; tiny 8)")
     p.add_argument("--budget-s", type=float, default=330.0, help="wall-clock budget of the whole run")
     p.add_argument("--new-tokens", type=int, help="step section's rollout budget (default 4096; tiny 48)")
     p.add_argument("--step-tokens", type=int, help="step section's rollout budget (default: --new-tokens, shortened "
@@ -539,7 +641,10 @@ def main(argv: list[str] | None = None) -> int:
         fp32 = trainer[4].unwrap_model(trainer[0]) if trainer is not None else None
         decode_step_s = decode_section(run, student, fp32 if device.type == "cuda" else None, ids, mask)
     if "teacher" in sections and run.left() > 0:
-        teacher_section(run, student, teacher, ids, mask, sorted({1, 8, shape.chunk}))
+        chunks = {int(c) for c in args.teacher_chunks.split(",") if c} | {shape.chunk}
+        teacher_section(run, student, teacher, ids, mask, sorted(chunks))
+    if "phases" in sections and run.left() > 0:
+        phases_section(run, student, teacher, ids, mask)
     if "profile" in sections and run.left() > 0:
         profile_section(run, student, teacher, ids, mask, min(32, shape.decode_tokens))  # the profiler is slow
     del student  # the sections below use the trained student (fp32 master weights)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from kat.scorer import ChunkScores
 
 # Why a row stopped (`Rollout.stop`): code i is STOP_NAMES[i]. The one list of these names;
 # traces, plots and reports read them from here.
@@ -108,3 +112,74 @@ def pack_kept(chunks: list[tuple[Tensor, int, Tensor]] | None, loss_mask: Tensor
         kept = loss_mask[rows, t0 : t0 + c]  # (A, c)
         out[slot[rows, t0 : t0 + c][kept]] = logits[:, :c][kept]  # (n, V)
     return out
+
+
+class RolloutBuffer:
+    """What `kat.sampler.sample` fills: full-batch (B, max_new_tokens, ...) outputs that each chunk
+    writes its active rows into, trimmed into a `Rollout` at the end."""
+
+    def __init__(self, batch: int, max_new_tokens: int, topk: int, pad_token_id: int, device: torch.device,
+                 teacher_cache_mb: float = 0.0):
+        shape = (batch, max_new_tokens)
+        self.completion_ids = torch.full(shape, pad_token_id, dtype=torch.long, device=device)
+        self.completion_mask = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.student_logp = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.teacher_logp = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.kl = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.topk_ids = self.teacher_topk_logp = None
+        if topk > 0:
+            self.topk_ids = torch.zeros(*shape, topk, dtype=torch.long, device=device)
+            self.teacher_topk_logp = torch.zeros(*shape, topk + 1, dtype=torch.float32, device=device)
+        # lockstep teacher logits kept for the `full` loss: (rows, t0, (A, c, V)) per chunk; None = not kept
+        self.teacher_chunks: list[tuple[Tensor, int, Tensor]] | None = [] if teacher_cache_mb > 0 else None
+        self.teacher_budget, self.teacher_held = teacher_cache_mb * 2**20, 0
+
+    def mark_unscored(self) -> None:
+        """Nothing will score these rows: their numbers are absent (NaN), not 0."""
+        for name in ("kl", "student_logp", "teacher_logp"):
+            getattr(self, name).fill_(float("nan"))
+
+    def write_tokens(self, rows: Tensor, t0: int, tokens: Tensor, valid: Tensor) -> None:
+        c = tokens.shape[1]
+        self.completion_ids[rows, t0 : t0 + c] = tokens  # (A, c), pad where invalid
+        self.completion_mask[rows, t0 : t0 + c] = valid  # (A, c)
+
+    def write_scores(self, rows: Tensor, t0: int, scores: ChunkScores, valid: Tensor) -> None:
+        """Store a chunk's scores; positions after a row's EOS (valid False) stay 0."""
+        c = valid.shape[1]
+        for name in ("kl", "student_logp", "teacher_logp"):
+            getattr(self, name)[rows, t0 : t0 + c] = torch.where(valid, getattr(scores, name), 0.0)
+        if self.topk_ids is not None:
+            v = valid[..., None]  # (A, c, 1)
+            self.topk_ids[rows, t0 : t0 + c] = torch.where(v, scores.topk_ids, 0)
+            self.teacher_topk_logp[rows, t0 : t0 + c] = torch.where(v, scores.teacher_topk_logp, 0.0)
+
+    def keep_teacher_logits(self, rows: Tensor, t0: int, logits: Tensor) -> None:
+        """Hold a chunk's teacher logits (A, c, V) while the total fits the budget; past it, drop
+        everything held and keep nothing more (the learner then runs the teacher)."""
+        if self.teacher_chunks is None:
+            return
+        self.teacher_held += logits.numel() * logits.element_size()
+        if self.teacher_held > self.teacher_budget:
+            self.teacher_chunks = None
+            return
+        self.teacher_chunks.append((rows, t0, logits))
+
+    def to_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, stop: Tensor, cut: Tensor,
+                   shadow_cut: Tensor | None, scored: bool) -> Rollout:
+        """Trim to T = the longest completion and fill `cut` / `loss_mask` for rows that were not cut."""
+        lengths = self.completion_mask.sum(dim=-1)  # (B,)
+        T = int(lengths.max())
+        cut = torch.where(cut < 0, lengths, cut)  # (B,) uncut rows: cut = completion length
+        position = torch.arange(T, device=cut.device)  # (T,)
+        completion_mask = self.completion_mask[:, :T]  # (B, T)
+        loss_mask = completion_mask & (position[None, :] < cut[:, None])  # (B, T)
+        return Rollout(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+            completion_ids=self.completion_ids[:, :T], completion_mask=completion_mask, loss_mask=loss_mask,
+            student_logp=self.student_logp[:, :T], teacher_logp=self.teacher_logp[:, :T],
+            kl=self.kl[:, :T], stop=stop, cut=cut,
+            topk_ids=None if self.topk_ids is None else self.topk_ids[:, :T],
+            teacher_topk_logp=None if self.teacher_topk_logp is None else self.teacher_topk_logp[:, :T],
+            shadow_cut=shadow_cut, scored=scored, teacher_logits=pack_kept(self.teacher_chunks, loss_mask),
+        )

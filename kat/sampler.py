@@ -58,6 +58,7 @@ decides the same way.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -67,7 +68,7 @@ from torch import Tensor
 
 from kat.config import check_value
 from kat.distributed import any_process, draw_range
-from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout, pack_kept
+from kat.rollout import STOP_EOS, STOP_LENGTH, RolloutBuffer
 from kat.scorer import ChunkScores, check_finite, score_chunk
 
 
@@ -130,6 +131,21 @@ def _uniforms(n: int, generator: torch.Generator | None, device: torch.device) -
 # Model calls and cache row selection
 # ---------------------------------------------------------------------------------------------
 
+# The decode loop's SDPA backends on CUDA (None: PyTorch's choice). cuDNN's fused attention, which
+# PyTorch picks on Hopper GPUs, plans anew for every key length, and a decode step brings a new one,
+# so its CPU set-up recurs in every layer of every step (docs/results/gpu_scale_h200.md measures
+# both). The others take any mask; prefill and post-hoc scoring keep PyTorch's choice.
+DECODE_SDPA_BACKENDS: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def decode_attention(device: torch.device):
+    """A context in which attention on `device` uses `DECODE_SDPA_BACKENDS` (a no-op off CUDA)."""
+    if device.type != "cuda" or DECODE_SDPA_BACKENDS is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([getattr(SDPBackend, name) for name in DECODE_SDPA_BACKENDS])
+
+
 def _positions(attention_mask: Tensor) -> Tensor:
     """Position ids for a left-padded mask: real tokens count 0, 1, ...; pads get 0 (never attended)."""
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (A, L)
@@ -150,78 +166,8 @@ def _forward(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Ten
 
 
 # ---------------------------------------------------------------------------------------------
-# Chunk bookkeeping
+# Arguments
 # ---------------------------------------------------------------------------------------------
-
-class _RolloutBuffer:
-    """Full-batch (B, max_new_tokens, ...) outputs that each chunk writes its active rows into."""
-
-    def __init__(self, batch: int, max_new_tokens: int, topk: int, pad_token_id: int, device: torch.device,
-                 teacher_cache_mb: float = 0.0):
-        shape = (batch, max_new_tokens)
-        self.completion_ids = torch.full(shape, pad_token_id, dtype=torch.long, device=device)
-        self.completion_mask = torch.zeros(shape, dtype=torch.bool, device=device)
-        self.student_logp = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.teacher_logp = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.kl = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.topk_ids = self.teacher_topk_logp = None
-        if topk > 0:
-            self.topk_ids = torch.zeros(*shape, topk, dtype=torch.long, device=device)
-            self.teacher_topk_logp = torch.zeros(*shape, topk + 1, dtype=torch.float32, device=device)
-        # lockstep teacher logits kept for the `full` loss: (rows, t0, (A, c, V)) per chunk; None = not kept
-        self.teacher_chunks: list[tuple[Tensor, int, Tensor]] | None = [] if teacher_cache_mb > 0 else None
-        self.teacher_budget, self.teacher_held = teacher_cache_mb * 2**20, 0
-
-    def mark_unscored(self) -> None:
-        """Nothing will score these rows: their numbers are absent (NaN), not 0."""
-        for name in ("kl", "student_logp", "teacher_logp"):
-            getattr(self, name).fill_(float("nan"))
-
-    def write_tokens(self, rows: Tensor, t0: int, tokens: Tensor, valid: Tensor) -> None:
-        c = tokens.shape[1]
-        self.completion_ids[rows, t0 : t0 + c] = tokens  # (A, c), pad where invalid
-        self.completion_mask[rows, t0 : t0 + c] = valid  # (A, c)
-
-    def write_scores(self, rows: Tensor, t0: int, scores: ChunkScores, valid: Tensor) -> None:
-        """Store a chunk's scores; positions after a row's EOS (valid False) stay 0."""
-        c = valid.shape[1]
-        for name in ("kl", "student_logp", "teacher_logp"):
-            getattr(self, name)[rows, t0 : t0 + c] = torch.where(valid, getattr(scores, name), 0.0)
-        if self.topk_ids is not None:
-            v = valid[..., None]  # (A, c, 1)
-            self.topk_ids[rows, t0 : t0 + c] = torch.where(v, scores.topk_ids, 0)
-            self.teacher_topk_logp[rows, t0 : t0 + c] = torch.where(v, scores.teacher_topk_logp, 0.0)
-
-    def keep_teacher_logits(self, rows: Tensor, t0: int, logits: Tensor) -> None:
-        """Hold a chunk's teacher logits (A, c, V) while the total fits the budget; past it, drop
-        everything held and keep nothing more (the learner then runs the teacher)."""
-        if self.teacher_chunks is None:
-            return
-        self.teacher_held += logits.numel() * logits.element_size()
-        if self.teacher_held > self.teacher_budget:
-            self.teacher_chunks = None
-            return
-        self.teacher_chunks.append((rows, t0, logits))
-
-    def to_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, stop: Tensor, cut: Tensor,
-                   shadow_cut: Tensor | None, scored: bool) -> Rollout:
-        """Trim to T = the longest completion and fill `cut` / `loss_mask` for rows that were not cut."""
-        lengths = self.completion_mask.sum(dim=-1)  # (B,)
-        T = int(lengths.max())
-        cut = torch.where(cut < 0, lengths, cut)  # (B,) uncut rows: cut = completion length
-        position = torch.arange(T, device=cut.device)  # (T,)
-        completion_mask = self.completion_mask[:, :T]  # (B, T)
-        loss_mask = completion_mask & (position[None, :] < cut[:, None])  # (B, T)
-        return Rollout(
-            prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-            completion_ids=self.completion_ids[:, :T], completion_mask=completion_mask, loss_mask=loss_mask,
-            student_logp=self.student_logp[:, :T], teacher_logp=self.teacher_logp[:, :T],
-            kl=self.kl[:, :T], stop=stop, cut=cut,
-            topk_ids=None if self.topk_ids is None else self.topk_ids[:, :T],
-            teacher_topk_logp=None if self.teacher_topk_logp is None else self.teacher_topk_logp[:, :T],
-            shadow_cut=shadow_cut, scored=scored, teacher_logits=pack_kept(self.teacher_chunks, loss_mask),
-        )
-
 
 def _eos_ids(eos_token_id: int | Sequence[int], device: torch.device) -> Tensor:
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -231,7 +177,7 @@ def _eos_ids(eos_token_id: int | Sequence[int], device: torch.device) -> Tensor:
 
 
 def _check_args(prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, temperature: float,
-                top_p: float, chunk: int, topk: int, score: bool) -> None:
+                top_p: float, chunk: int, topk: int, score: bool, teacher_cache_mb: float) -> None:
     """Shapes here; the ranges are the config's (`kat.config.check_value`), so both reject alike."""
     if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_ids and prompt_mask must both be (B, P), got {tuple(prompt_ids.shape)} "
@@ -241,7 +187,7 @@ def _check_args(prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, te
         raise ValueError("prompt_mask must be left-padded with at least one real token per row "
                          "(0s then 1s); set tokenizer.padding_side = 'left'")
     for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
-                        ("chunk", chunk)):
+                        ("chunk", chunk), ("teacher_cache_mb", teacher_cache_mb)):
         check_value(name, value)
     if topk != 0:  # 0: no top-k capture
         check_value("topk", topk)
@@ -333,7 +279,7 @@ def _student_chunk(student, act: _Active, c: int, t: int, *, max_new_tokens: int
 
 
 def _teacher_chunk(teacher, act: _Active, tokens: Tensor, valid: Tensor, s_chunk: list[Tensor], t: int,
-                   topk: int, buf: _RolloutBuffer | None) -> ChunkScores:
+                   topk: int, buf: RolloutBuffer | None) -> ChunkScores:
     """Lockstep: the teacher reads the chunk in one cached forward (its output at token t+j
     predicts t+j+1); the chunk is scored into `buf`, which may keep the teacher's logits (no `buf`:
     a pad chunk, whose outputs are discarded)."""
@@ -387,7 +333,7 @@ def _pad_chunk(teacher, act: _Active, mode: Mode, tokens: Tensor, valid: Tensor,
     return t + tokens.shape[1]
 
 
-def _score_posthoc(teacher, prompt_ids: Tensor, prompt_mask: Tensor, buf: _RolloutBuffer,
+def _score_posthoc(teacher, prompt_ids: Tensor, prompt_mask: Tensor, buf: RolloutBuffer,
                    held: list[tuple[Tensor, int, Tensor]], topk: int) -> None:
     """One teacher forward over prompt + completion, then the KL chunk by chunk against the held
     student logits (`held`: (rows, t0, (A, c, V) logits) per chunk)."""
@@ -439,8 +385,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
         (rollout, state): the `Rollout` (T = longest completion) and the terminator state to pass
         to `terminator.end_batch` (None without a terminator).
     """
-    _check_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, chunk, topk, score)
-    check_value("teacher_cache_mb", teacher_cache_mb)
+    _check_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, chunk, topk, score, teacher_cache_mb)
     device, B = prompt_ids.device, prompt_ids.shape[0]
     prompt_mask = prompt_mask.bool()
     eos = _eos_ids(eos_token_id, device)  # (E,)
@@ -453,35 +398,36 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
 
     act = _prefill(student, teacher, prompt_ids, prompt_mask, mode)
     topk = min(topk, act.s_last.shape[-1])  # K >= V keeps the whole vocabulary (empty tail)
-    buf = _RolloutBuffer(B, max_new_tokens, topk, pad_token_id, device, teacher_cache_mb * (mode is Mode.LOCKSTEP))
+    buf = RolloutBuffer(B, max_new_tokens, topk, pad_token_id, device, teacher_cache_mb * (mode is Mode.LOCKSTEP))
     if mode is Mode.UNSCORED:
         buf.mark_unscored()
     t = 0  # completion position of the chunk's first token
-    while any_process(not act.pad):  # until no row is alive on any process (kat.distributed)
-        c = min(chunk, max_new_tokens - t)
-        tokens, valid, alive, s_chunk = _student_chunk(
-            student, act, c, t, max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad_token_id,
-            temperature=temperature, top_p=top_p, generator=generator, first=first, n_draw=n_draw,
-            keep_logits=mode is not Mode.UNSCORED)
-        if act.pad:  # every row here has ended: the pad row keeps this process's forwards in step
-            t = _pad_chunk(teacher, act, mode, tokens, valid, s_chunk, t, topk)
-            continue
-        buf.write_tokens(act.rows, t, tokens, valid)
-        scores = None
-        if mode is Mode.LOCKSTEP:
-            scores = _teacher_chunk(teacher, act, tokens, valid, s_chunk, t, topk, buf)
-        elif mode is Mode.POSTHOC:
-            held.append((act.rows, t, torch.stack(s_chunk, dim=1)))  # (A, c, V) model dtype
-        act.pos = act.pos + c
+    with decode_attention(student.device):  # CUDA: no cuDNN attention while decoding (DECODE_SDPA_BACKENDS)
+        while any_process(not act.pad):  # until no row is alive on any process (kat.distributed)
+            c = min(chunk, max_new_tokens - t)
+            tokens, valid, alive, s_chunk = _student_chunk(
+                student, act, c, t, max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad_token_id,
+                temperature=temperature, top_p=top_p, generator=generator, first=first, n_draw=n_draw,
+                keep_logits=mode is not Mode.UNSCORED)
+            if act.pad:  # every row here has ended: the pad row keeps this process's forwards in step
+                t = _pad_chunk(teacher, act, mode, tokens, valid, s_chunk, t, topk)
+                continue
+            buf.write_tokens(act.rows, t, tokens, valid)
+            scores = None
+            if mode is Mode.LOCKSTEP:
+                scores = _teacher_chunk(teacher, act, tokens, valid, s_chunk, t, topk, buf)
+            elif mode is Mode.POSTHOC:
+                held.append((act.rows, t, torch.stack(s_chunk, dim=1)))  # (A, c, V) model dtype
+            act.pos = act.pos + c
 
-        # Which rows end here: EOS, length, or the terminator.
-        ended = ~alive | (t + c >= max_new_tokens)  # (A,)
-        stop[act.rows[~alive]] = STOP_EOS
-        if terminator is not None:
-            ended = ended | _terminate(terminator, state, act, valid, scores, t, B, stop, cut)
-        t += c
-        if ended.any():  # ended rows leave the batch and both caches, so later chunks cost less
-            act.keep(~ended)
+            # Which rows end here: EOS, length, or the terminator.
+            ended = ~alive | (t + c >= max_new_tokens)  # (A,)
+            stop[act.rows[~alive]] = STOP_EOS
+            if terminator is not None:
+                ended = ended | _terminate(terminator, state, act, valid, scores, t, B, stop, cut)
+            t += c
+            if ended.any():  # ended rows leave the batch and both caches, so later chunks cost less
+                act.keep(~ended)
     if act.error is not None:
         raise act.error
     if mode is Mode.POSTHOC:

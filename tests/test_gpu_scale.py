@@ -55,7 +55,8 @@ def test_random_cuts_stand_in(gpu_scale):
 
 def test_tiny_run_measures_every_section(gpu_scale, tmp_path):
     out = tmp_path / "scale"
-    assert gpu_scale.main(["--tiny", "--threads", "1", "--out", str(out)]) == 0
+    sections = "decode,teacher,phases,profile,learner,step"
+    assert gpu_scale.main(["--tiny", "--threads", "1", "--sections", sections, "--out", str(out)]) == 0
     res = json.loads(out.with_suffix(".json").read_text())
     shape = gpu_scale.Shape(rows=4, decode_tokens=24, new_tokens=48)
     # decode: every decoder produced rows x tokens (EOS disabled on random weights)
@@ -68,6 +69,16 @@ def test_tiny_run_measures_every_section(gpu_scale, tmp_path):
     assert teacher["lockstep, chunk 8"]["calls"] == shape.decode_tokens // 8 + 1
     assert teacher["post-hoc (baseline)"]["calls"] == 1
     assert 0 < res["profile"]["outside_share"] < 1
+    # phases: both models' forwards are booked in both modes, each mode's own scoring path in its own,
+    # and the exclusive times leave a non-negative remainder that is a small part of the wall
+    phases = res["phases"]
+    assert set(phases) == {"post-hoc", "lockstep, chunk 8"}
+    for name, o in phases.items():
+        booked = o["phases"]
+        assert booked["student forward"] > 0 and booked["teacher forward"] > 0
+        assert ("teacher chunk: bookkeeping" in booked) == name.startswith("lockstep")
+        assert ("post-hoc scoring: bookkeeping" in booked) == (name == "post-hoc")
+        assert 0 <= booked["outside the timed calls"] < 0.5 * o["wall"]
     # learner: both losses, with and without checkpointing, finite, on every token
     assert set(res["learner"]) == {f"{k}/ckpt={c}" for k in ("topk", "full") for c in (False, True)}
     assert all(m["finite"] and m["tokens"] == shape.rows * shape.new_tokens for m in res["learner"].values())
@@ -77,4 +88,4 @@ def test_tiny_run_measures_every_section(gpu_scale, tmp_path):
     assert opd["generated"] == opd["trained"] == shape.rows * shape.new_tokens and opd["cut_rate"] == 0
     assert kat["cut_rate"] > 0 and kat["trained"] < kat["generated"] < opd["generated"]
     text = out.with_suffix(".md").read_text()
-    assert text.count("\n## ") == 5 and "gpu_scale finished" in text
+    assert text.count("\n## ") == 6 and "gpu_scale finished" in text

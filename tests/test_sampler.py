@@ -360,3 +360,21 @@ def test_right_padded_prompts_are_rejected(models, prompts):
 def test_terminator_cut_outside_generated_positions_is_rejected(models, prompts):
     with pytest.raises(ValueError, match=r"FakeTerminator fired rows \[0\] with cut \[-1\]"):
         run(models, prompts, chunk=4, terminator=FakeTerminator({0: (2, -1)}))
+
+
+def test_decode_attention_leaves_cudnn_out_on_cuda_only(monkeypatch):
+    """The decode loop's backend choice: cuDNN attention off inside on a CUDA device, restored after;
+    nothing changes on CPU or with DECODE_SDPA_BACKENDS = None (the flags are global, so a CPU build
+    can check them)."""
+    from kat import sampler
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with sampler.decode_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with sampler.decode_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    monkeypatch.setattr(sampler, "DECODE_SDPA_BACKENDS", None)
+    with sampler.decode_attention(torch.device("cuda")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before

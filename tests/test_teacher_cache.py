@@ -20,7 +20,8 @@ from accelerate.state import AcceleratorState
 from kat.config import ConfigError, load_config
 from kat.learner import build_optimizer, completion_logits, kept_teacher_logits, learn
 from kat.rollout import STOP_TRAP
-from kat.sampler import _RolloutBuffer, sample
+from kat.rollout import RolloutBuffer
+from kat.sampler import sample
 
 from test_learner import make_rollout, one_step
 from test_learner import tiny_llama as learner_llama
@@ -99,7 +100,7 @@ def test_budget_bounds_what_is_held():
     V, c = 5, 3
     chunk_bytes = 4 * c * V * 4  # 4 active rows, fp32
     for budget_chunks, kept in ((2, True), (1.99, False)):
-        buf = _RolloutBuffer(4, 6, 0, PAD, torch.device("cpu"), teacher_cache_mb=budget_chunks * chunk_bytes / 2**20)
+        buf = RolloutBuffer(4, 6, 0, PAD, torch.device("cpu"), teacher_cache_mb=budget_chunks * chunk_bytes / 2**20)
         rows = torch.arange(4)
         buf.completion_mask[:, :6] = True
         for t0 in (0, 3):
