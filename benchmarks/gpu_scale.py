@@ -531,10 +531,15 @@ def whole_step(run: Run, trainer, ids, mask, T: int, kat: bool) -> dict:
     term = RandomCuts(s.cut_rate, min(s.exempt, T // 4), T, seed=3) if kat else None
     gen = torch.Generator(device=dev).manual_seed(4)
     student.eval()
-    with peak(dev) as mem_r, timed(dev, out, "rollout"):
-        r, _ = sampler.sample(acc.unwrap_model(student), teacher, ids, mask, max_new_tokens=T, eos_token_id=[],
-                              pad_token_id=0, temperature=1.0, top_p=0.95, chunk=s.chunk, terminator=term,
-                              topk=s.topk, generator=gen, score=True)
+    clock = PhaseClock(acc.unwrap_model(student), teacher, dev)
+    try:
+        with peak(dev) as mem_r, timed(dev, out, "rollout"):
+            r, _ = sampler.sample(acc.unwrap_model(student), teacher, ids, mask, max_new_tokens=T, eos_token_id=[],
+                                  pad_token_id=0, temperature=1.0, top_p=0.95, chunk=s.chunk, terminator=term,
+                                  topk=s.topk, generator=gen, score=True)
+    finally:
+        clock.remove()
+    out["phases"] = dict(sorted(clock.seconds.items(), key=lambda kv: -kv[1]))
     student.train()
     with peak(dev) as mem_l, timed(dev, out, "learn"):
         stats = learner.learn(student, r, optimizer, scheduler, acc, kind="topk", micro_batch_size=1,
@@ -554,6 +559,8 @@ def step_section(run: Run, trainer, ids, mask, decode_step_s: float | None, T: i
         fits = int(run.left() / (2 * 2.5 * decode_step_s))
         if fits < T:
             T = max(s.chunk, fits // s.chunk * s.chunk)
+    for kat in (False, True):  # warm-up of both kinds: first-call costs (kernels, AdamW state) stay out
+        whole_step(run, trainer, ids, mask, s.chunk, kat=kat)
     res = {"OPD (post-hoc scoring; baseline)": whole_step(run, trainer, ids, mask, T, kat=False)}
     res[f"OPD + KAT stand-in (lockstep chunk {s.chunk}, cuts {s.cut_rate:.0%} of rows)"] = \
         whole_step(run, trainer, ids, mask, T, kat=True)
@@ -565,10 +572,15 @@ def step_section(run: Run, trainer, ids, mask, decode_step_s: float | None, T: i
                       f"{o['learn']:.1f}", f"{total:.1f}", common.fmt_ratio(total / (base["rollout"] + base["learn"])),
                       gib(o["peak_rollout"]), gib(o["peak_learn"])])
     run.results["step"] = {"max_new_tokens": T, **res}
+    labels = list(dict.fromkeys(label for o in res.values() for label in o["phases"]))
+    phase_rows = [[label] + [f"{o['phases'][label]:.2f}" if label in o["phases"] else "-" for o in res.values()]
+                  for label in labels]
     note = "" if T == s.new_tokens else f" (not {s.new_tokens}: set by --step-tokens or shortened to fit --budget-s)"
     run.emit(f"One training step, loss topk (K={s.topk}): {s.rows} rows, up to {T} new tokens{note}",
              common.markdown_table(["step", "generated", "trained", "cut rate", "rollout s", "learn s", "total s",
-                                    "vs OPD", "rollout peak GiB", "learn peak GiB"], table))
+                                    "vs OPD", "rollout peak GiB", "learn peak GiB"], table)
+             + "\n\nThe rollouts by phase (seconds; every timed call synchronises, as in the phases section):\n\n"
+             + common.markdown_table(["phase", "OPD", "OPD + KAT stand-in"], phase_rows))
 
 
 # ---------------------------------------------------------------------------------------------
