@@ -1,6 +1,6 @@
 """Terminators: decide online, chunk by chunk, whether a rollout should stop early.
 
-Three terminators share one interface, so the sampler and the training loop never branch on
+Four terminators share one interface, so the sampler and the training loop never branch on
 which one is in use:
 
     state = t.start(batch_size, device)           # per-row running state for one batch
@@ -8,8 +8,15 @@ which one is in use:
     t.end_batch(state, step)                      # update adaptive statistics once per step
     t.state_dict() / t.load_state_dict(d)         # resume
 
+A terminator whose ``needs_teacher_logp`` is True also reads the teacher's log-probability of each
+sampled token, ``t.observe(state, kl, valid, teacher_logp_chunk=...)`` ((B, C), the rollout's
+``teacher_logp``); the sampler passes it to such terminators only.
+
 - `TrapDetector` (KAT): smooths the per-token reverse KL d_t into window means z, and stops a
   rollout when z stays below an adaptive threshold for `patience` consecutive evaluated windows.
+  With ``gate="drift"`` a low run counts only after the rollout has drifted (see the class).
+- `DriftTerminator`: cuts right after the first drift token (the contrast to the drift gate: it
+  does not wait for the teacher to agree).
 - `RandomTerminator`: cuts at a random position, with a hazard adapted so that the mean rollout
   length approaches a target (the length-matched baseline).
 - `NoTerminator`: never stops anything (plain OPD).
@@ -36,6 +43,7 @@ from kat.config import allowed, check_min_buffer, check_random_target, check_str
 from kat.rollout import STOP_RANDOM, STOP_TRAP
 
 RULES = allowed("rule")  # ("quantile", "zscore")
+GATES = allowed("gate")  # ("none", "drift")
 
 
 @dataclass
@@ -66,6 +74,9 @@ class TerminatorState:
     _run_start: Tensor | None = None  # (B,) long: start position of the run's first window
     _decided: Tensor | None = None  # (B,) bool: a decision was taken (no further decisions)
     _z_history: list[Tensor] | None = None  # (B,) float64 per evaluation position, NaN where not evaluated
+    # Drift gate / DriftTerminator: the first position >= exempt whose sampled token the teacher
+    # gave a probability below drift_prob, -1 before the row drifts.
+    _drift: Tensor | None = None  # (B,) long
     # RandomTerminator: the pre-drawn cut position and the number of valid positions seen.
     _planned: Tensor | None = None  # (B,) long
     _length: Tensor | None = None  # (B,) long
@@ -86,6 +97,24 @@ def _check_chunk(state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) 
     if valid_chunk.shape != kl_chunk.shape or valid_chunk.dtype != torch.bool:
         raise ValueError(f"valid_chunk must be a bool tensor of shape {tuple(kl_chunk.shape)} like kl_chunk, "
                          f"got {valid_chunk.dtype} {tuple(valid_chunk.shape)}")
+
+
+def _check_logp_chunk(who: str, teacher_logp_chunk: Tensor | None, kl_chunk: Tensor) -> None:
+    if teacher_logp_chunk is None:
+        raise ValueError(f"{who} reads the teacher's log-prob of each sampled token: pass teacher_logp_chunk "
+                         "(B, C) to observe() (kat.sampler.sample does so when needs_teacher_logp is True)")
+    if teacher_logp_chunk.shape != kl_chunk.shape:
+        raise ValueError(f"teacher_logp_chunk must have shape {tuple(kl_chunk.shape)} like kl_chunk, "
+                         f"got {tuple(teacher_logp_chunk.shape)}")
+
+
+def _mark_drift(state: TerminatorState, live: Tensor, logp: Tensor, t: int, exempt: int, log_drift: float) -> None:
+    """Record position t as the row's drift when it is the first live position >= exempt with
+    log q(y_t) < log(drift_prob)."""
+    if t < exempt:
+        return
+    first = live & (state._drift < 0) & (logp < log_drift)  # (B,)
+    state._drift = torch.where(first, t, state._drift)
 
 
 def _distributed() -> bool:
@@ -150,6 +179,18 @@ class TrapDetector:
     row, so one can measure what would have been cut (e.g. whether those rollouts still succeed).
     Statistics see every evaluated window of every generated token, so in shadow mode windows after
     a would-be cut also feed the buffer.
+
+    Drift gate (``gate="drift"``, beyond the paper). The paper's story is "the student drifts, then
+    the teacher agrees"; the plain rule only sees the second half, so once training has made KL
+    uniformly low it cuts healthy rollouts too. With the gate a row has drifted at its first
+    position e >= `exempt` whose sampled token the teacher finds unlikely,
+        log q(y_e) < log(drift_prob)          (q: the teacher at temperature 1),
+    and a window takes part in a decision only if it starts after e (start > e). The cut still goes
+    to the start of the run's first low window, so the drift token itself stays in the loss. A row
+    that never drifts is never cut, however flat and low its KL. The gate changes decisions only:
+    every evaluated window still feeds the statistics, so in shadow mode a gated and an ungated
+    detector on the same streams hold the same buffer and threshold (when cutting, each stops
+    observing the rows it cut, so their buffers part).
     """
 
     needs_kl = True
@@ -157,18 +198,21 @@ class TrapDetector:
 
     def __init__(self, rule: str = "quantile", window: int = 64, stride: int = 64, patience: int = 4,
                  exempt: int = 256, eta: float = 0.3, buffer_size: int = 4096, min_buffer: int = 512,
-                 warmup_steps: int = 50, kappa: float = 1.0, ema: float = 0.1, shadow: bool = False):
-        rule, window, stride, patience, exempt, eta, buffer_size, min_buffer, warmup_steps, kappa, ema = (
-            check_value(name, value) for name, value in (
+                 warmup_steps: int = 50, kappa: float = 1.0, ema: float = 0.1, shadow: bool = False,
+                 gate: str = "none", drift_prob: float = 0.02):
+        rule, window, stride, patience, exempt, eta, buffer_size, min_buffer, warmup_steps, kappa, ema, gate, \
+            drift_prob = (check_value(name, value) for name, value in (
                 ("rule", rule), ("window", window), ("stride", stride), ("patience", patience),
                 ("exempt", exempt), ("eta", eta), ("buffer_size", buffer_size), ("min_buffer", min_buffer),
-                ("warmup_steps", warmup_steps), ("kappa", kappa), ("ema", ema)))
+                ("warmup_steps", warmup_steps), ("kappa", kappa), ("ema", ema), ("gate", gate),
+                ("drift_prob", drift_prob)))
         check_stride(stride, window)
         check_min_buffer(min_buffer, buffer_size)
         self.rule, self.window, self.stride, self.patience = rule, int(window), int(stride), int(patience)
         self.exempt, self.eta, self.buffer_size = int(exempt), float(eta), int(buffer_size)
         self.min_buffer, self.warmup_steps = int(min_buffer), int(warmup_steps)
         self.kappa, self.ema, self.shadow = float(kappa), float(ema), bool(shadow)
+        self.gate, self.drift_prob = gate, float(drift_prob)
         self.buffer = torch.empty(0, dtype=torch.float64)  # FIFO of per-rollout minima, oldest first
         self.steps_done = 0
         self.z_mean: float | None = None  # zscore rule: running mean and variance of z
@@ -194,6 +238,11 @@ class TrapDetector:
         return (self.buffer.numel() >= self.min_buffer and self.steps_done >= self.warmup_steps
                 and self.threshold is not None)
 
+    @property
+    def needs_teacher_logp(self) -> bool:
+        """The drift gate reads log q(y_t) of each sampled token; the plain rules read only d_t."""
+        return self.gate == "drift"
+
     # -- per batch ----------------------------------------------------------------------------
 
     def start(self, batch_size: int, device: torch.device | str | None = None) -> TerminatorState:
@@ -206,20 +255,29 @@ class TrapDetector:
         state._run_start = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         state._decided = torch.zeros(batch_size, dtype=torch.bool, device=device)
         state._z_history = []
+        state._drift = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         return state
 
-    def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) -> tuple[Tensor, Tensor]:
+    def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor,
+                teacher_logp_chunk: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Feed the next C positions of every row; returns (fired in this call (B,), cut (B,)).
 
         kl_chunk (B, C) float: d_t for positions state.pos .. state.pos + C - 1.
         valid_chunk (B, C) bool: whether the row generated that position (False after its EOS,
         or for rows that already ended). A stopped row ignores everything after its decision.
+        teacher_logp_chunk (B, C) float: log q(y_t) of the sampled tokens; read (and required) only
+        with the drift gate.
         """
         _check_chunk(state, kl_chunk, valid_chunk)
+        if self.gate == "drift":
+            _check_logp_chunk("TrapDetector(gate='drift')", teacher_logp_chunk, kl_chunk)
+            log_drift = math.log(self.drift_prob)
         fired_now = torch.zeros_like(state.fired)
         for j in range(kl_chunk.shape[1]):
             t = state.pos
             live = valid_chunk[:, j] & ~state.fired  # (B,)
+            if self.gate == "drift":
+                _mark_drift(state, live, teacher_logp_chunk[:, j].double(), t, self.exempt, log_drift)
             slot = t % self.window
             state._ring[:, slot] = torch.where(live, kl_chunk[:, j].double(), 0.0)
             state._ring_valid[:, slot] = live
@@ -237,6 +295,8 @@ class TrapDetector:
         if not state.active or start < self.exempt:
             return torch.zeros_like(evaluated)
         decide = evaluated & ~state._decided  # (B,)
+        if self.gate == "drift":  # only windows that start after the row's drift token count
+            decide &= (state._drift >= 0) & (state._drift < start)
         low = z < state.threshold  # (B,)
         run = torch.where(low, state._run + 1, 0)
         state._run = torch.where(decide, run, state._run)
@@ -315,6 +375,77 @@ class TrapDetector:
         self.buffer = d["buffer"].to(torch.float64).cpu()[-self.buffer_size :].clone()
         self.steps_done = int(d["steps_done"])
         self.z_mean, self.z_var = d["z_mean"], d["z_var"]
+
+
+class DriftTerminator:
+    """Cut right after the first drift token: the contrast to TrapDetector's drift gate.
+
+    A row drifts at its first position e >= `exempt` with
+        log q(y_e) < log(drift_prob)          (q: the teacher at temperature 1)
+    and is cut at e + 1: the drift token stays in the loss, everything after it leaves. No KL is
+    read and nothing waits for the teacher to agree, so comparing it with the gate tests whether
+    waiting for agreement matters at all. Off for the first `warmup_steps` steps (as TrapDetector
+    is until its warm-up ends), so both start from the same plain OPD steps. A drift on a row's last
+    token fires too (its cut then removes nothing), since a chunk cannot know whether more follows.
+    """
+
+    needs_kl = True  # lockstep: the teacher must score each chunk while the student decodes
+    needs_teacher_logp = True
+    stop_code = STOP_TRAP
+    threshold = None
+
+    def __init__(self, exempt: int = 256, drift_prob: float = 0.02, warmup_steps: int = 50, shadow: bool = False):
+        self.exempt = int(check_value("exempt", exempt))
+        self.drift_prob = float(check_value("drift_prob", drift_prob))
+        self.warmup_steps = int(check_value("warmup_steps", warmup_steps))
+        self.shadow = bool(shadow)
+        self.steps_done = 0
+
+    @property
+    def active(self) -> bool:
+        return self.steps_done >= self.warmup_steps
+
+    def start(self, batch_size: int, device: torch.device | str | None = None) -> TerminatorState:
+        state = _new_state(batch_size, device)
+        state.active = self.active
+        state._drift = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        return state
+
+    def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor,
+                teacher_logp_chunk: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Fire rows whose first drift token falls in this chunk; cut = drift position + 1."""
+        _check_chunk(state, kl_chunk, valid_chunk)
+        _check_logp_chunk("DriftTerminator", teacher_logp_chunk, kl_chunk)
+        log_drift = math.log(self.drift_prob)
+        fired_now = torch.zeros_like(state.fired)
+        for j in range(kl_chunk.shape[1]):
+            t = state.pos
+            before = state._drift.clone()
+            _mark_drift(state, valid_chunk[:, j] & ~state.fired, teacher_logp_chunk[:, j].double(), t,
+                        self.exempt, log_drift)
+            state.pos += 1
+            if not state.active:
+                continue
+            fire = (before < 0) & (state._drift == t)  # (B,) drifted here
+            state.would_cut = torch.where(fire, t + 1, state.would_cut)
+            if not self.shadow:
+                state.fired |= fire
+                state.cut = torch.where(fire, t + 1, state.cut)
+                fired_now |= fire
+        return fired_now, state.cut
+
+    def end_batch(self, state: TerminatorState, step: int) -> None:
+        self.steps_done = step + 1
+
+    def summary(self, state: TerminatorState) -> dict[str, float]:
+        return {"cut_rate": state.fired.float().mean().item(),
+                "would_cut_rate": (state.would_cut >= 0).float().mean().item(), "active": float(state.active)}
+
+    def state_dict(self) -> dict:
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.steps_done = int(d["steps_done"])
 
 
 class RandomTerminator:
@@ -451,11 +582,11 @@ class NoTerminator:
         pass
 
 
-TERMINATORS = {"kat": TrapDetector, "random": RandomTerminator, "none": NoTerminator}
+TERMINATORS = {"kat": TrapDetector, "drift": DriftTerminator, "random": RandomTerminator, "none": NoTerminator}
 
 
-def make_terminator(name: str, **kw) -> TrapDetector | RandomTerminator | NoTerminator:
-    """Build a terminator by its config name: 'kat' | 'random' | 'none'."""
+def make_terminator(name: str, **kw) -> TrapDetector | DriftTerminator | RandomTerminator | NoTerminator:
+    """Build a terminator by its config name: 'kat' | 'drift' | 'random' | 'none'."""
     if name not in TERMINATORS:
         raise ValueError(f"termination must be one of {tuple(TERMINATORS)}, got {name!r}")
     cls = TERMINATORS[name]

@@ -95,7 +95,11 @@ def build_terminator(cfg: Config, rank: int = 0):
         return make_terminator("kat", rule=cfg.rule, window=cfg.window, stride=cfg.stride,
                                patience=cfg.patience, exempt=cfg.exempt, eta=cfg.eta,
                                buffer_size=cfg.buffer_size, min_buffer=cfg.min_buffer,
-                               warmup_steps=cfg.warmup_steps, kappa=cfg.kappa, ema=cfg.ema, shadow=cfg.shadow)
+                               warmup_steps=cfg.warmup_steps, kappa=cfg.kappa, ema=cfg.ema, shadow=cfg.shadow,
+                               gate=cfg.gate, drift_prob=cfg.drift_prob)
+    if cfg.termination == "drift":
+        return make_terminator("drift", exempt=cfg.exempt, drift_prob=cfg.drift_prob,
+                               warmup_steps=cfg.warmup_steps, shadow=cfg.shadow)
     if cfg.termination == "random":
         return make_terminator("random", target_length=random_target(cfg), exempt=cfg.exempt,
                                max_new_tokens=cfg.max_new_tokens,
@@ -358,12 +362,51 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
     return rollout, threshold, bool(active)
 
 
+class ScaledBackward:
+    """An Accelerator whose backward scales every loss by `scale` (everything else passes through).
+
+    The normalisation control (cfg.norm_from): with scale = N_own / N_matched the step's loss is
+    sum(loss) / N_matched instead of sum(loss) / N_own, gradient clipping included, while every
+    token stays in the loss. The logged loss stays the mean over this run's own tokens.
+    """
+
+    def __init__(self, accelerator: Accelerator, scale: float):
+        self._accelerator, self._scale = accelerator, scale
+
+    def backward(self, loss, **kw) -> None:
+        self._accelerator.backward(loss * self._scale, **kw)
+
+    def __getattr__(self, name: str):
+        return getattr(self._accelerator, name)
+
+
+def matched_kept_tokens(path: str) -> dict[int, float]:
+    """step (0-based) -> kept tokens per rollout that a matched run logged (its metrics.jsonl)."""
+    with open(path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return {r["step"] - 1: r["kept_length"] for r in rows if "kept_length" in r}
+
+
+def learner_accelerator(run: Run, step: int, rollout: Rollout):
+    """run.accelerator, or with cfg.norm_from the ScaledBackward that normalises by the matched count."""
+    if not run.cfg.norm_from:
+        return run.accelerator
+    kept = matched_kept_tokens(run.cfg.norm_from)
+    if step not in kept:
+        raise ConfigError(f"norm_from: {run.cfg.norm_from!r} has no step {step + 1}; point it at the metrics.jsonl "
+                          "of a finished run with at least as many steps")
+    acc = run.accelerator
+    own = acc.reduce(rollout.loss_mask.sum().to(acc.device, torch.float32), "sum").item()
+    rows = acc.reduce(torch.tensor(float(rollout.stop.numel()), device=acc.device), "sum").item()
+    return ScaledBackward(acc, own / max(kept[step] * rows, 1.0))  # N_own / N_matched
+
+
 def learn_step(run: Run, step: int, rollout: Rollout) -> tuple[dict, Rollout] | None:
     """One optimiser step on the loss-masked tokens, globally normalised. Returns the learner's
     stats and the rollout with its KL filled in (an unscored rollout takes the learner's d_t),
     or None when the step was skipped for a non-finite loss."""
-    stats = learn(run.student, rollout, run.optimizer, run.scheduler, run.accelerator, kind=run.cfg.loss,
-                  micro_batch_size=run.cfg.micro_batch_size, teacher=run.teacher,
+    stats = learn(run.student, rollout, run.optimizer, run.scheduler, learner_accelerator(run, step, rollout),
+                  kind=run.cfg.loss, micro_batch_size=run.cfg.micro_batch_size, teacher=run.teacher,
                   max_grad_norm=run.cfg.max_grad_norm)
     if not stats["finite"]:
         skip_step(run, step, f"step {step + 1}: non-finite loss in rows {stats['bad_rows']} "
