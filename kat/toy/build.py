@@ -181,8 +181,13 @@ def save(model: LlamaForCausalLM, tokenizer, path: Path) -> None:
 
 
 def build(world: str = "rich", seed: int = 0, out: str | Path = TOY_DIR, threads: int | None = None,
-          teacher: Recipe = TEACHER, student: Recipe = STUDENT, log=print, device: str = "cpu") -> dict:
-    """Write ``<out>/<world>/{data,teacher,student}`` and return the build record."""
+          teacher: Recipe = TEACHER, student: Recipe = STUDENT, log=print, device: str = "cpu",
+          teacher_from: str | Path | None = None) -> dict:
+    """Write ``<out>/<world>/{data,teacher,student}`` and return the build record.
+
+    With `teacher_from` (a teacher checkpoint of another world with the same teacher spec, prompts
+    and seed) no teacher is trained or written: build.json names that checkpoint instead.
+    """
     teacher_spec, student_spec = world_specs(world)
     if threads:
         torch.set_num_threads(threads)
@@ -199,8 +204,12 @@ def build(world: str = "rich", seed: int = 0, out: str | Path = TOY_DIR, threads
 
     record = {"world": world, "seed": seed, "device": device, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "difficulty": DIFFICULTY}
+    if teacher_from is not None:
+        record["teacher"] = {"from": str(teacher_from)}
     for name, recipe, spec, model_seed in (("teacher", teacher, teacher_spec, seed + 10),
                                            ("student", student, student_spec, seed + 20)):
+        if name == "teacher" and teacher_from is not None:
+            continue
         t1 = time.time()
         model, history = train(name, recipe, spec, tokenizer, seed=model_seed, exclude=held_out, dev=dev, log=log,
                                device=device)
@@ -216,8 +225,11 @@ def build(world: str = "rich", seed: int = 0, out: str | Path = TOY_DIR, threads
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="kat toy build", description=__doc__.split("\n")[0])
-    p.add_argument("--world", choices=sorted(("rich", "plain")), default="rich",
-                   help="rich: varied spellings + repetition mode (default); plain: one spelling")
+    p.add_argument("--world", choices=sorted(("rich", "plain", "repeat")), default="rich",
+                   help="rich: varied spellings + repetition mode (default); plain: one spelling; repeat: rich with "
+                   "a student that repeats more often (use --teacher-from)")
+    p.add_argument("--teacher-from", default=None, help="reuse this teacher checkpoint instead of training one "
+                   "(it must come from a world with the same teacher spec and seed, e.g. kat/toy/rich/teacher)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling (default 0)")
     p.add_argument("--out", default=str(TOY_DIR), help="parent directory of <world>/ (default: the package's toy/)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: models this small "
@@ -229,4 +241,4 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    return build(args.world, args.seed, args.out, args.threads, device=args.device)
+    return build(args.world, args.seed, args.out, args.threads, device=args.device, teacher_from=args.teacher_from)
