@@ -9,6 +9,7 @@ sweep of the detector's settings, and the gradient mechanism of cutting.
     python -m kat experiment shadow --config configs/toy.yaml [--seeds 1] [--world ...] [--batches 8]
     python -m kat experiment sensitivity --config configs/toy.yaml [--seeds 1] [--world ...]
     python -m kat experiment mechanism --config configs/toy.yaml [--seeds 1] [--world ...]
+    python -m kat experiment lm --config configs/smollm2_shadow.yaml [--batches 8] [--student-layers 28]
 
 --seeds takes a count (seeds seed, seed+1, ... of the config) or a list (--seeds 0,1,2,3,4).
 Every arm is one `kat.train.train` run, its Config the YAML file + `--key value` overrides + the
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kat experiment", description=__doc__.splitlines()[0],
                                 allow_abbrev=False, epilog="Other --key value pairs (e.g. --config FILE, --steps N, "
                                 "--eval_limit N) are Config overrides applied to every arm.")
-    p.add_argument("what", choices=("table1", "shadow", "sensitivity", "mechanism"), help="which experiment")
+    p.add_argument("what", choices=("table1", "shadow", "sensitivity", "mechanism", "lm"), help="which experiment")
     p.add_argument("--seeds", default=None, help="a count of seeds (from the config's seed on) or a comma-separated "
                    "list, e.g. 0,1,2,3,4 (default: 3 for table1, 1 otherwise)")
     p.add_argument("--out", default="runs/experiments", help="output directory (default runs/experiments)")
@@ -63,13 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "the experiment's)")
     p.add_argument("--world", default="", help="toy world(s), comma-separated: rich, plain (default: the config's "
                    "own teacher/student/data)")
-    p.add_argument("--batches", type=int, default=8, help="shadow: recorded batches per seed and point (default 8)")
+    p.add_argument("--batches", type=int, default=8, help="shadow, lm: recorded batches (per seed and point) "
+                   "(default 8)")
+    p.add_argument("--student-layers", type=int, default=28, help="lm: decoder layers the student keeps when it "
+                   "is made from the teacher (default 28)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kat.experiments.lm import run_lm
     from kat.experiments.mechanism import run_mechanism
     from kat.experiments.shadow import run_shadow
     from kat.experiments.table import run_table
@@ -86,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             run_shadow(rest, seeds, args.out, worlds, args.batches, args.dry_run, command)
         elif args.what == "mechanism":
             run_mechanism(rest, seeds, args.out, worlds, args.dry_run, command)
+        elif args.what == "lm":
+            run_lm(rest, args.out, args.batches, args.student_layers, args.dry_run, command)
         else:
             arms = [a.strip() for a in args.arms.split(",") if a.strip()] or list(
                 TABLE1_ARMS if args.what == "table1" else SENSITIVITY_ARMS)

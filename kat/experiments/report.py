@@ -154,7 +154,7 @@ def shadow_summary(records: list[dict], cut_key: str = "shadow_cut") -> dict:
     pos = out["cut_positions"]
     out["cut_position_mean"] = statistics.fmean(pos) if pos else None
     out["cut_position_median"] = statistics.median(pos) if pos else None
-    if records and "first_error" in records[0]:
+    if records and "repeat_start" in records[0]:
         out.update(toy_summary(records))
     if records and "drift" in records[0]:
         out.update(drift_summary(records))
@@ -170,27 +170,31 @@ def drift_summary(records: list[dict]) -> dict:
     if "repeat_start" in records[0]:
         out["drift_rate_repeating"] = share([d for d, r in zip(drift, records) if r["repeat_start"] is not None])
         lags = [r["drift"] - r["first_error"] for r in records
-                if not r["correct"] and r["drift"] is not None and r["first_error"] is not None]
-        out["drift_lag_median"] = statistics.median(lags) if lags else None
+                if not r["correct"] and r["drift"] is not None and r.get("first_error") is not None]
+        if "first_error" in records[0]:
+            out["drift_lag_median"] = statistics.median(lags) if lags else None
     return out
 
 
 def toy_summary(records: list[dict]) -> dict:
-    """Where the cuts fall relative to the toy world's first error and first repetition."""
+    """Where the cuts fall relative to the first repetition (the toy world's repeated step, or a
+    loop found in a real model's tokens) and, in the toy world, the first error."""
     wrong_cut = [r for r in records if not r["correct"] and r["shadow_cut"] is not None]
     rep = [r for r in records if r.get("repeat_start") is not None]
-    return {
+    out = {
         "repeat_rate": share([r.get("repeat_start") is not None for r in records]),
         "cut_rate_repeating": share([r["shadow_cut"] is not None for r in rep]),
         "cut_rate_wrong_no_repeat": share([r["shadow_cut"] is not None for r in records
                                            if not r["correct"] and r.get("repeat_start") is None]),
-        "wrong_cut_at_or_after_error": share([r["first_error"] is not None and r["shadow_cut"] >= r["first_error"]
-                                              for r in wrong_cut]),
         "repeat_cut_inside_repeat": share([r["shadow_cut"] >= r["repeat_start"] for r in rep
                                            if r["shadow_cut"] is not None]),
         "cuts_inside_repeat": share([r.get("repeat_start") is not None and r["shadow_cut"] >= r["repeat_start"]
                                      for r in records if r["shadow_cut"] is not None]),
     }
+    if "first_error" in records[0]:
+        out["wrong_cut_at_or_after_error"] = share([r["first_error"] is not None and r["shadow_cut"] >= r["first_error"]
+                                                    for r in wrong_cut])
+    return out
 
 
 SHADOW_ROWS = (

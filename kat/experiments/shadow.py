@@ -120,6 +120,7 @@ def graded_records(rollout, rows: list[dict], step: int, threshold: float | None
         cut = int(rollout.shadow_cut[b])
         records.append({
             "step": step, "prompt": p["prompt"], "answer": str(p["answer"]), "completion": text,
+            "ids": rollout.completion_ids[b, :n].tolist(),
             "length": n, "stop": STOP_NAMES[int(rollout.stop[b])], "shadow_cut": cut if cut >= 0 else None,
             "correct": grade(text, str(p["answer"]), cfg.grader), "threshold": threshold,
             "kl": [round(x, 6) for x in kl.tolist()],
