@@ -1,7 +1,7 @@
 """``python -m kat <command>``: the project's command line.
 
     python -m kat train [--config FILE] [--key value ...]         distil a student (kat.train)
-    python -m kat eval --model PATH --data SPEC -k 8               avg@k / pass@k of a checkpoint (kat.evaluate)
+    python -m kat eval --model PATH --data SPEC -k 8               avg@k / pass@k of a model or adapter (kat.evaluate)
     python -m kat models prune --model PATH --layers N --out DIR   a layer-pruned copy (kat.models)
     python -m kat toy build [--world rich|plain]                   rebuild the toy world's checkpoints
     python -m kat toy stats [--world rich|plain]                   KL statistics of the toy world
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, add_help=False)  # `kat train --help` is answered by kat.train
         p.set_defaults(handler=lambda args, rest, module=module: _delegate(module, rest))
 
-    p = sub.add_parser("eval", help="avg@k / pass@k of a checkpoint on evaluation sets", add_help=False)
+    p = sub.add_parser("eval", help="avg@k / pass@k of a model (or a LoRA adapter) on evaluation sets", add_help=False)
     p.set_defaults(handler=_eval)
 
     toy = sub.add_parser("toy", help="the embedded toy world (build, stats)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import yaml
@@ -27,10 +27,17 @@ class ConfigError(ValueError):
 
 def _f(default: Any, help: str, choices: tuple | None = None, low: float | None = None,
        high: float | None = None, low_open: bool = False, high_open: bool = False) -> Any:
-    """A dataclass field with its `--help` text and validation rule (`check_value` reads the rule)."""
+    """A dataclass field with its `--help` text and validation rule (`check_value` reads the rule).
+    A dict default (a mapping-valued field) becomes a factory, so no two configs share one dict."""
     meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open,
             "high_open": high_open}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# Accelerate's trackers (accelerate.utils.LoggerType); "all" is every one that is installed.
+TRACKERS = ("all", "aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb")
 
 
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "rich")
@@ -55,6 +62,8 @@ class Config:
     answer_field: str = _f("answer", "dataset column holding the reference answer")
     system_prompt: str = _f("", "optional system message placed before every question")
     instruction: str = _f("", "text appended to every question (e.g. ask for the answer in \\boxed{})")
+    chat_template_kwargs: dict = _f({}, "extra variables for the chat template, e.g. {enable_thinking: false} "
+                                     "for Qwen3 (on the command line as YAML: '{enable_thinking: false}')")
     max_prompt_length: int = _f(512, "prompts longer than this (in tokens) are skipped with a warning", low=1)
     grader: str = _f("exact", "answer checker for evaluation", choices=("exact", "math"))
 
@@ -77,6 +86,13 @@ class Config:
                              high_open=True)
     weight_decay: float = _f(0.0, "AdamW weight decay", low=0.0)
     max_grad_norm: float = _f(1.0, "gradient clipping norm", low=0.0, low_open=True)
+    gradient_checkpointing: bool = _f(False, "recompute the student's activations in the backward pass "
+                                      "(less memory, more compute; same gradients)")
+    lora_r: int = _f(0, "rank of a LoRA student through peft (0: train every weight)", low=0)
+    lora_alpha: int = _f(16, "LoRA scaling numerator: the update is (lora_alpha / lora_r) B A", low=1)
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch's input", low=0.0, high=1.0, high_open=True)
+    lora_target_modules: str = _f("all-linear", "modules that get LoRA adapters: comma-separated names, or "
+                                  "all-linear (every linear layer but the output head)")
     max_bad_steps: int = _f(3, "stop after this many consecutive steps with a non-finite loss", low=1)
 
     # --- termination -----------------------------------------------------------------------------
@@ -120,7 +136,9 @@ class Config:
     keep_last: int = _f(2, "resumable checkpoints kept on disk", low=1)
     output_dir: str = _f("runs/toy", "where metrics, traces, plots, checkpoints and the student go")
     resume: str = _f("", "checkpoint directory to continue from, or `latest` in output_dir")
-    log_with: str = _f("", "extra tracker through Accelerate", choices=("", "tensorboard", "wandb"))
+    log_with: str = _f("", "extra tracker through Accelerate (its package must be installed); empty: none",
+                       choices=("", *TRACKERS))
+    project_name: str = _f("kat", "the trackers' project (wandb project; tensorboard: output_dir/project_name)")
     n_traces: int = _f(8, "KL traces written per evaluation (tokens, d, z, threshold, cut)", low=0)
     plot: bool = _f(True, "render kl_traces.png and curves.png at the end")
     seed: int = _f(0, "random seed")
@@ -140,7 +158,9 @@ _FIELDS = {f.name: f for f in fields(Config)}
 def _coerce(name: str, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the field."""
     f = _FIELDS[name]
-    kind = type(f.default)
+    kind = dict if f.default_factory is not MISSING else type(f.default)
+    if kind is dict:
+        return _mapping(name, value)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -168,6 +188,19 @@ def _coerce(name: str, value: Any) -> Any:
     if not isinstance(value, (str, int, float)):
         raise ConfigError(f"{name}: expected a string, got {value!r}")
     return str(value)
+
+
+def _mapping(name: str, value: Any) -> dict:
+    """A mapping field's value: a dict (YAML), or its YAML/JSON text (the command line)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else {}
+        except yaml.YAMLError:
+            value = None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{name}: expected a mapping of names to values such as "
+                          f"'{{enable_thinking: false}}', got {value!r}")
+    return dict(value)
 
 
 def allowed(name: str) -> tuple:
@@ -281,7 +314,8 @@ def help_text() -> str:
         m = f.metadata
         allowed = f" {{{','.join(map(str, m['choices']))}}}" if m["choices"] else ""
         allowed += f" {_range_text(m)}" if m["low"] is not None else ""
-        lines.append(f"  --{name}{allowed} ({f.default!r})\n      {m['help']}")
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        lines.append(f"  --{name}{allowed} ({default!r})\n      {m['help']}")
     return "\n".join(lines)
 
 

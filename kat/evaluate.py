@@ -16,8 +16,9 @@ Graders:
 training run with its protocol, problems sharded across processes, and returns the logged
 ``NAME/avg@k``, ``NAME/pass@k`` and ``NAME/mean_length``.
 
-Command line: ``python -m kat eval --model PATH --data SPEC -k 8 [--out FILE.json]``, where SPEC
-is anything ``kat train --eval_data`` takes (a local json/jsonl/parquet file, a directory or a hub
+Command line: ``python -m kat eval --model PATH --data SPEC -k 8 [--out FILE.json]``, where PATH
+is a model directory, a hub name or a LoRA adapter directory (loaded onto its base and merged), and
+SPEC is anything ``kat train --eval_data`` takes (a local json/jsonl/parquet file, a directory or a hub
 dataset, with ``[split=..., prompt=..., answer=..., k=..., limit=...]``; several comma-separated),
 read by `kat.data`.
 """
@@ -146,25 +147,29 @@ def _math_grade(completion: str, answer: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Sampling
 
-def render_prompts(tokenizer, prompts: Sequence[str], system_prompt: str = "", instruction: str = "") -> list[str]:
+def render_prompts(tokenizer, prompts: Sequence[str], system_prompt: str = "", instruction: str = "",
+                   template_kw: dict | None = None) -> list[str]:
     """Each question as the model sees it in training (`kat.data.render_prompt`): an optional system
-    turn, then one user turn (question + instruction) through the chat template."""
+    turn, then one user turn (question + instruction) through the chat template (with `template_kw`)."""
     from kat.data import render_prompt
 
-    return [render_prompt(tokenizer, p, system_prompt=system_prompt, instruction=instruction) for p in prompts]
+    return [render_prompt(tokenizer, p, system_prompt=system_prompt, instruction=instruction, template_kw=template_kw)
+            for p in prompts]
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, system_prompt: str = "",
-             instruction: str = "") -> tuple[list[str], list[int], list[bool]]:
+             top_p: float = 1.0, system_prompt: str = "", instruction: str = "", template_kw: dict | None = None,
+             synced_gpus: bool = False) -> tuple[list[str], list[int], list[bool]]:
     """Sample one completion per prompt (greedy at temperature 0), rendered as in `render_prompts`.
 
-    Returns (texts without special tokens, token counts including EOS, ended-with-EOS flags).
+    `synced_gpus`: every process calls this together and each keeps running forwards until all
+    are done (under FSDP every forward is a collective). Returns (texts without special tokens,
+    token counts including EOS, ended-with-EOS flags).
     """
     device = next(model.parameters()).device
-    enc = tokenizer(render_prompts(tokenizer, prompts, system_prompt, instruction), return_tensors="pt", padding=True,
-                    padding_side="left", add_special_tokens=False).to(device)
+    enc = tokenizer(render_prompts(tokenizer, prompts, system_prompt, instruction, template_kw), return_tensors="pt",
+                    padding=True, padding_side="left", add_special_tokens=False).to(device)
     # transformers fills an unset top_k with 50; top_k=0 switches it off, so sampling draws from
     # the model's full distribution (at temperature / top_p) as the evaluation protocol says.
     if temperature > 0:
@@ -175,7 +180,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, t
 
     stop = eos_ids(tokenizer, model)  # EOS and the chat template's end-of-turn (a base model's EOS is not it)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=stop, **sampling)
+                         eos_token_id=stop, synced_gpus=synced_gpus, **sampling)
     new = out[:, enc["input_ids"].shape[1]:]  # (B, T') generated ids, padded after EOS
     is_eos = torch.isin(new, torch.tensor(stop, device=new.device))  # (B, T')
     ended = is_eos.any(-1)  # (B,)
@@ -187,14 +192,16 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, t
 
 def evaluate(model, tokenizer, problems: Sequence[dict], k: int, *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, grader: str = "exact",
-             seed: int = 0, system_prompt: str = "", instruction: str = "") -> dict:
+             seed: int = 0, system_prompt: str = "", instruction: str = "", template_kw: dict | None = None,
+             synced_gpus: bool = False) -> dict:
     """Sample ``k`` completions for each problem and grade them.
 
     Args:
         problems: dicts with ``prompt`` (the question text) and ``answer`` (reference string).
         k: samples per problem; avg@k and pass@k are computed from them.
         temperature: sampling temperature; 0 means greedy decoding (then all k samples agree).
-        system_prompt, instruction: prompt rendering, as in training (`kat.data.render_prompt`).
+        system_prompt, instruction, template_kw: prompt rendering, as in training (`kat.data.render_prompt`).
+        synced_gpus: every process evaluates together, on as many problems each (see `run_eval`).
     Returns:
         ``avg@k``, ``pass@k``, ``k``, ``n_problems``, ``mean_length`` (completion tokens including
         EOS), ``eos_rate``, ``unparsed_rate`` (completions without a readable answer), the
@@ -215,7 +222,8 @@ def evaluate(model, tokenizer, problems: Sequence[dict], k: int, *, max_new_toke
     for s in range(0, len(flat), batch_size):
         chunk = [p["prompt"] for _, p in flat[s:s + batch_size]]
         t, n, e = generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, system_prompt=system_prompt, instruction=instruction)
+                           top_p=top_p, system_prompt=system_prompt, instruction=instruction, template_kw=template_kw,
+                           synced_gpus=synced_gpus)
         texts += t
         lengths += n
         ended += e
@@ -254,18 +262,24 @@ def run_eval(accelerator, model, tokenizer, eval_sets: dict, cfg, tag: str) -> d
     """Evaluate `model` on every set of `eval_sets` (name -> kat.data.EvalSet, each with its own k)
     with the training run's protocol (`cfg`: a kat.config.Config), problems sharded across processes.
 
+    Every process runs the same generate calls (under FSDP each forward is a collective): a process
+    with fewer problems than another pads its share with copies of its first problem, whose results
+    are dropped, and generation is synced across processes.
     Returns ``NAME/avg@k``, ``NAME/pass@k`` and ``NAME/mean_length`` per set (the logged names).
     """
     unwrapped = accelerator.unwrap_model(model)
+    rank, world = accelerator.process_index, accelerator.num_processes
     out = {}
     for name, eval_set in eval_sets.items():
-        mine = eval_set.problems[accelerator.process_index::accelerator.num_processes]
-        res = evaluate(unwrapped, tokenizer, mine, eval_set.k,
+        mine = eval_set.problems[rank::world]
+        share = -(-len(eval_set.problems) // world)  # the largest process's share
+        padded = mine + [eval_set.problems[0]] * (share - len(mine))
+        res = evaluate(unwrapped, tokenizer, padded, eval_set.k,
                        max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, grader=cfg.grader,
-                       seed=cfg.seed + 7919 * accelerator.process_index, system_prompt=cfg.system_prompt,
-                       instruction=cfg.instruction) if mine else {"problems": []}
-        rows = accelerator.gather_for_metrics(res["problems"], use_gather_object=True)
+                       seed=cfg.seed + 7919 * rank, system_prompt=cfg.system_prompt, instruction=cfg.instruction,
+                       template_kw=cfg.chat_template_kwargs, synced_gpus=world > 1)
+        rows = accelerator.gather_for_metrics(res["problems"][: len(mine)], use_gather_object=True)
         correct = [r["correct"] for r in rows]
         lengths = [n for r in rows for n in r["lengths"]]
         out[f"{name}/avg@k"] = avg_at_k(correct)
@@ -299,6 +313,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--system-prompt", default="", help="system turn before each question (default none)")
     p.add_argument("--instruction", default="", help="text appended to each question (default none)")
+    p.add_argument("--chat-template-kwargs", default="",
+                   help="chat template variables as YAML, e.g. '{enable_thinking: false}' (default none)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="model dtype (default auto: bf16 on CUDA, fp32 on CPU)")
@@ -322,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
     Returns {set name: results of `evaluate`}, or 2 after printing one ``error: ...`` line when the
     model or the data cannot be used.
     """
-    from kat.config import ConfigError
+    from kat.config import ConfigError, check_value
     from kat.data import DataError, load_eval_sets
     from kat.models import load_model, load_tokenizer, torch_dtype
 
@@ -331,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
+        template_kw = check_value("chat_template_kwargs", args.chat_template_kwargs)
         eval_sets = load_eval_sets(args.data, split=args.split, prompt_field=args.prompt_field,
                                    answer_field=args.answer_field, k=args.k, limit=args.limit)
         tokenizer = load_tokenizer(args.model, "", "model")
@@ -344,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
         res = evaluate(model, tokenizer, eval_set.problems, eval_set.k, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
                        grader=args.grader, seed=args.seed, system_prompt=args.system_prompt,
-                       instruction=args.instruction)
+                       instruction=args.instruction, template_kw=template_kw)
         res.update(model=str(args.model), data=eval_set.spec.source, seconds=round(time.time() - t0, 1))
         _print_table(name, res, eval_set.k)
         results[name] = res

@@ -12,6 +12,10 @@
   `align_vocab` trims the wider model to the narrower width so that logits line up.
 - Base models often lack a pad token (EOS stands in: padded positions are masked anyway), and
   their EOS is not the chat template's end-of-turn token; `eos_ids` stops on both.
+- The memory switches of a training run (`prepare_student`): gradient checkpointing, and a LoRA
+  student through ``peft`` (an optional extra: ``pip install -e .[peft]``). A directory holding a
+  LoRA adapter (``adapter_config.json``) loads as its base model with the adapter merged, so
+  ``python -m kat eval --model RUN/adapter`` evaluates it.
 
 Command line: ``python -m kat models prune --model DIR [--gguf FILE] --layers 15 --out DIR`` (or
 ``python -m kat.models prune ...``) writes a layer-pruned copy (a weaker student of the same
@@ -69,12 +73,15 @@ def torch_dtype(name: str, device: torch.device | str) -> torch.dtype:
 
 
 def load_model(path: str, gguf_file: str, dtype: torch.dtype, role: str):
-    """A causal LM from a directory, hub name or ``pkg:`` path; ``gguf_file`` de-quantised to ``dtype``."""
+    """A causal LM from a directory, hub name or ``pkg:`` path; ``gguf_file`` de-quantised to ``dtype``;
+    a LoRA adapter directory as its base model with the adapter merged."""
     from transformers import AutoModelForCausalLM
 
     path = _check_source(path, gguf_file, role)
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     try:
+        if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+            return _peft(role).AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload()
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{role}: cannot load a model from {path!r}"
@@ -116,6 +123,56 @@ def check_tokenizers(student_tok, teacher_tok) -> None:
     raise ConfigError("teacher and student tokenizers differ: " + "; ".join(parts) + ". On-policy "
                       "distillation compares the two models id by id: use a teacher and a student from "
                       "one model family, which share a tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory switches: gradient checkpointing, LoRA
+
+ADAPTER_CONFIG = "adapter_config.json"  # what peft writes beside an adapter's weights
+
+
+def _peft(field: str):
+    """The peft package, or a ConfigError naming the field that needs it."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError(f"{field}: a LoRA student needs peft; install it (pip install -e .[peft], or "
+                          "pip install peft), or set lora_r: 0") from None
+    return peft
+
+
+def prepare_student(model, *, gradient_checkpointing: bool = False, lora_r: int = 0, lora_alpha: int = 16,
+                    lora_dropout: float = 0.0, lora_target_modules: str = "all-linear"):
+    """The student as it is trained: activations recomputed in the backward pass, and/or frozen
+    weights with a LoRA adapter (``lora_r`` > 0) whose update (lora_alpha / r) B A starts at 0 (B = 0),
+    so the first step's student is the base model exactly. Returns the model to train."""
+    if gradient_checkpointing:
+        # transformers >= 5.2x names it activation checkpointing (the old name warns). Non-reentrant:
+        # the recomputed segments need no input that requires grad, which a LoRA student's frozen
+        # embeddings would not provide
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    if not lora_r:
+        return model
+    peft = _peft("lora_r")
+    names = lora_target_modules.strip()
+    targets = names if names == "all-linear" else [n.strip() for n in names.split(",") if n.strip()]
+    config = peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                             task_type="CAUSAL_LM")
+    try:
+        model = peft.get_peft_model(model, config)
+    except ValueError as err:  # e.g. no module of that name
+        raise ConfigError(f"lora_target_modules: {' '.join(str(err).split()).rstrip('.')}; name linear layers "
+                          "of the student (e.g. q_proj,v_proj) or use all-linear") from None
+    base = model.peft_config["default"].base_model_name_or_path or ""
+    if os.path.isdir(base):  # the saved adapter must find its base from any working directory
+        model.peft_config["default"].base_model_name_or_path = os.path.abspath(base)
+    return model
+
+
+def is_lora(model) -> bool:
+    """A peft model (a LoRA student)."""
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ three modes (`Mode`, chosen by `sampling_mode` from the terminator and `score`):
   reads the KL (`needs_kl`, e.g. `TrapDetector`) needs to stop a rollout early:
 
       prefill student and teacher on the prompts
-      repeat until every row has ended:
+      repeat until no row is alive on any process (kat.distributed; a process whose rows ended feeds a pad row):
           the student samples C tokens, one cached decode step each
           the teacher reads the same C tokens in ONE cached forward
           d_t = KL(p_student || q_teacher) at those C positions       (kat.scorer.reverse_kl)
@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from kat.config import check_value
+from kat.distributed import any_process, draw_range
 from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
 from kat.scorer import reverse_kl, token_logp, topk_tail
 
@@ -138,17 +139,6 @@ def _forward(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Ten
                 position_ids=position_ids.to(dev), cache=cache, use_cache=use_cache,
                 logits_to_keep=logits_to_keep)
     return out.logits.to(input_ids.device), out.cache
-
-
-def _keep_rows(idx: Tensor, *caches) -> None:
-    """Drop finished rows from KV caches in place (`idx`: (A',) rows of the active batch to keep).
-
-    The index goes in on the CPU, which indexes cache tensors on any device, including a model
-    split across several devices.
-    """
-    for cache in caches:
-        if cache is not None:
-            cache.batch_select_indices(idx.cpu())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,14 +268,6 @@ def _check_args(prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, te
         raise ValueError("topk > 0 captures the teacher's top-K log-probs, which needs score=True")
 
 
-def _draw_range(global_rows: tuple[int, int] | None, batch: int) -> tuple[int, int]:
-    """(offset of this process's first row, uniforms drawn per step) for `global_rows`."""
-    first, n_draw = global_rows if global_rows is not None else (0, batch)
-    if not (0 <= first and first + batch <= n_draw):
-        raise ValueError(f"global_rows={global_rows} must satisfy 0 <= offset and offset + B <= total (B={batch})")
-    return first, n_draw
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -301,10 +283,17 @@ class _Active:
     s_cache: object
     t_last: Tensor | None = None  # (A, V) lockstep: teacher logits for the next position
     t_cache: object = None
+    pad: bool = False  # every row has ended; the one row left only feeds pad forwards (`_pad_chunk`)
+    error: FloatingPointError | None = None  # the first non-finite chunk, raised once decoding has ended
 
-    def keep(self, idx: Tensor) -> None:
-        """Keep only the active rows `idx` (A',), in the tensors and in both caches."""
-        _keep_rows(idx, self.s_cache, self.t_cache)
+    def keep(self, live: Tensor) -> None:
+        """Keep only the active rows where `live` (A,) holds, in the tensors and in both caches (in place;
+        with none left, one row stays as the pad row)."""
+        self.pad = not bool(live.any())
+        idx = live.new_zeros(1, dtype=torch.long) if self.pad else live.nonzero().squeeze(-1)  # (A',)
+        for cache in (self.s_cache, self.t_cache):  # a CPU index selects rows on any device, or across several
+            if cache is not None:
+                cache.batch_select_indices(idx.cpu())
         self.rows, self.attn, self.pos, self.s_last = self.rows[idx], self.attn[idx], self.pos[idx], self.s_last[idx]
         if self.t_last is not None:
             self.t_last = self.t_last[idx]
@@ -364,7 +353,10 @@ def _teacher_chunk(teacher, act: _Active, tokens: Tensor, valid: Tensor, s_chunk
     t_logits = torch.cat([act.t_last[:, None], t_out[:, :-1]], dim=1)  # (A, c, V) positions t..t+c-1
     act.t_last = t_out[:, -1]  # (A, V) position t+c, for the next chunk
     scores = score_chunk(s_logits, t_logits, tokens, topk)
-    _check_finite(scores, valid, act.rows, t, s_logits, t_logits)
+    try:
+        _check_finite(scores, valid, act.rows, t, s_logits, t_logits)
+    except FloatingPointError as err:  # raised after decoding: other processes may still be decoding
+        act.error = act.error or err
     return scores
 
 
@@ -396,6 +388,15 @@ def _terminate(terminator, state, act: _Active, valid: Tensor, scores: ChunkScor
         stop[fired_rows] = int(terminator.stop_code)
         cut[fired_rows] = row_cut
     return fired
+
+
+def _pad_chunk(teacher, act: _Active, mode: Mode, tokens: Tensor, valid: Tensor, s_chunk: list[Tensor], t: int,
+               topk: int) -> int:
+    """The teacher's lockstep forward of a pad chunk (the student's ran on the pad row); outputs are discarded."""
+    if mode is Mode.LOCKSTEP:
+        _teacher_chunk(teacher, act, tokens, valid, s_chunk, t, topk)
+    act.pos = act.pos + tokens.shape[1]
+    return t + tokens.shape[1]
 
 
 def _score_posthoc(teacher, prompt_ids: Tensor, prompt_mask: Tensor, buf: _RolloutBuffer,
@@ -430,19 +431,18 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
         student, teacher: HF causal LMs in eval mode (unwrapped), sharing one vocabulary.
         prompt_ids, prompt_mask: (B, P) left-padded prompts.
         max_new_tokens: completion length limit (rows reaching it stop with STOP_LENGTH).
-        eos_token_id: id or list of ids that end a row (the EOS is part of the completion);
-            an empty list disables EOS stops.
+        eos_token_id: id or list of ids that end a row (the EOS is part of the completion; [] disables).
         pad_token_id: fills completion positions after a row's end.
         temperature, top_p: sampling only (0 = greedy); all recorded numbers are at temperature 1.
         chunk: C, tokens the student samples between two teacher forwards (1 = exact lockstep).
-        terminator: None, or an object with `needs_kl`, `stop_code`, `shadow`, `start(B, device=)`
-            and `observe(state, kl_chunk, valid_chunk) -> (fired, cut)` ((B, C) in, (B,) out,
-            called once per chunk for every row; rows that already ended have valid False).
+        terminator: None, or an object with `needs_kl`, `stop_code`, `shadow`, `start(B, device=)` and
+            `observe(state, kl_chunk, valid_chunk) -> (fired, cut)` ((B, C) in, (B,) out, called once per
+            chunk while a row is active here; rows that already ended have valid False).
         topk: K > 0 also captures the student's top-K ids and the teacher's K+1 log-probs.
         generator: source of the sampling randomness (one uniform per original row per step).
-        global_rows: (offset, total) when these B rows are rows offset..offset+B-1 of a batch of
-            `total` rows split across processes: every step draws `total` uniforms and uses this
-            process's slice, so with one seed the tokens do not depend on the number of processes.
+        global_rows: (offset, total): these B rows are rows offset..offset+B-1 of `total` split across
+            processes (tokens then do not depend on the process count: `kat.distributed.draw_range`).
+            With torch.distributed, all processes call `sample` together; it ends when none decodes.
         score: False selects the unscored mode when no terminator needs the KL while decoding:
             kl / student_logp / teacher_logp stay NaN and the teacher never runs here.
     Returns:
@@ -453,7 +453,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
     device, B = prompt_ids.device, prompt_ids.shape[0]
     prompt_mask = prompt_mask.bool()
     eos = _eos_ids(eos_token_id, device)  # (E,)
-    first, n_draw = _draw_range(global_rows, B)
+    first, n_draw = draw_range(global_rows, B)
     mode = sampling_mode(terminator, score)
     state = terminator.start(B, device=device) if terminator is not None else None
     stop = torch.full((B,), STOP_LENGTH, dtype=torch.long, device=device)  # overwritten on EOS / fire
@@ -466,12 +466,15 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
     if mode is Mode.UNSCORED:
         buf.mark_unscored()
     t = 0  # completion position of the chunk's first token
-    while act.rows.numel() > 0:
+    while any_process(not act.pad):  # until no row is alive on any process (kat.distributed)
         c = min(chunk, max_new_tokens - t)
         tokens, valid, alive, s_chunk = _student_chunk(
             student, act, c, t, max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad_token_id,
             temperature=temperature, top_p=top_p, generator=generator, first=first, n_draw=n_draw,
             keep_logits=mode is not Mode.UNSCORED)
+        if act.pad:  # every row here has ended: the pad row keeps this process's forwards in step
+            t = _pad_chunk(teacher, act, mode, tokens, valid, s_chunk, t, topk)
+            continue
         buf.write_tokens(act.rows, t, tokens, valid)
         scores = None
         if mode is Mode.LOCKSTEP:
@@ -488,8 +491,9 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
             ended = ended | _terminate(terminator, state, act, valid, scores, t, B, stop, cut)
         t += c
         if ended.any():  # ended rows leave the batch and both caches, so later chunks cost less
-            act.keep((~ended).nonzero().squeeze(-1))  # (A',)
-
+            act.keep(~ended)
+    if act.error is not None:
+        raise act.error
     if mode is Mode.POSTHOC:
         _score_posthoc(teacher, prompt_ids, prompt_mask, buf, held, topk)
     shadow_cut = state.would_cut.clone() if terminator is not None and terminator.shadow else None  # (B,)

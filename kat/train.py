@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+import shlex
 import signal
 import sys
 import time
@@ -31,16 +31,18 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
+from kat.checkpoint import find_checkpoint, load_checkpoint, model_card, save_checkpoint, save_student
 from kat.config import Config, ConfigError, help_text, load_config, random_target
 from kat.data import (DataError, encode_prompts, filter_long_prompts, load_eval_sets, load_problems, render_prompt,
                       step_generator, step_prompts)
 from kat.detector import make_terminator, window_means
 from kat.evaluate import run_eval
 from kat.learner import build_optimizer, learn
-from kat.models import align_vocab, check_tokenizers, eos_ids, load_model, load_tokenizer, torch_dtype
+from kat.models import (align_vocab, check_tokenizers, eos_ids, load_model, load_tokenizer, prepare_student,
+                        torch_dtype)
 from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
 from kat.sampler import sample
 
@@ -66,6 +68,7 @@ class Run:
     terminator: Any
     start: int = 0  # steps already done (resumed runs)
     counters: dict = field(default_factory=lambda: {"tokens_total": 0.0, "bad_in_a_row": 0})
+    command: str = ""  # how the run was started, for the model card
 
     @property
     def metrics_path(self) -> str:
@@ -77,8 +80,10 @@ class Run:
 
 
 def render_kw(cfg: Config) -> dict:
-    """How prompts are rendered (kat.data.render_prompt), the same for the length filter and sampling."""
-    return {"system_prompt": cfg.system_prompt, "instruction": cfg.instruction}
+    """How prompts are rendered (kat.data.render_prompt), the same for the length filter, sampling and
+    evaluation."""
+    return {"system_prompt": cfg.system_prompt, "instruction": cfg.instruction,
+            "template_kw": cfg.chat_template_kwargs}
 
 
 # --- Set-up ---------------------------------------------------------------------------------------
@@ -108,15 +113,21 @@ def build_terminator(cfg: Config, rank: int = 0):
 
 
 def load_models(cfg: Config, device: torch.device):
-    """(tokenizer, student, teacher, eos ids): the student in fp32 (master weights), the teacher
-    frozen in the compute dtype, one logit width for both."""
+    """(tokenizer, student, teacher, eos ids): the student in fp32 (master weights; a LoRA student's
+    frozen base in the compute dtype), the teacher frozen in the compute dtype, one logit width for
+    both, and the student's memory switches (kat.models.prepare_student) on."""
     tokenizer = load_tokenizer(cfg.student, cfg.student_gguf, "student")
     check_tokenizers(tokenizer, load_tokenizer(cfg.teacher, cfg.teacher_gguf, "teacher"))
-    student = load_model(cfg.student, cfg.student_gguf, torch.float32, "student")
-    teacher = load_model(cfg.teacher, cfg.teacher_gguf, torch_dtype(cfg.dtype, device), "teacher")
+    compute = torch_dtype(cfg.dtype, device)
+    student = load_model(cfg.student, cfg.student_gguf, compute if cfg.lora_r else torch.float32, "student")
+    teacher = load_model(cfg.teacher, cfg.teacher_gguf, compute, "teacher")
     teacher = teacher.to(device).eval().requires_grad_(False)
     align_vocab(student, teacher, tokenizer)  # padded embedding rows past the tokenizer trimmed
-    return tokenizer, student, teacher, eos_ids(tokenizer, student)
+    eos = eos_ids(tokenizer, student)
+    student = prepare_student(student, gradient_checkpointing=cfg.gradient_checkpointing, lora_r=cfg.lora_r,
+                              lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              lora_target_modules=cfg.lora_target_modules)
+    return tokenizer, student, teacher, eos
 
 
 @contextmanager
@@ -140,11 +151,25 @@ def load_data(cfg: Config) -> tuple[list[dict], dict]:
     return problems, eval_sets
 
 
+def check_tracker(name: str) -> None:
+    """Accelerate skips a tracker whose package is missing without a word; say so instead."""
+    from accelerate.tracking import get_available_trackers
+
+    if name and name != "all" and name not in {str(t) for t in get_available_trackers()}:
+        package = {"comet_ml": "comet-ml"}.get(name, name)
+        raise ConfigError(f"log_with: {name!r} needs its package, which is not installed; pip install {package}, "
+                          "or leave log_with empty")
+
+
 def setup(cfg: Config) -> Run:
+    check_tracker(cfg.log_with)
     # step_scheduler_with_optimizer=False: Accelerate would otherwise advance the schedule once per
     # process at every step (it assumes each process's batch is a shard of one data loader)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with=cfg.log_with or None,
                               project_dir=cfg.output_dir, step_scheduler_with_optimizer=False)
+    if cfg.lora_r and accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("lora_r: a LoRA student is not sharded here (its merged save needs the full weights "
+                          "on one process); launch it with DDP, where only the small adapter is trained")
     set_seed(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
     problems, eval_sets = load_data(cfg)
@@ -157,47 +182,7 @@ def setup(cfg: Config) -> Run:
                build_terminator(cfg, accelerator.process_index))
 
 
-# --- Checkpoints: atomic, resumable, the last `keep_last` kept ------------------------------------
-
-def save_checkpoint(accelerator: Accelerator, cfg: Config, step: int, terminator, counters: dict) -> str:
-    final = os.path.join(cfg.output_dir, f"checkpoint-{step:06d}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()  # every process writes its own RNG state into tmp first
-    if accelerator.is_main_process:
-        torch.save(terminator.state_dict(), os.path.join(tmp, "terminator.pt"))
-        with open(os.path.join(tmp, "progress.json"), "w") as fh:
-            json.dump({"step": step, **counters, "config": cfg.to_dict()}, fh, indent=1)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # a checkpoint directory exists only once it is complete
-        done = sorted(d for d in os.listdir(cfg.output_dir)
-                      if d.startswith("checkpoint-") and not d.endswith(".tmp"))
-        for old in done[:-cfg.keep_last]:
-            shutil.rmtree(os.path.join(cfg.output_dir, old))
-    accelerator.wait_for_everyone()
-    return final
-
-
-def find_checkpoint(cfg: Config) -> str | None:
-    if not cfg.resume:
-        return None
-    if cfg.resume != "latest":
-        path = cfg.resume
-    else:
-        done = sorted(d for d in os.listdir(cfg.output_dir) if d.startswith("checkpoint-")
-                      and not d.endswith(".tmp")) if os.path.isdir(cfg.output_dir) else []
-        if not done:
-            raise ConfigError(f"resume: no checkpoint found in {cfg.output_dir!r}; train without --resume first")
-        path = os.path.join(cfg.output_dir, done[-1])
-    if not os.path.isfile(os.path.join(path, "progress.json")):
-        raise ConfigError(f"resume: {path!r} is not a complete checkpoint (progress.json missing); "
-                          "it may be partial from an interrupted save. Pick another checkpoint")
-    return path
-
+# --- Checkpoints (kat.checkpoint): atomic, resumable, the last `keep_last` kept --------------------
 
 def resume(run: Run) -> None:
     """Load the checkpoint cfg.resume names (if any): model, optimiser, schedule and RNG states,
@@ -205,14 +190,7 @@ def resume(run: Run) -> None:
     ckpt = find_checkpoint(run.cfg)
     if not ckpt:
         return
-    try:
-        run.accelerator.load_state(ckpt)
-        run.terminator.load_state_dict(torch.load(os.path.join(ckpt, "terminator.pt"), weights_only=False))
-        with open(os.path.join(ckpt, "progress.json")) as fh:
-            progress = json.load(fh)
-    except Exception as err:  # noqa: BLE001 - any unreadable piece means the same thing
-        raise ConfigError(f"resume: checkpoint {ckpt!r} is corrupt or incomplete ({type(err).__name__}: "
-                          f"{err}); resume from an older checkpoint in {run.cfg.output_dir!r}") from None
+    progress = load_checkpoint(run.accelerator, ckpt, run.terminator, run.cfg.output_dir)
     run.start = progress["step"]
     run.counters = {k: progress[k] for k in run.counters}
     run.accelerator.print(f"resumed from {ckpt} at step {run.start}")
@@ -244,8 +222,9 @@ def append_jsonl(path: str, rows: list[dict]) -> None:
 
 def open_logs(run: Run) -> None:
     """Start the trackers; a fresh run (not a resumed one) also starts fresh files and saves its config."""
-    if run.cfg.log_with:
-        run.accelerator.init_trackers("kat", config=run.cfg.to_dict())
+    if run.cfg.log_with:  # trackers take scalars: a mapping field goes as its JSON text
+        config = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in run.cfg.to_dict().items()}
+        run.accelerator.init_trackers(run.cfg.project_name, config=config)
     if run.accelerator.is_main_process and run.start == 0:
         for p in (run.metrics_path, run.traces_path):
             if os.path.exists(p):
@@ -459,19 +438,19 @@ def after_step(run: Run, done: int, rollout: Rollout, threshold: float | None, s
     if run.accelerator.is_main_process and cfg.n_traces and (done == cfg.steps or periodic):
         append_jsonl(run.traces_path, make_traces(rollout, run.tokenizer, threshold, cfg, done))
     if (cfg.save_every and done % cfg.save_every == 0) or stopping or done == cfg.steps:
-        save_checkpoint(run.accelerator, cfg, done, run.terminator, run.counters)
+        save_checkpoint(run.accelerator, cfg, done, run.terminator, run.counters, run.student, run.tokenizer)
 
 
 def finish(run: Run, results: dict) -> dict:
-    """Evaluate after training, save the student (safetensors) and its tokenizer, plot, write results.json."""
+    """Evaluate after training, save the student (safetensors, tokenizer, model card; a LoRA student
+    merged, its adapter in output_dir/adapter), plot, write results.json."""
     acc, cfg = run.accelerator, run.cfg
     if run.eval_sets:
         results["after"] = eval_and_log(run, cfg.steps, "after", "after")
+    card = model_card(cfg, results, run.command or "kat.train.train(cfg)", acc.num_processes)
+    save_student(acc, run.student, run.tokenizer, cfg.output_dir, merge=True, card=card)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        out = os.path.join(cfg.output_dir, "student")
-        acc.unwrap_model(run.student).save_pretrained(out, safe_serialization=True)
-        run.tokenizer.save_pretrained(out)
         if cfg.plot:
             from kat.plot import plot_run
             plot_run(cfg.output_dir)
@@ -483,8 +462,10 @@ def finish(run: Run, results: dict) -> dict:
 
 # --- The loop -------------------------------------------------------------------------------------
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, command: str = "") -> dict:
+    """Run the loop; `command` (how it was launched) goes into the saved student's model card."""
     run = setup(cfg)
+    run.command = command
     resume(run)
     open_logs(run)
     results = {}
@@ -526,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text())
         return 0
     try:
-        train(load_config(argv))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        launcher = f"# on {world} processes (accelerate launch / torchrun)\n" if world > 1 else ""
+        train(load_config(argv), command=f"{launcher}python -m kat train {shlex.join(argv)}".strip())
     except (ConfigError, DataError, TrainingError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, whatever the message held
         return 2

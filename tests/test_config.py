@@ -36,10 +36,20 @@ def test_equals_form_and_dashes():
     (["--termination", "sometimes"], "termination: 'sometimes' is not allowed"),
     (["--steps"], "--steps needs a value"),
     (["steps", "3"], "unexpected argument 'steps'"),
+    (["--chat_template_kwargs", "enable_thinking"], "chat_template_kwargs: expected a mapping"),
 ])
 def test_errors_name_the_field(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("*", r"\*")):
         load_config(argv)
+
+
+def test_mapping_field_from_yaml_and_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("chat_template_kwargs:\n  enable_thinking: false\n")
+    assert load_config(["--config", str(path)]).chat_template_kwargs == {"enable_thinking": False}
+    cli = load_config(["--config", str(path), "--chat_template_kwargs", '{"enable_thinking": true, "x": 1}'])
+    assert cli.chat_template_kwargs == {"enable_thinking": True, "x": 1}  # JSON is YAML too
+    assert Config().chat_template_kwargs == {} and Config().chat_template_kwargs is not Config().chat_template_kwargs
 
 
 def test_yaml_errors(tmp_path):
@@ -113,7 +123,8 @@ def test_every_number_and_choice_has_a_rule():
     free = {f.name for f in fields(Config)} - {f.name for f in RANGED}
     assert free == {"teacher", "student", "teacher_gguf", "student_gguf", "train_data", "train_split", "eval_data",
                     "eval_split", "prompt_field", "answer_field", "system_prompt", "instruction", "output_dir",
-                    "resume", "shadow", "plot", "seed"}
+                    "resume", "shadow", "plot", "seed", "gradient_checkpointing", "lora_target_modules",
+                    "project_name", "chat_template_kwargs"}
     assert all(out_of_range(f) and edges(f) or f.metadata["choices"] for f in RANGED)
 
 

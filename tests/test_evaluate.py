@@ -302,3 +302,17 @@ def test_cli_data_errors_are_one_line_and_status_2(tiny_world, renamed, capsys, 
     err = capsys.readouterr().err  # may also hold the datasets library's progress bars
     errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert status == 2 and len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], err
+
+
+def test_cli_chat_template_kwargs_reach_the_template(tiny_world, capsys, monkeypatch):
+    import kat.evaluate as ev
+
+    seen = []
+    original = ev.render_prompts
+    monkeypatch.setattr(ev, "render_prompts", lambda *a: seen.append(a[4]) or original(*a))
+    argv = ["--model", tiny_world["student"], "--data", f"{tiny_world['test']}[limit=2]", "-k", "1",
+            "--max-new-tokens", "4"]
+    run_cli([*argv, "--chat-template-kwargs", "{enable_thinking: false, depth: 2}"], capsys)
+    assert seen and all(kw == {"enable_thinking": False, "depth": 2} for kw in seen)
+    status, _, err = run_cli([*argv, "--chat-template-kwargs", "[1, 2]"], capsys)
+    assert status == 2 and err.startswith("error: chat_template_kwargs: expected a mapping") and err.count("\n") == 1

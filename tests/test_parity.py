@@ -16,7 +16,7 @@ import torch
 
 import kat
 from kat import config as pkg_config
-from kat.detector import RandomTerminator, TrapDetector
+from kat.detector import NoTerminator, RandomTerminator, TrapDetector
 from kat.learner import completion_logits, opd_loss
 from kat.sampler import sample
 
@@ -33,9 +33,16 @@ def as_dict(rollout) -> dict:
 def test_config_fields_and_defaults_match(single_file):
     pkg = {f.name: f.default for f in dataclasses.fields(pkg_config.Config)}
     for f in dataclasses.fields(single_file.Config):
+        if f.name == "gradient_checkpointing" and f.name not in pkg:  # kat.py has it before kat/config.py
+            assert f.default is False
+            continue
         assert f.name in pkg, f"kat.py field {f.name} is missing from kat/config.py"
         if f.name != "output_dir":
             assert f.default == pkg[f.name], f"default of {f.name} differs"
+    # every package field is kat.py's or named by it as the package's alone (a config file using it then
+    # runs in both, kat.py saying what it skips), and kat.py defines none of those itself
+    ours = {f.name for f in dataclasses.fields(single_file.Config)}
+    assert set(pkg) - ours == set(single_file.PACKAGE_ONLY), "add the new field to kat.py or to its PACKAGE_ONLY"
 
 
 def test_single_file_cli(single_file, tmp_path):
@@ -47,6 +54,22 @@ def test_single_file_cli(single_file, tmp_path):
         single_file.parse_config(["--stepz", "3"])
     with pytest.raises(SystemExit, match="loss: 'kl' is not one of"):
         single_file.parse_config(["--loss", "kl"])
+    with pytest.raises(SystemExit, match="rule: 'zscore' is not one of .*`python -m kat train` has more"):
+        single_file.parse_config(["--rule", "zscore"])
+    with pytest.raises(SystemExit, match="shadow: expected bool, got 'ture'"):
+        single_file.parse_config(["--shadow", "ture"])
+    with pytest.raises(SystemExit, match="config file 'nope.yaml' does not exist"):
+        single_file.parse_config(["--config", "nope.yaml"])
+    assert single_file.parse_config(["--output-dir=runs/a-b", "--system_prompt", ""]).output_dir == "runs/a-b"
+
+
+def test_single_file_names_the_fields_it_does_not_use(single_file, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 2\nsave_every: 5\nkappa: 2.0\nlog_with: wandb\n")
+    cfg = single_file.parse_config(["--config", str(path), "--resume", "latest"])
+    assert cfg.steps == 2 and not hasattr(cfg, "save_every")
+    assert capsys.readouterr().err == ("kat.py does not use: kappa, log_with, resume, save_every; "
+                                       "`python -m kat train` does\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,13 +97,14 @@ def test_kl_functions_identical(single_file, dtype):
 # Terminators
 
 def detector_pair(single_file, **kw):
+    """kat.py's detector and the package's with the same settings (the zscore rule is the package's alone)."""
     fields = {"rule": "quantile", "window": 4, "stride": 2, "patience": 2, "exempt": 3, "eta": 0.4,
-              "buffer_size": 40, "min_buffer": 8, "warmup_steps": 1, "kappa": 0.5, "ema": 0.3, "shadow": False}
+              "buffer_size": 40, "min_buffer": 8, "warmup_steps": 1, "shadow": False}
     fields.update(kw)
     return single_file.TrapDetector(single_file.Config(**fields)), TrapDetector(**fields)
 
 
-@pytest.mark.parametrize("kw", [{}, {"rule": "zscore"}, {"shadow": True}, {"stride": 4, "patience": 1}])
+@pytest.mark.parametrize("kw", [{}, {"shadow": True}, {"stride": 4, "patience": 1}])
 def test_detector_decisions_identical(single_file, kw):
     ours, pkg = detector_pair(single_file, **kw)
     g = torch.Generator().manual_seed(1)
@@ -135,10 +159,11 @@ def models(tiny_world):
     return student, teacher, enc["input_ids"], enc["attention_mask"].bool()
 
 
-@pytest.mark.parametrize("termination,loss,chunk,score", [("kat", "full", 4, True), ("none", "topk", 8, True),
-                                                          ("random", "sampled", 3, True), ("none", "full", 8, False),
-                                                          ("random", "full", 3, False)])
-def test_sample_and_losses_identical(single_file, models, termination, loss, chunk, score):
+@pytest.mark.parametrize("termination,loss,chunk", [("kat", "full", 4), ("none", "topk", 8), ("random", "topk", 3),
+                                                    ("none", "full", 8), ("random", "full", 3)])
+def test_sample_and_losses_identical(single_file, models, termination, loss, chunk):
+    """kat.py always scores in lockstep; the package, when no terminator needs the KL online, scores after
+    decoding or not at all, so here its terminator is told to need the KL (its lockstep path)."""
     student, teacher, ids, mask = models
     cfg = single_file.Config(max_new_tokens=24, chunk=chunk, loss=loss, topk=5, termination=termination,
                              window=4, stride=2, patience=1, exempt=0, eta=0.9, min_buffer=1, warmup_steps=0,
@@ -153,20 +178,20 @@ def test_sample_and_losses_identical(single_file, models, termination, loss, chu
             return a, b
         if termination == "random":
             return single_file.RandomTerminator(cfg, seed=0), RandomTerminator(10.0, 0, 24, seed=0)
-        return single_file.NoTerminator(), None
+        return single_file.NoTerminator(), NoTerminator()
 
     ta, tb = terminators()
-    ra, _ = single_file.sample(student, teacher, ids, mask, ta, cfg, eos, 0, torch.Generator().manual_seed(5),
-                               score=score)
+    tb.needs_kl = True
+    ra, _ = single_file.sample(student, teacher, ids, mask, ta, cfg, eos, 0, torch.Generator().manual_seed(5))
     rb, _ = sample(student, teacher, ids, mask, max_new_tokens=24, eos_token_id=2, pad_token_id=0,
                    chunk=chunk, terminator=tb, topk=5 if loss == "topk" else 0,
-                   generator=torch.Generator().manual_seed(5), score=score)
+                   generator=torch.Generator().manual_seed(5))
     rb = as_dict(rb)
-    assert set(ra) == set(rb) and ra["scored"] is rb["scored"] is (score or termination == "kat")
+    assert set(ra) == set(rb) and ra["scored"] is rb["scored"] is True
     for key, value in rb.items():
         assert (value is None) == (ra[key] is None), key
-        if isinstance(value, torch.Tensor):  # unscored rollouts hold NaN in both
-            torch.testing.assert_close(ra[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(ra[key], value, rtol=0, atol=0, msg=key)
     if termination != "none":
         assert (rb["stop"] >= 2).any(), "the terminator should have cut some rows"
 
@@ -233,6 +258,9 @@ def test_accelerate_launch_smoke(tiny_world, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2] and all(r["mean_length"] > 0 for r in rows)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["mean_length"] > 0 for r in steps)
+    assert [(r["step"], r["eval"]) for r in rows if "eval" in r] == [(0, "before"), (2, "after")]
+    assert all(0 <= r["test/avg@k"] <= r["test/pass@k"] <= 1 for r in rows if "eval" in r)
     assert (out / "student" / "model.safetensors").is_file() and (out / "kl_traces.png").stat().st_size > 1000
     assert "before:" in proc.stdout and "after:" in proc.stdout

@@ -266,3 +266,118 @@ def test_evaluation_length_can_exceed_the_training_cap(tiny_world, tmp_path):
     assert rows[0][1]["mean_length"] <= 4 and rows[24][1]["mean_length"] <= 4  # training rollouts capped
     assert max(r["test/mean_length"] for r in rows[0] if "eval" in r) <= 4
     assert max(r["test/mean_length"] for r in rows[24] if "eval" in r) > 4
+
+
+# ---------------------------------------------------------------------------------------------
+# What users of Hugging Face trainers expect: trackers, a model card
+
+def tensorboard_scalars(log_dir) -> dict:
+    """{tag: {step: value}} from every TensorBoard event file under `log_dir` (TFRecord framing:
+    length, its CRC, the Event proto, its CRC), read with tensorboardX's protobuf classes."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for root, _, files in os.walk(log_dir):
+        for name in files:
+            if "tfevents" not in name:
+                continue
+            data = open(os.path.join(root, name), "rb").read()
+            i = 0
+            while i < len(data):
+                (n,) = struct.unpack("<Q", data[i:i + 8])
+                event = Event.FromString(data[i + 12:i + 12 + n])
+                i += 12 + n + 4
+                for v in event.summary.value:
+                    if v.HasField("simple_value"):
+                        out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
+def test_tensorboard_tracker_logs_every_step_under_the_project_name(tiny_world, tmp_path):
+    pytest.importorskip("tensorboardX")
+    out = tmp_path / "run"
+    train(load_config([], **tiny_args(tiny_world, out, steps=3, log_with="tensorboard", project_name="my-distill")))
+    scalars = tensorboard_scalars(out / "my-distill")
+    rows = [r for r in read_rows(out / "metrics.jsonl") if "loss" in r]
+    for key in ("loss", "kl", "mean_length", "cut_rate", "lr"):
+        assert sorted(scalars[key]) == [1, 2, 3], key
+        assert [scalars[key][r["step"]] for r in rows] == pytest.approx([r[key] for r in rows], rel=1e-6), key
+
+
+def test_a_tracker_that_is_not_installed_is_one_error_line(tiny_world, tmp_path, capsys, monkeypatch):
+    import accelerate.tracking
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    args = tiny_args(tiny_world, tmp_path / "run", log_with="comet_ml")
+    assert main([f"--{k}={v}" for k, v in args.items()]) == 2
+    assert capsys.readouterr().err == ("error: log_with: 'comet_ml' needs its package, which is not installed; "
+                                       "pip install comet-ml, or leave log_with empty\n")
+    from accelerate.utils import LoggerType
+
+    from kat.config import TRACKERS
+    assert set(TRACKERS) == set(LoggerType.list())  # every tracker Accelerate knows, and no other
+
+
+def test_saved_student_has_a_model_card(tiny_world, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "run"
+    args = tiny_args(tiny_world, out, steps=2, eval_data=tiny_world["test"], eval_limit=4, eval_k=2)
+    argv = [f"--{k}={v}" for k, v in args.items()]
+    assert main(argv) == 0
+    card = (out / "student" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == tiny_world["student"] and "on-policy-distillation" in front["tags"]
+    assert f"from the teacher `{tiny_world['teacher']}`" in card and f"`{tiny_world['train']}`" in card
+    after = json.loads((out / "results.json").read_text())["after"]
+    assert (f"| test | {100 * after['test/avg@k']:.2f}% | {100 * after['test/pass@k']:.2f}% | "
+            f"{after['test/mean_length']:.1f} |") in card
+    assert "python -m kat train " + " ".join(argv) in card  # the command, as given
+    config = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert config == load_config(argv).to_dict()
+
+
+def test_chat_template_kwargs_from_the_config_reach_every_prompt(tmp_path, monkeypatch):
+    """`chat_template_kwargs: {enable_thinking: false}` in a config file changes the prompts that
+    training samples from, that the length filter measures and that evaluation renders."""
+    import kat.evaluate as kat_evaluate
+    import kat.train as kat_train
+    from fixtures.tiny_qwen import CHATML, save_pair
+
+    pair = save_pair(tmp_path / "pair")
+    flag = CHATML.replace("assistant\n{% endif %}", "assistant\n{% if enable_thinking is not defined or "
+                          "enable_thinking %}<think>{% endif %}{% endif %}")
+    for role in ("teacher", "student"):  # the template, as Qwen3's, reads enable_thinking
+        path = os.path.join(pair[role], "chat_template.jinja")
+        open(path, "w").write(flag)
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{a}", "answer": str(2 * a)}) + "\n" for a in range(6)))
+    seen = {"train": [], "eval": []}
+    encode, render = kat_train.encode_prompts, kat_evaluate.render_prompts
+    monkeypatch.setattr(kat_train, "encode_prompts", lambda tok, texts, device: (
+        seen["train"].extend(texts), encode(tok, texts, device))[1])
+    monkeypatch.setattr(kat_evaluate, "render_prompts", lambda *a, **k: (
+        lambda texts: (seen["eval"].extend(texts), texts)[1])(render(*a, **k)))
+    for thinking in (None, False):
+        config = tmp_path / f"c{thinking}.yaml"
+        config.write_text("" if thinking is None else "chat_template_kwargs: {enable_thinking: false}\n")
+        args = dict(teacher=pair["teacher"], student=pair["student"], train_data=data, eval_data=data, eval_limit=2,
+                    eval_k=1, steps=1, batch_size=2, samples_per_prompt=1, max_new_tokens=4, termination="none",
+                    output_dir=tmp_path / f"run{thinking}", plot=False, max_prompt_length=60)
+        seen = {"train": [], "eval": []}
+        cfg = load_config(["--config", str(config)] + [f"--{k}={v}" for k, v in args.items()])
+        assert cfg.chat_template_kwargs == ({} if thinking is None else {"enable_thinking": False})
+        train(cfg)
+        assert len(seen["train"]) == 2 and len(seen["eval"]) == 4  # before and after training
+        end = "<|im_start|>assistant\n<think>" if thinking is None else "<|im_start|>assistant\n"
+        assert all(t.endswith(end) for t in seen["train"] + seen["eval"]), (thinking, seen)
+    # the length filter renders with the kwargs too
+    from kat.data import prompt_lengths
+    from kat.models import load_tokenizer
+
+    tok = load_tokenizer(pair["student"])
+    lengths = [prompt_lengths(tok, [{"prompt": "1+1"}], render_kw=kat_train.render_kw(load_config(argv)))[0]
+               for argv in ([], ["--chat_template_kwargs", "{enable_thinking: false}"])]
+    assert lengths[0] == lengths[1] + len(tok("<think>", add_special_tokens=False)["input_ids"])
