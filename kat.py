@@ -24,9 +24,9 @@ Choices beyond the paper. `--loss full` (exact KL, the default) besides the pape
 teacher scores C = `chunk` tokens per cached forward, so a trap stops within C tokens at near prefill cost.
 Controls: `--termination random` (random cuts calibrated to a target mean length, which the paper's
 RandomTerm was not), `none` (plain OPD; FixedPrefix: smaller `--max_new_tokens`), `--shadow true` (no cut).
-The package `kat/` (`python -m kat train`) adds the zscore threshold rule (s = running mean - kappa * std
-of z), the sampled-token loss, scoring after decoding, resumable checkpoints and trackers; kat.py reads
-the same config files and names the fields it does not use.
+The package `kat/` (`python -m kat train`) adds the zscore rule (s = running mean - kappa * std of z), the drift
+gate (kat/detector.py; not here, for length), the sampled-token loss, scoring after decoding, resumable checkpoints
+and trackers; kat.py reads the same config files and names the fields it does not use.
 
 Run (`kat/` is the same maths as a package; tests check that both agree):
     accelerate launch kat.py                                   # toy world, CPU, a few minutes
@@ -114,8 +114,8 @@ class Config:
 
 CHOICES = {"loss": ("full", "topk"), "termination": ("kat", "none", "random"), "rule": ("quantile",),
            "grader": ("exact", "math"), "dtype": ("auto", "float32", "bfloat16", "float16")}
-# Fields of kat/config.py that kat.py accepts in a config and does not use
-PACKAGE_ONLY = ("kappa", "ema", "max_bad_steps", "save_every", "keep_last", "resume", "log_with", "n_traces", "plot")
+PACKAGE_ONLY = ("kappa", "ema", "max_bad_steps", "save_every", "keep_last", "resume", "log_with", "n_traces", "plot",
+                "gate", "drift_prob", "norm_from")  # fields of kat/config.py that kat.py accepts and does not use
 
 def parse_config(argv: list[str]) -> Config:
     """`--config FILE` (YAML) then `--field value` / `--field=value` pairs; `--help` lists the fields."""
