@@ -37,7 +37,7 @@ from dataclasses import replace
 from kat.config import TOY_DIR, Config, ConfigError, load_config
 
 TOY_ROOT = os.path.dirname(TOY_DIR)  # kat/toy: holds one folder per world
-WORLDS = ("rich", "plain")
+WORLDS = ("rich", "plain", "repeat")
 
 TABLE1_ARMS = ("opd", "kat", "kat_gated", "drift_cut", "opd_norm", "random", "fixed_prefix", "fixed_n")
 LENGTH_MATCHED = ("random", "fixed_prefix", "fixed_n", "opd_norm")  # their settings come from the seed's KAT run
@@ -68,18 +68,21 @@ def world_overrides(world: str, root: str = TOY_ROOT) -> dict:
     """Teacher, student and data paths of a toy world (kat/toy/<world>/...)."""
     if world not in WORLDS:
         raise ConfigError(f"--world: unknown world {world!r}; choose from {', '.join(WORLDS)}")
+    from kat.toy import teacher_dir
+
     base = os.path.join(root, world)
-    if not os.path.isdir(os.path.join(base, "teacher")):
+    teacher = str(teacher_dir(root, world))
+    if not os.path.isdir(teacher) or not os.path.isdir(os.path.join(base, "student")):
         raise ConfigError(f"--world {world}: no checkpoints under {base}; build them with "
                           f"`python -m kat toy build --world {world}`")
-    return {"teacher": os.path.join(base, "teacher"), "student": os.path.join(base, "student"),
+    return {"teacher": teacher, "student": os.path.join(base, "student"),
             "train_data": os.path.join(base, "data", "train.jsonl"),
             "eval_data": os.path.join(base, "data", "test.jsonl")}
 
 
 def world_name(cfg: Config) -> str:
-    """The toy world a config's teacher belongs to, or 'custom'."""
-    parent = os.path.dirname(os.path.abspath(cfg.teacher))
+    """The toy world a config's student belongs to (worlds may share a teacher), or 'custom'."""
+    parent = os.path.dirname(os.path.abspath(cfg.student))
     name = os.path.basename(parent)
     return name if os.path.dirname(parent) == os.path.abspath(TOY_ROOT) else "custom"
 

@@ -1,6 +1,7 @@
 """Build the toy world: prompt files, tokenizer, and a teacher and a student trained from scratch.
 
-    python -m kat toy build [--world rich|plain] [--seed 0] [--out kat/toy] [--threads 1] [--device cpu]
+    python -m kat toy build [--world rich|plain|repeat] [--seed 0] [--out kat/toy] [--threads 1] [--device cpu]
+                            [--teacher-from DIR]
 
 Both models are Llama decoders built from a config and trained by supervised fine-tuning on
 fresh random problems (never a test prompt), loss on the completion tokens only. The teacher is
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -204,8 +206,8 @@ def build(world: str = "rich", seed: int = 0, out: str | Path = TOY_DIR, threads
 
     record = {"world": world, "seed": seed, "device": device, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "difficulty": DIFFICULTY}
-    if teacher_from is not None:
-        record["teacher"] = {"from": str(teacher_from)}
+    if teacher_from is not None:  # named relative to `out` (kat.toy.teacher_dir resolves it), not copied
+        record["teacher"] = {"from": os.path.relpath(Path(teacher_from).resolve(), Path(out).resolve())}
     for name, recipe, spec, model_seed in (("teacher", teacher, teacher_spec, seed + 10),
                                            ("student", student, student_spec, seed + 20)):
         if name == "teacher" and teacher_from is not None:
