@@ -38,6 +38,7 @@ from kat.checkpoint import find_checkpoint, load_checkpoint, model_card, save_ch
 from kat.config import Config, ConfigError, help_text, load_config, random_target
 from kat.data import (DataError, encode_prompts, filter_long_prompts, load_eval_sets, load_problems, render_prompt,
                       step_generator, step_prompts)
+from kat.controls import learner_accelerator
 from kat.detector import make_terminator, window_means
 from kat.evaluate import run_eval
 from kat.learner import build_optimizer, learn
@@ -341,50 +342,12 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
     return rollout, threshold, bool(active)
 
 
-class ScaledBackward:
-    """An Accelerator whose backward scales every loss by `scale` (everything else passes through).
-
-    The normalisation control (cfg.norm_from): with scale = N_own / N_matched the step's loss is
-    sum(loss) / N_matched instead of sum(loss) / N_own, gradient clipping included, while every
-    token stays in the loss. The logged loss stays the mean over this run's own tokens.
-    """
-
-    def __init__(self, accelerator: Accelerator, scale: float):
-        self._accelerator, self._scale = accelerator, scale
-
-    def backward(self, loss, **kw) -> None:
-        self._accelerator.backward(loss * self._scale, **kw)
-
-    def __getattr__(self, name: str):
-        return getattr(self._accelerator, name)
-
-
-def matched_kept_tokens(path: str) -> dict[int, float]:
-    """step (0-based) -> kept tokens per rollout that a matched run logged (its metrics.jsonl)."""
-    with open(path) as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    return {r["step"] - 1: r["kept_length"] for r in rows if "kept_length" in r}
-
-
-def learner_accelerator(run: Run, step: int, rollout: Rollout):
-    """run.accelerator, or with cfg.norm_from the ScaledBackward that normalises by the matched count."""
-    if not run.cfg.norm_from:
-        return run.accelerator
-    kept = matched_kept_tokens(run.cfg.norm_from)
-    if step not in kept:
-        raise ConfigError(f"norm_from: {run.cfg.norm_from!r} has no step {step + 1}; point it at the metrics.jsonl "
-                          "of a finished run with at least as many steps")
-    acc = run.accelerator
-    own = acc.reduce(rollout.loss_mask.sum().to(acc.device, torch.float32), "sum").item()
-    rows = acc.reduce(torch.tensor(float(rollout.stop.numel()), device=acc.device), "sum").item()
-    return ScaledBackward(acc, own / max(kept[step] * rows, 1.0))  # N_own / N_matched
-
-
 def learn_step(run: Run, step: int, rollout: Rollout) -> tuple[dict, Rollout] | None:
     """One optimiser step on the loss-masked tokens, globally normalised. Returns the learner's
     stats and the rollout with its KL filled in (an unscored rollout takes the learner's d_t),
     or None when the step was skipped for a non-finite loss."""
-    stats = learn(run.student, rollout, run.optimizer, run.scheduler, learner_accelerator(run, step, rollout),
+    accelerator = learner_accelerator(run.accelerator, run.cfg.norm_from, step, rollout)  # cfg.norm_from: control
+    stats = learn(run.student, rollout, run.optimizer, run.scheduler, accelerator,
                   kind=run.cfg.loss, micro_batch_size=run.cfg.micro_batch_size, teacher=run.teacher,
                   max_grad_norm=run.cfg.max_grad_norm)
     if not stats["finite"]:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kat.config import Config, ConfigError, load_config
-from kat.detector import DriftTerminator, TrapDetector
+from kat.controls import DriftTerminator
+from kat.detector import TrapDetector
 from kat.experiments.mechanism import gradient_split, mechanism_run, mechanism_summary, segment_masks
 from kat.experiments.shadow import fixed_threshold_detector, replay_cuts
 from kat.plot import read_jsonl
@@ -135,7 +136,7 @@ def test_scaled_backward_divides_the_loss_by_the_matched_count(models):
     from accelerate import Accelerator
 
     from kat.learner import learn
-    from kat.train import ScaledBackward
+    from kat.controls import ScaledBackward
 
     student, teacher = models[0], models[1]
     rollout, _ = draw(models, None)
@@ -162,7 +163,8 @@ def test_scaled_backward_divides_the_loss_by_the_matched_count(models):
 def test_norm_from_own_counts_reproduces_the_run(tiny_world, tmp_path):
     """An OPD run normalised by its own logged kept-token counts is the same run (scale 1), and a
     run normalised by a KAT run's counts logs the scale it used through its gradient norm."""
-    from kat.train import matched_kept_tokens, train
+    from kat.controls import matched_kept_tokens
+    from kat.train import train
 
     base = tiny_argv(tiny_world, steps=3, eval_data="", termination="none")
     train(load_config(base + ["--output_dir", str(tmp_path / "opd")]))

@@ -20,7 +20,8 @@ import torch
 
 from kat.config import Config
 from kat.data import encode_prompts, filter_long_prompts, load_problems, render_prompt, step_generator, step_prompts
-from kat.detector import DriftTerminator, TrapDetector, window_means
+from kat.controls import DriftTerminator
+from kat.detector import TrapDetector, window_means
 from kat.experiments.arms import STATIC_ARMS, base_config, seed_list, world_name
 from kat.experiments.report import plan_line, setup_line, shadow_markdown, shadow_summary
 from kat.experiments.runs import git_commit, run_arm, summarize_run
