@@ -129,7 +129,8 @@ def text_traces_figure(records: list[dict], window: int, title: str = ""):
 
 def pick_lm_examples(records: list[dict], n: int = 4) -> list[dict]:
     """Rollouts to draw: a looping one cut by the paper's rule, one cut but not looping, one the
-    gate vetoes, and a correct one, each the first of its kind (fewer when a kind is absent)."""
+    gate vetoes, and a correct one, each the first of its kind (when a kind is absent, fewer, but at
+    least two rollouts)."""
     kinds = [lambda r: r["repeat_start"] is not None and r["shadow_cut"] is not None,
              lambda r: r["repeat_start"] is None and r["shadow_cut"] is not None,
              lambda r: r["shadow_cut"] is not None and r.get("cut_gated") is None,
@@ -139,7 +140,7 @@ def pick_lm_examples(records: list[dict], n: int = 4) -> list[dict]:
         hit = next((r for r in records if kind(r) and r not in picked), None)
         if hit is not None:
             picked.append(hit)
-    return picked
+    return picked + [r for r in records if r not in picked][:max(0, 2 - len(picked))]  # at least two panels
 
 
 def run_lm(argv: list[str], out: str, batches: int = 8, student_layers: int = 28, dry_run: bool = False,
