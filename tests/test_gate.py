@@ -102,6 +102,12 @@ def test_replay_of_the_paper_rule_equals_the_recorded_shadow_cut(models):
     assert torch.equal(replayed["cut_drift"], torch.where(drift >= 0, drift + 1, -1))
     # no threshold yet: only the cut-after-drift rule, which needs none
     assert set(replay_cuts(rollout, None, cfg)) == {"cut_drift", "drift"}
+    # other drift thresholds: the config's own equals the default replay; a stricter one drifts later
+    swept = replay_cuts(rollout, 0.8, cfg, drift_probs=(0.2, 0.01))
+    assert torch.equal(swept["cut_gated@0.2"], gated) and torch.equal(swept["drift@0.2"], drift)
+    strict = swept["drift@0.01"]
+    assert ((strict < 0) | ((drift >= 0) & (strict >= drift))).all()
+    assert ((swept["cut_gated@0.01"] < 0) | (gated >= 0)).all()  # a stricter gate vetoes more, allows no new cut
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ def find_loop(ids: list[int], min_repeats: int = 3, min_span: int = 12, max_peri
     return best
 
 
+DRIFT_PROBS = (0.005, 0.001, 0.0001)  # the gate at stricter drift thresholds than the config's, replayed
+
+
 def lm_records(cfg: Config, batches: int, student_layers: int, log=print) -> list[dict]:
     """Graded shadow rollouts of the config's student (made by pruning the teacher when missing),
     each with its loop start (`repeat_start`, None without a loop) and loop period."""
@@ -69,7 +72,7 @@ def lm_records(cfg: Config, batches: int, student_layers: int, log=print) -> lis
     student = load_model(cfg.student, cfg.student_gguf, torch.float32, "student").eval()
     align_vocab(student, teacher, tokenizer)
     records = shadow_rollouts(student, teacher, tokenizer, train_problems(tokenizer, cfg), cfg,
-                              build_terminator(cfg), batches=batches)
+                              build_terminator(cfg), batches=batches, drift_probs=DRIFT_PROBS)
     for r in records:
         loop = find_loop(r["ids"])
         r["repeat_start"], r["loop_period"] = (loop if loop else (None, None))
@@ -164,7 +167,12 @@ def run_lm(argv: list[str], out: str, batches: int = 8, student_layers: int = 28
         with open(path, "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in records)
     minutes = (time.perf_counter() - t0) / 60
-    rules = {name: shadow_summary(records, key) for key, name in RULES.items()}
+    names = {**RULES, "cut_gated": f"drift-gated, drift_prob {cfg.drift_prob:g}"}
+    rules = {names[key]: shadow_summary(records, key) for key in RULES}
+    for p in DRIFT_PROBS:  # the gate with a stricter drift_prob; its drift rates at that drift_prob
+        if f"cut_gated@{p:g}" in records[0]:
+            recs = [{**r, "drift": r[f"drift@{p:g}"]} for r in records]
+            rules[f"drift-gated, drift_prob {p:g}"] = shadow_summary(recs, f"cut_gated@{p:g}")
     picture = os.path.join(out, "lm_traces.png")
     fig = text_traces_figure(pick_lm_examples(records), cfg.window,
                              f"{cfg.student} sampled, {cfg.teacher_gguf or cfg.teacher} scoring (shadow mode)")

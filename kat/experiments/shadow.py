@@ -83,35 +83,43 @@ def fixed_threshold_detector(threshold: float, cfg: Config, gate: str = "none") 
     return det
 
 
-def replay_cuts(rollout, threshold: float | None, cfg: Config, gates: tuple[str, ...] = ("drift",)) -> dict:
+def replay_cuts(rollout, threshold: float | None, cfg: Config, gates: tuple[str, ...] = ("drift",),
+                drift_probs: tuple[float, ...] = ()) -> dict:
     """Would-be cuts of other rules on a shadow rollout, fed exactly as the sampler fed the recorded
     detector (the rollout's d_t and log q(y_t), chunk by chunk) with its threshold held fixed.
 
     Returns {"cut_gated": (B,), "cut_drift": (B,), "drift": (B,)} long tensors (-1: none): the
     drift-gated detector's cut (for each gate in `gates`; gate "none" replays the paper's rule as
-    "cut_none"), the cut-after-drift rule's cut, and the first drift position >= exempt.
+    "cut_none"), the cut-after-drift rule's cut, and the first drift position >= exempt, all at
+    cfg.drift_prob; for each p in `drift_probs` also "cut_gated@p" and "drift@p" at that drift_prob.
     """
     kl, valid, logp = rollout.kl, rollout.completion_mask, rollout.teacher_logp  # (B, T) each
     B, T = kl.shape
     dets = {("cut_gated" if g == "drift" else f"cut_{g}"): fixed_threshold_detector(threshold, cfg, g)
             for g in gates if threshold is not None}
     dets["cut_drift"] = DriftTerminator(exempt=cfg.exempt, drift_prob=cfg.drift_prob, warmup_steps=0, shadow=True)
+    for p in drift_probs:
+        if threshold is not None:
+            dets[f"cut_gated@{p:g}"] = fixed_threshold_detector(threshold, replace(cfg, drift_prob=p), "drift")
+        dets[f"cut_drift@{p:g}"] = DriftTerminator(exempt=cfg.exempt, drift_prob=p, warmup_steps=0, shadow=True)
     states = {k: d.start(B) for k, d in dets.items()}
     for t0 in range(0, T, cfg.chunk):
         for k, d in dets.items():
             d.observe(states[k], kl[:, t0:t0 + cfg.chunk], valid[:, t0:t0 + cfg.chunk],
                       teacher_logp_chunk=logp[:, t0:t0 + cfg.chunk])
-    out = {k: st.would_cut for k, st in states.items()}
+    out = {k: st.would_cut for k, st in states.items() if not k.startswith("cut_drift@")}
     out["drift"] = states["cut_drift"]._drift
+    out.update({f"drift@{p:g}": states[f"cut_drift@{p:g}"]._drift for p in drift_probs})
     return out
 
 
-def graded_records(rollout, rows: list[dict], step: int, threshold: float | None, tokenizer, cfg: Config) -> list[dict]:
-    """One record per row: completion, grade, would-be cut, the threshold it was judged against, d
-    and z; and where the drift-gated and cut-after-drift rules would cut it (`replay_cuts`)."""
+def graded_records(rollout, rows: list[dict], step: int, threshold: float | None, tokenizer, cfg: Config,
+                   drift_probs: tuple[float, ...] = ()) -> list[dict]:
+    """One record per row: completion, grade, would-be cut, the threshold it was judged against, d,
+    z and log q(y_t); and where the drift-gated and cut-after-drift rules would cut it (`replay_cuts`)."""
     from kat.evaluate import grade
 
-    replayed = {k: v.tolist() for k, v in replay_cuts(rollout, threshold, cfg).items()}
+    replayed = {k: v.tolist() for k, v in replay_cuts(rollout, threshold, cfg, drift_probs=drift_probs).items()}
     records = []
     for b, p in enumerate(rows):
         n = int(rollout.completion_mask[b].sum())
@@ -126,6 +134,7 @@ def graded_records(rollout, rows: list[dict], step: int, threshold: float | None
             "correct": grade(text, str(p["answer"]), cfg.grader), "threshold": threshold,
             "kl": [round(x, 6) for x in kl.tolist()],
             "z": [None if math.isnan(x) else round(x, 6) for x in window_means(kl, cfg.window).tolist()],
+            "teacher_logp": [round(x, 4) for x in rollout.teacher_logp[b, :n].tolist()],
             **{k: (v[b] if v[b] >= 0 else None) for k, v in replayed.items()},
             **toy_positions(text, p["prompt"], cfg.grader)})
     return records
@@ -133,7 +142,7 @@ def graded_records(rollout, rows: list[dict], step: int, threshold: float | None
 
 @torch.no_grad()
 def shadow_rollouts(student, teacher, tokenizer, problems: list[dict], cfg: Config, detector, *, batches: int,
-                    first_step: int = 0, max_calibration: int = 100) -> list[dict]:
+                    first_step: int = 0, max_calibration: int = 100, drift_probs: tuple[float, ...] = ()) -> list[dict]:
     """Sample training batches with a shadow detector; one graded record per rollout.
 
     The prompts are those training would see at steps first_step, first_step + 1, ... . While the
@@ -161,7 +170,7 @@ def shadow_rollouts(student, teacher, tokenizer, problems: list[dict], cfg: Conf
             detector.end_batch(state, calibrated)
             calibrated += 1
             continue
-        records += graded_records(rollout, rows, step - 1, state.threshold, tokenizer, cfg)
+        records += graded_records(rollout, rows, step - 1, state.threshold, tokenizer, cfg, drift_probs)
     return records
 
 
