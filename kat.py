@@ -19,14 +19,13 @@ KAT (arXiv 2606.09471). The teacher scores the growing rollout online, chunk by 
   6. cuts at the start of the first low window: generation stops, and the cut segment and all after
      it leave the loss (not an end of sequence: no EOS is appended or trained).
 
-Choices beyond the paper. `--loss full` (exact KL, the default) besides the paper's top-64 + tail
-(`--loss topk`); `stride` reads "4 consecutive windows" (stride = W: non-overlapping windows); the
-teacher scores C = `chunk` tokens per cached forward, so a trap stops within C tokens at near prefill cost.
-Controls: `--termination random` (random cuts calibrated to a target mean length, which the paper's
-RandomTerm was not), `none` (plain OPD; FixedPrefix: smaller `--max_new_tokens`), `--shadow true` (no cut).
-The package `kat/` (`python -m kat train`) adds the zscore rule (s = running mean - kappa * std of z), the drift
-gate (kat/detector.py; not here, for length), the sampled-token loss, scoring after decoding, resumable checkpoints
-and trackers; kat.py reads the same config files and names the fields it does not use.
+Choices beyond the paper. `--loss full` (exact KL, the default) besides the paper's top-64 + tail (`--loss topk`);
+`stride` reads "4 consecutive windows" (stride = W: non-overlapping); the teacher scores C = `chunk` tokens per cached
+forward, so a trap stops within C tokens at near prefill cost. Controls: `--termination random` (cuts calibrated to a
+target mean length, which the paper's RandomTerm was not), `none` (plain OPD; FixedPrefix: smaller `--max_new_tokens`),
+`--shadow true` (no cut). `kat/` (`python -m kat train`) adds the zscore rule (s = running mean - kappa * std of z), the
+drift gate (kat/detector.py; not here, for length), the sampled-token loss, scoring after decoding, LoRA, resumable
+checkpoints and trackers; kat.py reads the same config files and names the fields it skips.
 
 Run (`kat/` is the same maths as a package; tests check that both agree):
     accelerate launch kat.py                                   # toy world, CPU, a few minutes
@@ -73,6 +72,7 @@ class Config:
     answer_field: str = "answer"  # column holding the reference answer
     system_prompt: str = ""  # system message before every question
     instruction: str = ""  # text appended to every question (e.g. ask for a \boxed{} answer)
+    chat_template_kwargs: str = ""  # YAML mapping of chat template variables, e.g. "{enable_thinking: false}"
     max_prompt_length: int = 512  # training prompts longer than this many tokens are skipped
     steps: int = 30  # optimiser steps
     batch_size: int = 16  # prompts per step on each process
@@ -114,7 +114,8 @@ class Config:
 
 CHOICES = {"loss": ("full", "topk"), "termination": ("kat", "none", "random"), "rule": ("quantile",),
            "grader": ("exact", "math"), "dtype": ("auto", "float32", "bfloat16", "float16")}
-PACKAGE_ONLY = ("kappa", "ema", "max_bad_steps", "save_every", "keep_last", "resume", "log_with", "n_traces", "plot",
+PACKAGE_ONLY = ("kappa", "ema", "max_bad_steps", "save_every", "keep_last", "resume", "log_with", "project_name",
+                "n_traces", "plot", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "teacher_cache_mb",
                 "gate", "drift_prob", "norm_from")  # fields of kat/config.py that kat.py accepts and does not use
 
 def parse_config(argv: list[str]) -> Config:
@@ -142,7 +143,8 @@ def parse_config(argv: list[str]) -> Config:
         try:
             if types[key] is bool and isinstance(value, str):  # "ture" is an error, not False
                 value = ("1", "true", "yes", "on", "0", "false", "no", "off").index(value.lower()) < 4
-            values[key] = "" if value is None and types[key] is str else types[key](value)
+            value = json.dumps(value) if isinstance(value, dict) else "" if value is None else value  # YAML maps
+            values[key] = types[key](value)
         except ValueError:
             sys.exit(f"error: {key}: expected {types[key].__name__}, got {value!r}")
         if values[key] not in CHOICES.get(key, (values[key],)):
@@ -203,8 +205,7 @@ class TokenLogp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, ids = ctx.saved_tensors
-        grad = torch.empty_like(x)
+        (x, ids), grad = ctx.saved_tensors, torch.empty_like(ctx.saved_tensors[0])
         for i in range(0, x.shape[0], ctx.n):
             gi = g[i:i + ctx.n].float().unsqueeze(-1)
             chunk = -gi * torch.softmax(x[i:i + ctx.n].float(), -1)
@@ -325,7 +326,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
                    topk_ids=None if topk_ids is None else topk_ids[:, :T],
                    teacher_topk_logp=None if topk_logq is None else topk_logq[:, :T],
                    shadow_cut=state.would_cut.clone() if terminator.shadow else None,
-                   scored=True, **{k: v[:, :T] for k, v in out.items()})
+                   scored=True, teacher_logits=None, **{k: v[:, :T] for k, v in out.items()})
     return rollout, state
 
 def score_into(out: dict, topk_ids, topk_logq, rows: Tensor, t0: int, logits: Tensor, teacher_logits: Tensor,
@@ -638,7 +639,7 @@ def render(tok, question: str, cfg: Config) -> str:
         return f"{cfg.system_prompt}\n\n{content}" if cfg.system_prompt else content
     messages = [{"role": "system", "content": cfg.system_prompt}] * bool(cfg.system_prompt)
     return tok.apply_chat_template(messages + [{"role": "user", "content": content}], add_generation_prompt=True,
-                                   tokenize=False)
+                                   tokenize=False, **yaml.safe_load(cfg.chat_template_kwargs or "{}"))
 
 def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int, seed: int) -> list[dict]:
     """Batch of `step` for process `rank`: a seeded permutation per epoch, a pure function of the step."""
@@ -760,8 +761,7 @@ def main(cfg: Config | None = None) -> list[dict]:
         if tests and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             log({"step": step + 1, "eval": "periodic", **evaluate(student, tok, tests, cfg, acc, eos)})
 
-    # --- evaluate after; save the student (every process joins in gathering a sharded one's weights)
-    # and a picture of the last batch's KL traces
+    # --- evaluate after; save the student (all processes gather a sharded one's weights) and KL traces
     if tests:
         log({"step": cfg.steps, "eval": "after", **evaluate(student, tok, tests, cfg, acc, eos)})
     state_dict = acc.get_state_dict(student)

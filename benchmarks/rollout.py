@@ -19,7 +19,9 @@ draws the same tokens in each (checked: "same tokens"):
 
 Columns: generated tokens; wall time of ``sample`` and generated tokens per second; teacher time,
 the time spent inside the teacher's forward calls (forward hooks; CUDA events on GPU, so timing
-adds no synchronisation); the number of teacher forwards; the largest difference of the recorded
+adds no synchronisation); the number of teacher forwards; the student's forward time, timed the same
+way; what is outside both models' forwards (sampling from the logits, scoring, the detector,
+dropping finished rows from the caches: the sampler's own cost); the largest difference of the recorded
 per-token KL against post-hoc (the teacher's cached chunk forwards vs one full forward: float
 rounding only). Ratios are against post-hoc measured in the same run. Modes are interleaved
 within each repeat and medians are reported, so a load change on a shared machine hits every
@@ -271,27 +273,33 @@ def run_mode(setup: Setup, mode: Mode, seed: int):
 
 
 def measure(setup: Setup, modes: list[Mode], repeats: int, seed: int) -> list[dict]:
-    """Per mode: median wall and teacher seconds over `repeats` interleaved rounds, plus the rollout."""
+    """Per mode: median wall, teacher and student seconds over `repeats` interleaved rounds, plus the
+    rollout. What is in neither model's forwards (sampling, scoring, the detector, dropping finished
+    rows from the caches, bookkeeping) is the sampler's own cost."""
     device = setup.prompt_ids.device
-    timer = ForwardTimer(setup.teacher, device)
-    wall = {m.label: [] for m in modes}
-    teacher = {m.label: [] for m in modes}
+    timer, student_timer = ForwardTimer(setup.teacher, device), ForwardTimer(setup.student, device)
+    wall, teacher, student = ({m.label: [] for m in modes} for _ in range(3))
     calls, rollouts = {}, {}
     try:
         for _ in range(repeats):
             for mode in modes:
                 timer.reset()
+                student_timer.reset()
                 common.synchronize(device)
                 start = time.perf_counter()
                 rollout, _ = run_mode(setup, mode, seed)
                 common.synchronize(device)
                 wall[mode.label].append(time.perf_counter() - start)
                 teacher[mode.label].append(timer.seconds())
+                student[mode.label].append(student_timer.seconds())
                 calls[mode.label], rollouts[mode.label] = timer.calls, rollout
                 print(f"  {setup.name} {mode.label}: {wall[mode.label][-1]:.2f} s", file=sys.stderr, flush=True)
     finally:
         timer.remove()
+        student_timer.remove()
     return [{"mode": m.label, "wall": common.median(wall[m.label]), "teacher": common.median(teacher[m.label]),
+             "student": common.median(student[m.label]),
+             "rest": common.median([w - t - s for w, t, s in zip(wall[m.label], teacher[m.label], student[m.label])]),
              "calls": calls[m.label], "rollout": rollouts[m.label]} for m in modes]
 
 
@@ -314,10 +322,12 @@ def table(results: list[dict]) -> str:
             f"{tokens / r['wall']:.0f}",
             common.fmt_ratio((tokens / r["wall"]) / (int(ref.completion_mask.sum()) / base["wall"])),
             f"{r['teacher']:.3g}", common.fmt_ratio(r["teacher"] / base["teacher"]), r["calls"],
+            f"{r['student']:.3g}", f"{r['rest']:.3g} ({common.fmt_share(r['rest'] / r['wall'])})",
             "yes" if same else "NO", f"{dkl:.1e}",
         ])
     headers = ["mode", "generated tokens", "wall s", "wall vs post-hoc", "tokens/s", "tokens/s vs post-hoc",
-               "teacher s", "teacher vs post-hoc", "teacher forwards", "same tokens", "max abs dKL"]
+               "teacher s", "teacher vs post-hoc", "teacher forwards", "student s", "outside the forwards s",
+               "same tokens", "max abs dKL"]
     return common.markdown_table(headers, rows)
 
 

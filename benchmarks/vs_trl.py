@@ -34,6 +34,11 @@ Rows:
 - ``ours, KAT``: ``sample`` with the toy's TrapDetector (configs/toy.yaml: chunk 8, W 8, stride 4,
   patience 2, exempt 8, eta 0.3) made active by two untimed calibration batches; its buffer keeps
   updating every step, as in training. Cut rows stop early and their cut segment leaves the loss.
+  The lockstep teacher's logits of the kept tokens are kept for the ``full`` loss (``teacher_cache_mb``
+  at the config's default, far above the toy's needs), so the teacher runs only in the sampler, as
+  in ``kat.train``.
+- ``ours, KAT, teacher again in learn``: the same with ``teacher_cache_mb=0``: the learner runs the
+  teacher a second time for the ``full`` target (what a run whose kept logits exceed the budget does).
 - ``..., topk K=V``: the same with ``learn(kind="topk")`` and K = the vocabulary size (23 on the
   toy). With K >= V the top-K + tail loss is the exact reverse KL (same value and gradient as
   ``full``), and the teacher's numbers it needs are captured while sampling, so ``learn`` does not
@@ -46,8 +51,8 @@ load change on a shared machine hits every row alike. "teacher backbone" is the 
 teacher's decoder stack (a forward hook on ``teacher.base_model``, which both sides call; the
 LM head and the KL are not in it) and the number of its calls per step: TRL runs the teacher once
 per step, after generation; so does ours without termination. With KAT, ours runs it in the
-sampler (lockstep: the detector needs d_t while decoding) and again in ``learn`` for the ``full``
-loss; ``topk`` runs it in the sampler only.
+sampler (lockstep: the detector needs d_t while decoding) and, for the ``full`` loss, keeps its
+logits for ``learn``; only the "teacher again" row runs it in ``learn`` as well.
 """
 
 from __future__ import annotations
@@ -135,14 +140,18 @@ def encode(tokenizer, texts: list[str], device: torch.device) -> tuple[torch.Ten
 
 def ours_steps(student, teacher, tokenizer, texts: list[str], device: torch.device, *, max_new_tokens: int,
                lr: float, warmup: int, steps: int, seed: int, eos: bool = True, kat: bool = False,
-               loss: str = "full") -> list[dict]:
+               loss: str = "full", teacher_cache_mb: float | None = None) -> list[dict]:
     """Time `steps` training steps (after `warmup`): sample + learn + optimiser step.
 
     eos False: no EOS stops, every row generates `max_new_tokens`. kat: the toy's TrapDetector.
-    loss "full": the learner recomputes the teacher's logits. "topk": K = the whole vocabulary, so
-    the loss is the same exact reverse KL, from teacher numbers captured while sampling.
+    loss "full": the learner recomputes the teacher's logits, unless lockstep kept them
+    (`teacher_cache_mb`, None: the config's default). "topk": K = the whole vocabulary, so the
+    loss is the same exact reverse KL, from teacher numbers captured while sampling.
     """
     from accelerate import Accelerator
+
+    if teacher_cache_mb is None:
+        teacher_cache_mb = common.import_kat("config").Config.teacher_cache_mb
 
     sampler, learner, detector = (common.import_kat(m) for m in ("sampler", "learner", "detector"))
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
@@ -163,7 +172,8 @@ def ours_steps(student, teacher, tokenizer, texts: list[str], device: torch.devi
                                     max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id if eos else [],
                                     pad_token_id=tokenizer.pad_token_id, temperature=1.0, top_p=1.0,
                                     chunk=chunk or 8, terminator=terminator, topk=topk, generator=gen,
-                                    score=kat or loss != "full")  # as kat.train: the KL from learn()
+                                    score=kat or loss != "full",  # as kat.train: the KL from learn()
+                                    teacher_cache_mb=teacher_cache_mb if loss == "full" else 0.0)
         student.train()
         if terminator is not None:
             terminator.end_batch(state, step)
@@ -275,7 +285,8 @@ def trl_steps(student, teacher, tokenizer, texts: list[str], device: torch.devic
 
 @dataclass(frozen=True)
 class Run:
-    """One row: which table, its label, whose trainer, EOS stops, KAT, and our loss estimator."""
+    """One row: which table, its label, whose trainer, EOS stops, KAT, our loss estimator, and the
+    budget for the lockstep teacher's kept logits (None: the config's default)."""
 
     table: str
     name: str
@@ -283,6 +294,7 @@ class Run:
     eos: bool
     kat: bool = False
     loss: str = "full"
+    teacher_cache_mb: float | None = None
 
 
 # The fixed-length table isolates the step's machinery (both sides generate exactly max_new_tokens
@@ -294,6 +306,7 @@ RUNS = [
     Run("toy", "TRL", "trl", eos=True),
     Run("toy", "ours, no termination", "ours", eos=True),
     Run("toy", "ours, KAT", "ours", eos=True, kat=True),
+    Run("toy", "ours, KAT, teacher again in learn", "ours", eos=True, kat=True, teacher_cache_mb=0.0),
     Run("toy", "ours, no termination, topk K=V", "ours", eos=True, loss="topk"),
     Run("toy", "ours, KAT, topk K=V", "ours", eos=True, kat=True, loss="topk"),
 ]
@@ -315,7 +328,8 @@ def table(summary: dict[str, dict], batch: int) -> str:
     trl = summary.get("TRL")
     rows = []
     for name, s in summary.items():
-        plain = summary.get(name.replace("KAT", "no termination")) if "KAT" in name else None
+        plain = (summary.get(name.replace("KAT", "no termination").replace(", teacher again in learn", ""))
+                 if "KAT" in name else None)
         rows.append([
             name, f"{s['tokens']:.0f}", f"{s['loss_tokens']:.0f}",
             f"{s['cut_rows']:.1f} / {batch}" if "KAT" in name else "-",
@@ -378,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
                                                      eos=run.eos, **kw)
             else:
                 done = ours_steps(student, teacher, tokenizer, texts, device, seed=seed, eos=run.eos, kat=run.kat,
-                                  loss=run.loss, **kw)
+                                  loss=run.loss, teacher_cache_mb=run.teacher_cache_mb, **kw)
             steps[run.table, run.name] += done
             print(f"  block {block}: {run.table} / {run.name}: {[round(s['seconds'], 2) for s in done]}",
                   file=sys.stderr, flush=True)

@@ -94,6 +94,9 @@ class Config:
     lora_target_modules: str = _f("all-linear", "modules that get LoRA adapters: comma-separated names, or "
                                   "all-linear (every linear layer but the output head)")
     max_bad_steps: int = _f(3, "stop after this many consecutive steps with a non-finite loss", low=1)
+    teacher_cache_mb: float = _f(1024.0, "loss full with a terminator that reads the KL: keep the lockstep "
+                                 "teacher's logits of the generated tokens while they fit in this many MiB per "
+                                 "process, so the learner does not run the teacher again (0: off)", low=0.0)
 
     # --- termination -----------------------------------------------------------------------------
     termination: str = _f("kat", "kat: trap detector; random: length-matched random cuts; none: plain OPD; "
@@ -344,6 +347,13 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
             out[key] = value
         i += 1
     return path, out
+
+
+def render_kw(cfg: Config) -> dict:
+    """How prompts are rendered (kat.data.render_prompt), the same for the length filter, sampling and
+    evaluation."""
+    return {"system_prompt": cfg.system_prompt, "instruction": cfg.instruction,
+            "template_kw": cfg.chat_template_kwargs}
 
 
 def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:

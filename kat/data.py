@@ -399,6 +399,18 @@ def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int,
     return out
 
 
+def step_batch(tokenizer, problems: list[dict], step: int, cfg, rank: int = 0, world: int = 1,
+               device: torch.device | str = "cpu") -> tuple[list[dict], Tensor, Tensor]:
+    """What the training loop samples at `step` on process `rank` (cfg: a kat.config.Config): the rows'
+    problems (each prompt repeated samples_per_prompt times) and their encoded prompts (B, P) x 2."""
+    from kat.config import render_kw
+
+    batch = step_prompts(problems, step, cfg.batch_size, rank, world, cfg.seed)
+    rows = [p for p in batch for _ in range(cfg.samples_per_prompt)]
+    texts = [render_prompt(tokenizer, p["prompt"], **render_kw(cfg)) for p in rows]
+    return rows, *encode_prompts(tokenizer, texts, device)
+
+
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The sampling generator of `step`: one seed per step, the same on every process (each process
     takes its rows' uniforms from the global draw), so a resumed run samples the same tokens."""

@@ -5,9 +5,10 @@ Objective (the student minimises reverse KL on its own samples, teacher frozen):
     J(theta) = E_{y ~ pi_s} [ sum_t d_t ],   d_t = sum_v p(v) (log p(v) - log q(v))
 
 Three estimators of the per-token term (`kind`):
-- ``full``:    exact d_t over the vocabulary; the teacher's logits are recomputed (no grad).
-               Its per-token values are d_t itself, so `learn` also returns them (`token_kl`)
-               for rollouts sampled with ``score=False``.
+- ``full``:    exact d_t over the vocabulary; the teacher's logits are recomputed (no grad),
+               or taken from ``rollout.teacher_logits`` when the lockstep sampler kept them
+               (then the teacher does not run here). Its per-token values are d_t itself, so
+               `learn` also returns them (`token_kl`) for rollouts sampled with ``score=False``.
 - ``topk``:    the student's top-K set S captured at rollout time plus one pooled tail bucket,
                d_t ~= sum_{v in S} p(v) log(p(v)/q(v)) + p_tail log(p_tail/q_tail);
                only the teacher's K+1 log-probs stored in the rollout are needed.
@@ -143,21 +144,45 @@ def opd_loss(student_logits: Tensor, rollout: Rollout, kind: str,
     return loss.sum(), rollout.loss_mask.sum()
 
 
-def _backward_micro_batch(student, teacher, part: Rollout, kind: str, accelerator,
-                          scale: float) -> tuple[Tensor, Tensor | None]:
+def kept_teacher_logits(rollout: Rollout, device=None) -> Tensor:
+    """(B, T, V): ``rollout.teacher_logits`` (the kept positions, packed) unpacked onto loss_mask.
+
+    Positions outside loss_mask get logits 0: the loss there is masked, and any finite value keeps
+    its (zero) gradient finite.
+    """
+    mask = rollout.loss_mask.to(device).bool()  # (B, T)
+    kept = rollout.teacher_logits.to(device)  # (N, V)
+    if kept.shape[0] != int(mask.sum()):
+        raise ValueError(f"rollout.teacher_logits has {kept.shape[0]} rows but loss_mask selects {int(mask.sum())} "
+                         "positions; it must hold the teacher's logits at exactly the loss_mask positions, "
+                         "row-major (or be None, and the learner runs the teacher)")
+    out = kept.new_zeros(*mask.shape, kept.shape[-1])  # (B, T, V)
+    out[mask] = kept
+    return out
+
+
+def _backward_micro_batch(student, teacher, part: Rollout, kind: str, accelerator, scale: float,
+                          use_kept: bool = False) -> tuple[Tensor, Tensor | None]:
     """Backpropagate scale * loss_sum of one micro-batch.
 
     Returns its per-row loss sums (b,) and, for ``full``, d_t at every generated position (b, T)
     (0 elsewhere), both detached. A function of its own so the micro-batch's logits are freed
-    before the next one is computed.
+    before the next one is computed. `use_kept`: the ``full`` target is the rollout's kept
+    teacher logits instead of a teacher forward.
     """
     student_logits = completion_logits(student, part)  # (b, T, V)
     teacher_logits = None
-    if kind == "full":
+    if kind == "full" and use_kept:
+        teacher_logits = kept_teacher_logits(part, student_logits.device)  # (b, T, V)
+    elif kind == "full":
         with torch.no_grad():
             teacher_logits = completion_logits(teacher, part)  # (b, T, V)
     loss = _unmasked_losses(student_logits, part, kind, teacher_logits)  # (b, T); full: d_t
-    token_kl = torch.where(part.completion_mask.bool(), loss.detach(), 0.0) if kind == "full" else None
+    token_kl = None
+    if kind == "full":
+        # cut positions have no kept teacher logits; there d_t is the lockstep KL the rollout holds
+        d = torch.where(part.loss_mask.bool(), loss.detach(), part.kl) if use_kept else loss.detach()
+        token_kl = torch.where(part.completion_mask.bool(), d, 0.0)
     row_loss = torch.where(part.loss_mask.bool(), loss, 0.0).sum(-1)  # (b,)
     accelerator.backward(row_loss.sum() * scale)
     return row_loss.detach(), token_kl
@@ -199,13 +224,30 @@ def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, acce
     bad_rows (this process's row indices with a non-finite loss); for ``full`` also token_kl,
     the (B, T) float32 d_t of this process's rows at the pre-step parameters (0 where not
     generated): the rollout's KL when it was sampled with ``score=False``.
+
+    ``full`` with rollouts that hold the teacher's kept logits (``rollout.teacher_logits``, on
+    every process) takes its target from them and does not run the teacher; token_kl at cut
+    positions is then the rollout's own lockstep KL, which no kept logits cover.
     """
-    _check_learn_args(kind, teacher, micro_batch_size, accelerator)
+    _check_learn_args(kind, teacher, micro_batch_size, accelerator, rollout)
     device = accelerator.device
-    n_global = accelerator.reduce(rollout.loss_mask.sum().to(device, torch.float32), "sum").item()
+    # One collective for the global token count and for the processes without kept teacher logits:
+    # if any lacks them, every process runs the teacher, so all run the same forwards.
+    missing = float(kind == "full" and rollout.teacher_logits is None)
+    counts = torch.stack([rollout.loss_mask.sum().to(device, torch.float32),
+                          torch.tensor(missing, device=device)])  # (2,)
+    n_global, n_missing = accelerator.reduce(counts, "sum").tolist()
+    use_kept = kind == "full" and n_missing == 0
+    if kind == "full" and not use_kept and teacher is None:
+        raise ValueError("loss 'full' needs the teacher model (teacher=...): not every process's rollout holds "
+                         "the teacher's kept logits")
     if n_global == 0:  # nothing to learn anywhere: every process skips alike
         optimizer.zero_grad(set_to_none=True)
-        kl = [_token_kl(student, teacher, rollout, micro_batch_size, device)] if kind == "full" else []
+        kl = []
+        if use_kept:  # a scored lockstep rollout: its KL is d_t already
+            kl = [torch.where(rollout.completion_mask.bool(), rollout.kl, 0.0).to(device)]
+        elif kind == "full":
+            kl = [_token_kl(student, teacher, rollout, micro_batch_size, device)]
         return _result(0.0, 0.0, 0, [], kl)
 
     starts = list(range(0, rollout.prompt_ids.shape[0], micro_batch_size))
@@ -216,7 +258,8 @@ def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, acce
         part = rollout.select(slice(i, i + micro_batch_size)).to(device)
         with contextlib.nullcontext() if i == starts[-1] else accelerator.no_sync(student):
             row_loss, kl = _backward_micro_batch(student, teacher, part, kind, accelerator,
-                                                 scale=accelerator.num_processes / n_global)  # (b,), (b, T)
+                                                 scale=accelerator.num_processes / n_global,
+                                                 use_kept=use_kept)  # (b,), (b, T)
         bad_rows += (~torch.isfinite(row_loss)).nonzero().squeeze(-1).add(i).tolist()
         loss_total += row_loss.sum()
         if kl is not None:
@@ -239,10 +282,10 @@ def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, acce
     return _result(loss, grad_norm, n_global, [], token_kl, finite=finite)
 
 
-def _check_learn_args(kind: str, teacher, micro_batch_size: int, accelerator) -> None:
+def _check_learn_args(kind: str, teacher, micro_batch_size: int, accelerator, rollout: Rollout) -> None:
     if kind not in LOSSES:
         raise ValueError(f"loss kind must be one of {LOSSES}, got {kind!r}")
-    if kind == "full" and teacher is None:
+    if kind == "full" and teacher is None and rollout.teacher_logits is None:
         raise ValueError("loss 'full' needs the teacher model (teacher=...) to recompute its logits")
     check_value("micro_batch_size", micro_batch_size)
     if accelerator.gradient_accumulation_steps != 1:

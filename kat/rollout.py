@@ -27,6 +27,12 @@ class Rollout:
     ``completion_ids[b, t]``. A rollout sampled with ``score=False`` has not been through the
     teacher (``scored`` False): student_logp and teacher_logp are NaN, and so is kl until a
     caller fills it from the learner's ``token_kl`` (as `kat.train` does).
+
+    ``teacher_logits``, when present, holds the teacher's logits at the N positions of
+    ``loss_mask`` only, packed row-major (row 0's kept positions in order, then row 1's, ...):
+    the lockstep sampler keeps them for the ``full`` loss so that the learner need not run the
+    teacher again (`kat.sampler.sample`'s ``teacher_cache_mb``). `select` picks the packed rows
+    of the selected rows with them.
     """
 
     prompt_ids: Tensor  # (B, P) long, left-padded
@@ -43,6 +49,7 @@ class Rollout:
     teacher_topk_logp: Tensor | None = None  # (B, T, K+1) float32: teacher log-probs, last = tail
     shadow_cut: Tensor | None = None  # (B,) long: where a shadow detector would have cut, -1 if not
     scored: bool = True  # False: sampled with score=False; student_logp / teacher_logp are NaN
+    teacher_logits: Tensor | None = None  # (N, V) model dtype, N = loss_mask.sum(): see above
 
     @property
     def lengths(self) -> Tensor:
@@ -54,8 +61,26 @@ class Rollout:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v[rows] if isinstance(v, Tensor) else v
+            if f.name == "teacher_logits" and v is not None:
+                out[f.name] = v[self._packed(rows)]
+            else:
+                out[f.name] = v[rows] if isinstance(v, Tensor) else v
         return Rollout(**out)
+
+    def _packed(self, rows: Tensor | slice) -> Tensor | slice:
+        """Index into the packed ``teacher_logits`` of the kept positions of `rows`, in their order."""
+        counts = self.loss_mask.sum(-1).cpu()  # (B,)
+        ends = counts.cumsum(0)  # (B,) row b's kept positions are ends[b] - counts[b] .. ends[b] - 1
+        if isinstance(rows, slice) and rows.step in (None, 1):  # consecutive rows: a view, no copy
+            picked = range(len(counts))[rows]
+            if len(picked) == 0:
+                return slice(0, 0)
+            return slice(int(ends[picked[0]] - counts[picked[0]]), int(ends[picked[-1]]))
+        picked = torch.arange(len(counts))[rows.cpu() if isinstance(rows, Tensor) else rows]  # (b,) any index
+        first = (ends - counts)[picked]  # (b,)
+        row_of = torch.repeat_interleave(torch.arange(len(picked)), counts[picked])  # (n,)
+        offset = torch.arange(len(row_of)) - (counts[picked].cumsum(0) - counts[picked])[row_of]  # (n,)
+        return (first[row_of] + offset).to(self.teacher_logits.device)  # (n,)
 
     def to(self, device: torch.device | str) -> Rollout:
         out = {}
@@ -63,3 +88,23 @@ class Rollout:
             v = getattr(self, f.name)
             out[f.name] = v.to(device) if isinstance(v, Tensor) else v
         return Rollout(**out)
+
+
+def pack_kept(chunks: list[tuple[Tensor, int, Tensor]] | None, loss_mask: Tensor) -> Tensor | None:
+    """`Rollout.teacher_logits` from per-chunk logits: (N, V) at the N loss_mask positions, row-major.
+
+    chunks: (rows, t0, (A, c, V) logits of positions t0..t0+c-1 of those rows), covering every
+    loss_mask position once; None or empty: nothing kept. Each chunk is released from the list
+    once copied, so the peak is what the chunks hold plus the packed result.
+    """
+    if not chunks:
+        return None
+    T, first = loss_mask.shape[1], chunks[0][2]
+    slot = (loss_mask.flatten().cumsum(0) - 1).view_as(loss_mask)  # (B, T) packed row of a kept position
+    out = first.new_empty(int(loss_mask.sum()), first.shape[-1])  # (N, V)
+    while chunks:
+        rows, t0, logits = chunks.pop(0)
+        c = min(logits.shape[1], T - t0)
+        kept = loss_mask[rows, t0 : t0 + c]  # (A, c)
+        out[slot[rows, t0 : t0 + c][kept]] = logits[:, :c][kept]  # (n, V)
+    return out

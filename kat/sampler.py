@@ -30,6 +30,14 @@ token, and a row whose terminator fires stops at the end of that chunk (at most 
 than with C = 1). A terminator cut is not an end of sequence: no EOS is ever appended, the row
 just stops, and the learner drops positions >= cut through `loss_mask`.
 
+Kept teacher logits (lockstep only, `teacher_cache_mb` > 0): the `full` loss needs the teacher's
+logits at every kept position, and lockstep has just computed them. Each chunk's (A, C, V) teacher
+logits are held in the model dtype while the total stays within the budget, and packed at the end
+into `Rollout.teacher_logits` at the loss_mask positions only (cut and post-EOS positions dropped),
+so the learner does not run the teacher again. The budget bounds what is held while decoding
+(every generated position: a later cut can reach back into earlier chunks); once it would be
+exceeded, everything held is dropped and the learner runs the teacher as without a budget.
+
 Post-hoc: the student keeps its per-chunk logits in the model dtype (the logits that actually
 produced the tokens, so `student_logp` is the behaviour policy's log-prob exactly as in lockstep,
 and no second student forward is needed); the teacher's one forward over prompt + completion is
@@ -53,15 +61,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from kat.config import check_value
 from kat.distributed import any_process, draw_range
-from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
-from kat.scorer import reverse_kl, token_logp, topk_tail
+from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout, pack_kept
+from kat.scorer import ChunkScores, check_finite, score_chunk
 
 
 class Mode(str, Enum):
@@ -97,7 +104,8 @@ def sample_token(logits: Tensor, u: Tensor | None, temperature: float = 1.0, top
     """
     if temperature == 0:
         return logits.argmax(dim=-1)  # (A,)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (A, V)
+    logits = logits.float()
+    probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # (A, V)
     probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (A, V) each
     if top_p < 1.0:
         # nucleus: keep token i while the mass strictly before it is < top_p (the first one always stays)
@@ -145,52 +153,11 @@ def _forward(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Ten
 # Chunk bookkeeping
 # ---------------------------------------------------------------------------------------------
 
-class ChunkScores(NamedTuple):
-    """Per-token numbers of one chunk of active rows, all at temperature 1."""
-
-    kl: Tensor  # (A, C) float32: d_t
-    student_logp: Tensor  # (A, C) float32: log p(y_t)
-    teacher_logp: Tensor  # (A, C) float32: log q(y_t)
-    topk_ids: Tensor | None  # (A, C, K) long
-    teacher_topk_logp: Tensor | None  # (A, C, K+1) float32
-
-
-def score_chunk(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, topk: int = 0) -> ChunkScores:
-    """Score the sampled tokens of one chunk: (A, C, V) logits of both models and (A, C) tokens."""
-    kl = reverse_kl(student_logits, teacher_logits)  # (A, C)  d_t = sum_v p (log p - log q)
-    student_logp = token_logp(student_logits, tokens)  # (A, C)  log p(y_t)
-    teacher_logp = token_logp(teacher_logits, tokens)  # (A, C)  log q(y_t)
-    ids = tail = None
-    if topk > 0:
-        ids, tail = topk_tail(student_logits, teacher_logits, topk)  # (A, C, K), (A, C, K+1)
-    return ChunkScores(kl, student_logp, teacher_logp, ids, tail)
-
-
-def _check_finite(scores: ChunkScores, valid: Tensor, rows: Tensor, t0: int,
-                  student_logits: Tensor, teacher_logits: Tensor) -> None:
-    """Raise on a non-finite KL or log-prob at a generated position, naming the rows and positions."""
-    bad = valid & ~(scores.kl.isfinite() & scores.student_logp.isfinite() & scores.teacher_logp.isfinite())
-    if not bad.any():
-        return
-    a, j = bad.nonzero(as_tuple=True)
-    where = [(int(rows[x]), t0 + int(y)) for x, y in zip(a.tolist(), j.tolist())]
-    culprits = []
-    for name, logits in (("student", student_logits), ("teacher", teacher_logits)):
-        nonfinite = ~logits[a, j].isfinite().all(dim=-1)  # (n,)
-        if nonfinite.any():
-            culprits.append(f"{name} logits are non-finite at {[w for w, n in zip(where, nonfinite) if n][:8]}")
-    raise FloatingPointError(
-        f"non-finite reverse KL or log-prob at (row, completion position) {where[:8]}"
-        f"{' ...' if len(where) > 8 else ''} ({len(where)} in all); "
-        + ("; ".join(culprits) if culprits else "both models' logits are finite there (extreme logits?)")
-        + ". Check the models' dtype (fp16 overflow: try bf16 or fp32) and their weights."
-    )
-
-
 class _RolloutBuffer:
     """Full-batch (B, max_new_tokens, ...) outputs that each chunk writes its active rows into."""
 
-    def __init__(self, batch: int, max_new_tokens: int, topk: int, pad_token_id: int, device: torch.device):
+    def __init__(self, batch: int, max_new_tokens: int, topk: int, pad_token_id: int, device: torch.device,
+                 teacher_cache_mb: float = 0.0):
         shape = (batch, max_new_tokens)
         self.completion_ids = torch.full(shape, pad_token_id, dtype=torch.long, device=device)
         self.completion_mask = torch.zeros(shape, dtype=torch.bool, device=device)
@@ -201,6 +168,9 @@ class _RolloutBuffer:
         if topk > 0:
             self.topk_ids = torch.zeros(*shape, topk, dtype=torch.long, device=device)
             self.teacher_topk_logp = torch.zeros(*shape, topk + 1, dtype=torch.float32, device=device)
+        # lockstep teacher logits kept for the `full` loss: (rows, t0, (A, c, V)) per chunk; None = not kept
+        self.teacher_chunks: list[tuple[Tensor, int, Tensor]] | None = [] if teacher_cache_mb > 0 else None
+        self.teacher_budget, self.teacher_held = teacher_cache_mb * 2**20, 0
 
     def mark_unscored(self) -> None:
         """Nothing will score these rows: their numbers are absent (NaN), not 0."""
@@ -222,6 +192,17 @@ class _RolloutBuffer:
             self.topk_ids[rows, t0 : t0 + c] = torch.where(v, scores.topk_ids, 0)
             self.teacher_topk_logp[rows, t0 : t0 + c] = torch.where(v, scores.teacher_topk_logp, 0.0)
 
+    def keep_teacher_logits(self, rows: Tensor, t0: int, logits: Tensor) -> None:
+        """Hold a chunk's teacher logits (A, c, V) while the total fits the budget; past it, drop
+        everything held and keep nothing more (the learner then runs the teacher)."""
+        if self.teacher_chunks is None:
+            return
+        self.teacher_held += logits.numel() * logits.element_size()
+        if self.teacher_held > self.teacher_budget:
+            self.teacher_chunks = None
+            return
+        self.teacher_chunks.append((rows, t0, logits))
+
     def to_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, stop: Tensor, cut: Tensor,
                    shadow_cut: Tensor | None, scored: bool) -> Rollout:
         """Trim to T = the longest completion and fill `cut` / `loss_mask` for rows that were not cut."""
@@ -230,15 +211,15 @@ class _RolloutBuffer:
         cut = torch.where(cut < 0, lengths, cut)  # (B,) uncut rows: cut = completion length
         position = torch.arange(T, device=cut.device)  # (T,)
         completion_mask = self.completion_mask[:, :T]  # (B, T)
+        loss_mask = completion_mask & (position[None, :] < cut[:, None])  # (B, T)
         return Rollout(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-            completion_ids=self.completion_ids[:, :T], completion_mask=completion_mask,
-            loss_mask=completion_mask & (position[None, :] < cut[:, None]),  # (B, T)
+            completion_ids=self.completion_ids[:, :T], completion_mask=completion_mask, loss_mask=loss_mask,
             student_logp=self.student_logp[:, :T], teacher_logp=self.teacher_logp[:, :T],
             kl=self.kl[:, :T], stop=stop, cut=cut,
             topk_ids=None if self.topk_ids is None else self.topk_ids[:, :T],
             teacher_topk_logp=None if self.teacher_topk_logp is None else self.teacher_topk_logp[:, :T],
-            shadow_cut=shadow_cut, scored=scored,
+            shadow_cut=shadow_cut, scored=scored, teacher_logits=pack_kept(self.teacher_chunks, loss_mask),
         )
 
 
@@ -325,27 +306,37 @@ def _student_chunk(student, act: _Active, c: int, t: int, *, max_new_tokens: int
     alive = torch.ones(A, dtype=torch.bool, device=device)  # (A,)
     tokens = torch.full((A, c), pad_token_id, dtype=torch.long, device=device)  # (A, c)
     valid = torch.zeros((A, c), dtype=torch.bool, device=device)  # (A, c)
+    # Set up once per chunk rather than per token: the mask grows inside one buffer (step j passes
+    # a view of its first L + j + 1 columns) instead of a new concatenation per token, and the
+    # position ids and this process's uniform indices are fixed for the chunk.
+    L = act.attn.shape[1]
+    attn = act.attn.new_zeros(A, L + c)  # (A, L + c)
+    attn[:, :L] = act.attn
+    positions = act.pos[:, None] + torch.arange(c, device=device)  # (A, c)
+    draw = first + act.rows  # (A,) the active rows' uniforms among the n_draw of each step
     s_chunk = []
     for j in range(c):
-        u = _uniforms(n_draw, generator, device)[first + act.rows] if temperature > 0 else None  # (A,)
+        u = _uniforms(n_draw, generator, device)[draw] if temperature > 0 else None  # (A,)
         token = sample_token(act.s_last, u, temperature, top_p)  # (A,)
         tokens[:, j] = torch.where(alive, token, pad_token_id)
         valid[:, j] = alive
-        alive = alive & ~torch.isin(token, eos)
+        attn[:, L + j] = alive  # 0 from the token after a row's EOS on
+        alive = alive & torch.isin(token, eos, invert=True)
         if keep_logits:
             s_chunk.append(act.s_last)
-        act.attn = torch.cat([act.attn, valid[:, j : j + 1].long()], dim=1)  # (A, P + t + j + 1)
         if t + j + 1 < max_new_tokens:  # the rollout's last token needs no next-token logits
-            s_last, act.s_cache = _forward(student, tokens[:, j : j + 1], act.attn, (act.pos + j)[:, None],
+            s_last, act.s_cache = _forward(student, tokens[:, j : j + 1], attn[:, : L + j + 1], positions[:, j : j + 1],
                                            act.s_cache, True)
             act.s_last = s_last[:, -1]  # (A, V)
+    act.attn = attn  # (A, L + c)
     return tokens, valid, alive, s_chunk
 
 
 def _teacher_chunk(teacher, act: _Active, tokens: Tensor, valid: Tensor, s_chunk: list[Tensor], t: int,
-                   topk: int) -> ChunkScores:
+                   topk: int, buf: _RolloutBuffer | None) -> ChunkScores:
     """Lockstep: the teacher reads the chunk in one cached forward (its output at token t+j
-    predicts t+j+1) and the chunk is scored."""
+    predicts t+j+1); the chunk is scored into `buf`, which may keep the teacher's logits (no `buf`:
+    a pad chunk, whose outputs are discarded)."""
     c = tokens.shape[1]
     s_logits = torch.stack(s_chunk, dim=1)  # (A, c, V) model dtype
     chunk_pos = act.pos[:, None] + torch.arange(c, device=tokens.device)  # (A, c)
@@ -354,9 +345,12 @@ def _teacher_chunk(teacher, act: _Active, tokens: Tensor, valid: Tensor, s_chunk
     act.t_last = t_out[:, -1]  # (A, V) position t+c, for the next chunk
     scores = score_chunk(s_logits, t_logits, tokens, topk)
     try:
-        _check_finite(scores, valid, act.rows, t, s_logits, t_logits)
+        check_finite(scores, valid, act.rows, t, s_logits, t_logits)
     except FloatingPointError as err:  # raised after decoding: other processes may still be decoding
         act.error = act.error or err
+    if buf is not None:
+        buf.write_scores(act.rows, t, scores, valid)
+        buf.keep_teacher_logits(act.rows, t, t_logits)
     return scores
 
 
@@ -394,7 +388,7 @@ def _pad_chunk(teacher, act: _Active, mode: Mode, tokens: Tensor, valid: Tensor,
                topk: int) -> int:
     """The teacher's lockstep forward of a pad chunk (the student's ran on the pad row); outputs are discarded."""
     if mode is Mode.LOCKSTEP:
-        _teacher_chunk(teacher, act, tokens, valid, s_chunk, t, topk)
+        _teacher_chunk(teacher, act, tokens, valid, s_chunk, t, topk, None)
     act.pos = act.pos + tokens.shape[1]
     return t + tokens.shape[1]
 
@@ -415,7 +409,7 @@ def _score_posthoc(teacher, prompt_ids: Tensor, prompt_mask: Tensor, buf: _Rollo
         valid = buf.completion_mask[chunk_rows, t0 : t0 + c]  # (A, c)
         s_c, t_c = s_chunk[:, :c], t_logits[chunk_rows, t0 : t0 + c]  # (A, c, V) each
         scores = score_chunk(s_c, t_c, tokens, topk)
-        _check_finite(scores, valid, chunk_rows, t0, s_c, t_c)
+        check_finite(scores, valid, chunk_rows, t0, s_c, t_c)
         buf.write_scores(chunk_rows, t0, scores, valid)
 
 
@@ -424,7 +418,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
            eos_token_id: int | Sequence[int], pad_token_id: int, temperature: float = 1.0,
            top_p: float = 1.0, chunk: int = 8, terminator=None, topk: int = 0,
            generator: torch.Generator | None = None, global_rows: tuple[int, int] | None = None,
-           score: bool = True):
+           score: bool = True, teacher_cache_mb: float = 0.0):
     """Sample completions from `student`, scored by `teacher`, with online termination.
 
     Args:
@@ -445,11 +439,14 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
             With torch.distributed, all processes call `sample` together; it ends when none decodes.
         score: False selects the unscored mode when no terminator needs the KL while decoding:
             kl / student_logp / teacher_logp stay NaN and the teacher never runs here.
+        teacher_cache_mb: lockstep only: keep the teacher's logits at kept positions in `Rollout.teacher_logits`
+            (the `full` loss's target) while what is held fits this many MiB (0: never; module docstring).
     Returns:
         (rollout, state): the `Rollout` (T = longest completion) and the terminator state to pass
         to `terminator.end_batch` (None without a terminator).
     """
     _check_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, chunk, topk, score)
+    check_value("teacher_cache_mb", teacher_cache_mb)
     device, B = prompt_ids.device, prompt_ids.shape[0]
     prompt_mask = prompt_mask.bool()
     eos = _eos_ids(eos_token_id, device)  # (E,)
@@ -462,7 +459,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
 
     act = _prefill(student, teacher, prompt_ids, prompt_mask, mode)
     topk = min(topk, act.s_last.shape[-1])  # K >= V keeps the whole vocabulary (empty tail)
-    buf = _RolloutBuffer(B, max_new_tokens, topk, pad_token_id, device)
+    buf = _RolloutBuffer(B, max_new_tokens, topk, pad_token_id, device, teacher_cache_mb * (mode is Mode.LOCKSTEP))
     if mode is Mode.UNSCORED:
         buf.mark_unscored()
     t = 0  # completion position of the chunk's first token
@@ -478,8 +475,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
         buf.write_tokens(act.rows, t, tokens, valid)
         scores = None
         if mode is Mode.LOCKSTEP:
-            scores = _teacher_chunk(teacher, act, tokens, valid, s_chunk, t, topk)
-            buf.write_scores(act.rows, t, scores, valid)
+            scores = _teacher_chunk(teacher, act, tokens, valid, s_chunk, t, topk, buf)
         elif mode is Mode.POSTHOC:
             held.append((act.rows, t, torch.stack(s_chunk, dim=1)))  # (A, c, V) model dtype
         act.pos = act.pos + c

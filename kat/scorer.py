@@ -1,4 +1,5 @@
-"""KL maths on logits: exact reverse KL, top-k + tail, log-probs of given tokens.
+"""KL maths on logits: exact reverse KL, top-k + tail, log-probs of given tokens, and the scores of
+one chunk of sampled tokens (`score_chunk`, `check_finite`) that kat.sampler records.
 
 Every function takes logits of shape (..., V) in fp32, fp16 or bf16 and accumulates in fp32.
 Rows are processed in chunks of ``chunk_rows`` so that no fp32 buffer larger than
@@ -14,6 +15,7 @@ same value in that API is ``kl_div(teacher_logp, student_logp, log_target=True)`
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -175,3 +177,49 @@ def topk_tail(student_logits: Tensor, teacher_logits: Tensor, k: int,
         out[i : i + n, k] = torch.logsumexp(logq.scatter(-1, ids_c, float("-inf")), dim=-1)
         ids[i : i + n] = ids_c
     return ids.reshape(*lead, k), out.reshape(*lead, k + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# One chunk of sampled tokens (kat.sampler scores each chunk with these)
+
+class ChunkScores(NamedTuple):
+    """Per-token numbers of one chunk of active rows, all at temperature 1."""
+
+    kl: Tensor  # (A, C) float32: d_t
+    student_logp: Tensor  # (A, C) float32: log p(y_t)
+    teacher_logp: Tensor  # (A, C) float32: log q(y_t)
+    topk_ids: Tensor | None  # (A, C, K) long
+    teacher_topk_logp: Tensor | None  # (A, C, K+1) float32
+
+
+def score_chunk(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, topk: int = 0) -> ChunkScores:
+    """Score the sampled tokens of one chunk: (A, C, V) logits of both models and (A, C) tokens."""
+    kl = reverse_kl(student_logits, teacher_logits)  # (A, C)  d_t = sum_v p (log p - log q)
+    student_logp = token_logp(student_logits, tokens)  # (A, C)  log p(y_t)
+    teacher_logp = token_logp(teacher_logits, tokens)  # (A, C)  log q(y_t)
+    ids = tail = None
+    if topk > 0:
+        ids, tail = topk_tail(student_logits, teacher_logits, topk)  # (A, C, K), (A, C, K+1)
+    return ChunkScores(kl, student_logp, teacher_logp, ids, tail)
+
+
+def check_finite(scores: ChunkScores, valid: Tensor, rows: Tensor, t0: int,
+                 student_logits: Tensor, teacher_logits: Tensor) -> None:
+    """Raise on a non-finite KL or log-prob at a generated position (`valid`), naming the rows
+    (`rows`: original row of each of the A rows) and completion positions (from `t0`)."""
+    bad = valid & ~(scores.kl.isfinite() & scores.student_logp.isfinite() & scores.teacher_logp.isfinite())
+    if not bad.any():
+        return
+    a, j = bad.nonzero(as_tuple=True)
+    where = [(int(rows[x]), t0 + int(y)) for x, y in zip(a.tolist(), j.tolist())]
+    culprits = []
+    for name, logits in (("student", student_logits), ("teacher", teacher_logits)):
+        nonfinite = ~logits[a, j].isfinite().all(dim=-1)  # (n,)
+        if nonfinite.any():
+            culprits.append(f"{name} logits are non-finite at {[w for w, n in zip(where, nonfinite) if n][:8]}")
+    raise FloatingPointError(
+        f"non-finite reverse KL or log-prob at (row, completion position) {where[:8]}"
+        f"{' ...' if len(where) > 8 else ''} ({len(where)} in all); "
+        + ("; ".join(culprits) if culprits else "both models' logits are finite there (extreme logits?)")
+        + ". Check the models' dtype (fp16 overflow: try bf16 or fp32) and their weights."
+    )

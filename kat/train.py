@@ -35,10 +35,9 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from kat.checkpoint import find_checkpoint, load_checkpoint, model_card, save_checkpoint, save_student
-from kat.config import Config, ConfigError, help_text, load_config, random_target
-from kat.data import (DataError, encode_prompts, filter_long_prompts, load_eval_sets, load_problems, render_prompt,
-                      step_generator, step_prompts)
+from kat.config import Config, ConfigError, help_text, load_config, random_target, render_kw
 from kat.controls import learner_accelerator
+from kat.data import DataError, filter_long_prompts, load_eval_sets, load_problems, step_batch, step_generator
 from kat.detector import make_terminator, window_means
 from kat.evaluate import run_eval
 from kat.learner import build_optimizer, learn
@@ -78,13 +77,6 @@ class Run:
     @property
     def traces_path(self) -> str:
         return os.path.join(self.cfg.output_dir, "traces.jsonl")
-
-
-def render_kw(cfg: Config) -> dict:
-    """How prompts are rendered (kat.data.render_prompt), the same for the length filter, sampling and
-    evaluation."""
-    return {"system_prompt": cfg.system_prompt, "instruction": cfg.instruction,
-            "template_kw": cfg.chat_template_kwargs}
 
 
 # --- Set-up ---------------------------------------------------------------------------------------
@@ -310,17 +302,16 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
     parameters and buffers would drift apart.
     """
     cfg, acc, terminator = run.cfg, run.accelerator, run.terminator
-    batch = step_prompts(run.problems, step, cfg.batch_size, acc.process_index, acc.num_processes, cfg.seed)
-    texts = [render_prompt(run.tokenizer, p["prompt"], **render_kw(cfg))
-             for p in batch for _ in range(cfg.samples_per_prompt)]
-    prompt_ids, prompt_mask = encode_prompts(run.tokenizer, texts, acc.device)
+    _, prompt_ids, prompt_mask = step_batch(run.tokenizer, run.problems, step, cfg, acc.process_index,
+                                            acc.num_processes, acc.device)
     rows = prompt_ids.shape[0]
     run.student.eval()
     try:
         # one generator seed per step on every process; each process takes its rows' uniforms
         # (global_rows), so the tokens do not depend on how many processes share the batch.
         # score=False with the `full` loss: unless the terminator reads the KL while decoding,
-        # the learner's teacher pass gives it (kat.sampler's unscored mode)
+        # the learner's teacher pass gives it (kat.sampler's unscored mode); when it does, lockstep
+        # keeps the teacher's logits for the learner (teacher_cache_mb) so the teacher runs once
         rollout, state = sample(acc.unwrap_model(run.student), run.teacher, prompt_ids, prompt_mask,
                                 max_new_tokens=cfg.max_new_tokens, eos_token_id=run.eos,
                                 pad_token_id=run.tokenizer.pad_token_id, temperature=cfg.temperature,
@@ -328,7 +319,8 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
                                 topk=cfg.topk if cfg.loss == "topk" else 0,
                                 generator=step_generator(cfg.seed, step, acc.device),
                                 global_rows=(acc.process_index * rows, acc.num_processes * rows),
-                                score=cfg.loss != "full")
+                                score=cfg.loss != "full",
+                                teacher_cache_mb=cfg.teacher_cache_mb if cfg.loss == "full" else 0.0)
         problem = None
     except FloatingPointError as err:  # non-finite logits or KL: reported with rows and positions
         problem = f"step {step + 1}, process {acc.process_index}: {err}"
@@ -350,6 +342,7 @@ def learn_step(run: Run, step: int, rollout: Rollout) -> tuple[dict, Rollout] | 
     stats = learn(run.student, rollout, run.optimizer, run.scheduler, accelerator,
                   kind=run.cfg.loss, micro_batch_size=run.cfg.micro_batch_size, teacher=run.teacher,
                   max_grad_norm=run.cfg.max_grad_norm)
+    rollout.teacher_logits = None  # the kept teacher logits are spent: not held through the next rollout
     if not stats["finite"]:
         skip_step(run, step, f"step {step + 1}: non-finite loss in rows {stats['bad_rows']} "
                              f"(process {run.accelerator.process_index})")

@@ -92,7 +92,8 @@ def test_config_runs_one_step(single_file, pair, tmp_path, name, capsys, monkeyp
         assert "does not use" not in err
     for key, value in raw.items():  # every other value of the file reaches the run unchanged
         if key not in unused and key not in over:
-            assert getattr(cfg, key) == value, key
+            got = getattr(cfg, key)
+            assert (yaml.safe_load(got) if key == "chat_template_kwargs" else got) == value, key
     rows = single_file.main(cfg)
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 1 and 0 < steps[0]["mean_length"] <= 8 and steps[0]["kl"] > 0
@@ -118,8 +119,13 @@ def test_configs_read_as_the_package_reads_them(single_file, monkeypatch):
         ours, pkg = (parse(["--config", str(ROOT / "configs" / name)]) for parse in (single_file.parse_config,
                                                                                      load_config))
         shared = [f for f in ours.__dataclass_fields__ if hasattr(pkg, f)]
-        assert len(shared) >= len(ours.__dataclass_fields__) - 1  # gradient_checkpointing may be kat.py's alone
-        assert all(getattr(ours, f) == getattr(pkg, f) for f in shared if f != "output_dir"), name
+        assert len(shared) == len(ours.__dataclass_fields__)
+
+        def value(cfg, f):  # kat.py holds the template variables as YAML text
+            v = getattr(cfg, f)
+            return yaml.safe_load(v or "{}") if f == "chat_template_kwargs" and isinstance(v, str) else v
+        differ = [f for f in shared if f != "output_dir" and value(ours, f) != value(pkg, f)]
+        assert differ == [], name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,3 +380,23 @@ def test_two_processes_ending_at_different_lengths(single_file, tmp_path, one_th
     # evaluation ran on both processes' shares of the 129 problems (one process had a stand-in call)
     assert [r.get("eval") for r in rows2] == ["before", None, None, "after"]
     assert all(0 < r["test/avg@k"] == r["test/pass@k"] < 1 for r in (rows2[0], rows2[-1]))  # k = 1
+
+
+def test_chat_template_kwargs_reach_the_template_as_in_the_package(single_file, tmp_path):
+    """`chat_template_kwargs: {enable_thinking: false}` (the Qwen3 configs) changes kat.py's prompts exactly
+    as it changes the package's, from a config file and from the command line."""
+    from fixtures.tiny_qwen import CHATML, byte_tokenizer
+
+    from kat.config import load_config
+    from kat.data import render_prompt
+    from kat.train import render_kw
+
+    tok = byte_tokenizer()
+    tok.chat_template = CHATML.replace("assistant\n{% endif %}", "assistant\n{% if enable_thinking is not defined "
+                                       "or enable_thinking %}<think>{% endif %}{% endif %}")
+    config = tmp_path / "c.yaml"
+    config.write_text("chat_template_kwargs: {enable_thinking: false}\ninstruction: ' Think.'\n")
+    for argv in ([], ["--config", str(config)], ["--chat_template_kwargs", "{enable_thinking: false}"]):
+        ours = single_file.render(tok, "1+1", single_file.parse_config(argv))
+        assert ours == render_prompt(tok, "1+1", **render_kw(load_config(argv)))
+        assert ours.endswith("<think>") == (argv == [])

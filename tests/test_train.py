@@ -355,8 +355,10 @@ def test_chat_template_kwargs_from_the_config_reach_every_prompt(tmp_path, monke
     data = tmp_path / "q.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{a}", "answer": str(2 * a)}) + "\n" for a in range(6)))
     seen = {"train": [], "eval": []}
-    encode, render = kat_train.encode_prompts, kat_evaluate.render_prompts
-    monkeypatch.setattr(kat_train, "encode_prompts", lambda tok, texts, device: (
+    import kat.data as kat_data
+
+    encode, render = kat_data.encode_prompts, kat_evaluate.render_prompts
+    monkeypatch.setattr(kat_data, "encode_prompts", lambda tok, texts, device: (
         seen["train"].extend(texts), encode(tok, texts, device))[1])
     monkeypatch.setattr(kat_evaluate, "render_prompts", lambda *a, **k: (
         lambda texts: (seen["eval"].extend(texts), texts)[1])(render(*a, **k)))

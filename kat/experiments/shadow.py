@@ -18,9 +18,9 @@ from dataclasses import replace
 
 import torch
 
-from kat.config import Config
-from kat.data import encode_prompts, filter_long_prompts, load_problems, render_prompt, step_generator, step_prompts
+from kat.config import Config, render_kw
 from kat.controls import DriftTerminator
+from kat.data import filter_long_prompts, load_problems, step_batch, step_generator
 from kat.detector import TrapDetector, window_means
 from kat.experiments.arms import STATIC_ARMS, base_config, seed_list, world_name
 from kat.experiments.report import plan_line, setup_line, shadow_markdown, shadow_summary
@@ -37,21 +37,16 @@ POINTS = ("before", "after")
 def train_problems(tokenizer, cfg: Config) -> list[dict]:
     """The training prompts as kat.train.train reads them: loaded, and those whose rendered prompt
     exceeds max_prompt_length dropped (with kat.data's warning)."""
-    render_kw = {"system_prompt": cfg.system_prompt, "instruction": cfg.instruction}
     return filter_long_prompts(tokenizer, load_problems(cfg.train_data, split=cfg.train_split,
                                prompt_field=cfg.prompt_field, answer_field=cfg.answer_field),
-                               cfg.max_prompt_length, render_kw=render_kw, name="train_data")
+                               cfg.max_prompt_length, render_kw=render_kw(cfg), name="train_data")
 
 
 def step_inputs(tokenizer, problems: list[dict], step: int, cfg: Config, rank: int = 0, world: int = 1,
                 device: torch.device | str = "cpu"):
     """What kat.train.train samples at `step` on process `rank`: the rows' problems (each prompt
     repeated samples_per_prompt times), their encoded prompts (B, P) and the step's generator."""
-    batch = step_prompts(problems, step, cfg.batch_size, rank, world, cfg.seed)
-    rows = [p for p in batch for _ in range(cfg.samples_per_prompt)]
-    texts = [render_prompt(tokenizer, p["prompt"], system_prompt=cfg.system_prompt, instruction=cfg.instruction)
-             for p in rows]
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, texts, device)  # (B, P), (B, P)
+    rows, prompt_ids, prompt_mask = step_batch(tokenizer, problems, step, cfg, rank, world, device)  # (B, P) x 2
     return rows, prompt_ids, prompt_mask, step_generator(cfg.seed, step, device)
 
 
