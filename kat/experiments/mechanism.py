@@ -201,7 +201,7 @@ def run_mechanism(argv: list[str], seeds: int | list[int], out: str, worlds: lis
     steps where the detector was active, split into the first and second half of those steps."""
     result = {"command": command, "commit": git_commit(), "worlds": {}}
     md = ["# Mechanism: the gradient of the tokens each rule would cut", "",
-          f"`{command}` at commit {result['commit']}", "", __doc__.split("\n\n")[1], ""]
+          f"`{command}` at commit {result['commit']}", "", "\n\n".join(__doc__.split("\n\n")[1:6]), ""]
     for world in worlds:
         base = replace(base_config(argv, world), **STATIC_ARMS["shadow"])
         if "--eval_every" not in argv:  # the measurement needs no learning curve: evaluate before and after only
