@@ -19,13 +19,14 @@ KAT (arXiv 2606.09471). The teacher scores the growing rollout online, chunk by 
   6. cuts at the start of the first low window: generation stops, and the cut segment and all after
      it leave the loss (not an end of sequence: no EOS is appended or trained).
 
-Choices beyond the paper. `--loss full` (exact KL, the default) besides the paper's top-64 + tail (`--loss
-topk`); `stride` reads "4 consecutive windows" (stride = W: non-overlapping); the teacher scores C = `chunk`
-tokens per cached forward, so a trap stops within C tokens at near prefill cost. Controls: `--termination
-random` (cuts calibrated to a target mean length, which the paper's RandomTerm was not), `none` (plain OPD;
-FixedPrefix: smaller `--max_new_tokens`), `--shadow true` (no cut). `kat/` (`python -m kat train`) adds the
-zscore rule (s = running mean - kappa * std of z), the sampled-token loss, scoring after decoding, LoRA,
-resumable checkpoints and trackers; kat.py reads the same config files and names the fields it skips.
+Choices beyond the paper. `--loss full` (exact KL, the default) besides the paper's top-64 + tail (`--loss topk`);
+`stride` reads "4 consecutive windows" (stride = W: non-overlapping); the teacher scores C = `chunk` tokens per cached
+forward, so a trap stops within C tokens at near prefill cost. `--gate drift`: a low run counts only after the rollout
+drifted (a token past E with teacher probability < `drift_prob`), so flat low KL is never cut. Controls:
+`--termination random` (cuts calibrated to a target mean length, which the paper's RandomTerm was not), `none` (plain
+OPD; FixedPrefix: smaller `--max_new_tokens`), `--shadow true` (no cut). `kat/` (`python -m kat train`) adds the zscore
+rule (s = running mean - kappa * std of z), the gate's controls (`termination: drift`, `norm_from`), the sampled-token
+loss, scoring after decoding, LoRA, checkpoints and trackers; kat.py reads the same configs and names what it skips.
 
 Run (`kat/` is the same maths as a package; tests check that both agree):
     accelerate launch kat.py                                   # toy world, CPU, a few minutes
@@ -57,7 +58,6 @@ TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kat", "toy", "ri
 STOP_EOS, STOP_LENGTH, STOP_TRAP, STOP_RANDOM = 0, 1, 2, 3
 
 # ==== Config: defaults < --config FILE < --key value ================================================
-
 @dataclass
 class Config:
     teacher: str = os.path.join(TOY, "teacher")  # teacher model: local path, hub name or pkg:<package>
@@ -101,6 +101,8 @@ class Config:
     warmup_steps: int = 5  # the detector stays off for this many steps
     shadow: bool = False  # detect and record would-be cuts without cutting
     random_target_length: float = 0.0  # random termination: target mean length (0: max_new_tokens / 2)
+    gate: str = "none"  # none (the paper's rule) | drift: a low run counts only after a drift token
+    drift_prob: float = 0.02  # a sampled token past `exempt` with teacher probability below this is a drift token
     eval_every: int = 0  # also evaluate every N steps (0: only before and after training)
     eval_k: int = 4  # samples per evaluation problem (avg@k, pass@k); a set's own k=... wins
     eval_limit: int = 64  # evaluate on the first N problems of each set (0: all)
@@ -113,10 +115,10 @@ class Config:
     dtype: str = "auto"  # teacher dtype / student mixed precision: auto | float32 | bfloat16 | float16
 
 CHOICES = {"loss": ("full", "topk"), "termination": ("kat", "none", "random"), "rule": ("quantile",),
-           "grader": ("exact", "math"), "dtype": ("auto", "float32", "bfloat16", "float16")}
-# Fields of kat/config.py that kat.py accepts in a config and does not use
+           "gate": ("none", "drift"), "grader": ("exact", "math"), "dtype": ("auto", "float32", "bfloat16", "float16")}
 PACKAGE_ONLY = ("kappa", "ema", "max_bad_steps", "save_every", "keep_last", "resume", "log_with", "project_name",
-                "n_traces", "plot", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "teacher_cache_mb")
+                "n_traces", "plot", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "teacher_cache_mb",
+                "norm_from")  # fields of kat/config.py that kat.py accepts and does not use
 
 def parse_config(argv: list[str]) -> Config:
     """`--config FILE` (YAML) then `--field value` / `--field=value` pairs; `--help` lists the fields."""
@@ -152,7 +154,6 @@ def parse_config(argv: list[str]) -> Config:
     return Config(**{k: v for k, v in values.items() if k not in unused})
 
 # ==== Score: reverse KL and log-probs, fp16/bf16 logits in, fp32 accumulation, chunked over rows ====
-
 def chunk_rows(vocab: int) -> int:  # a (16k tokens x 152k vocab) fp32 buffer is 10 GB: chunks of ~64 MiB
     return max(1, (1 << 24) // vocab)
 
@@ -165,8 +166,7 @@ class ReverseKL(torch.autograd.Function):
     def forward(ctx, x: Tensor, y: Tensor, n: int) -> Tensor:  # x, y: (R, V) any float dtype
         out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)  # (R,)
         for i in range(0, x.shape[0], n):
-            logp = torch.log_softmax(x[i:i + n].float(), -1)  # (r, V) fp32
-            logq = torch.log_softmax(y[i:i + n].float(), -1)
+            logp, logq = (torch.log_softmax(a[i:i + n].float(), -1) for a in (x, y))  # (r, V) fp32 each
             p = logp.exp()  # where p = 0 (a masked -inf logit) the term is 0, not 0 * inf
             out[i:i + n] = torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
         ctx.save_for_backward(x, y, out)
@@ -177,8 +177,7 @@ class ReverseKL(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         (x, y, kl), n, gx = ctx.saved_tensors, ctx.n, torch.empty_like(ctx.saved_tensors[0])
         for i in range(0, x.shape[0], n):
-            logp = torch.log_softmax(x[i:i + n].float(), -1)
-            logq = torch.log_softmax(y[i:i + n].float(), -1)
+            logp, logq = (torch.log_softmax(a[i:i + n].float(), -1) for a in (x, y))
             p, gi = logp.exp(), g[i:i + n].float().unsqueeze(-1)  # (r, V), (r, 1)
             gx[i:i + n] = (gi * torch.where(p > 0, p * (logp - logq - kl[i:i + n].unsqueeze(-1)), 0.0)).to(x.dtype)
         return gx, None, None
@@ -234,7 +233,6 @@ def topk_tail(student_logits: Tensor, teacher_logits: Tensor, k: int) -> tuple[T
     return ids.reshape(*student_logits.shape[:-1], k), out.reshape(*student_logits.shape[:-1], k + 1)
 
 # ==== Sample: the student decodes C tokens, the teacher scores them in one cached forward ============
-
 def sample_token(logits: Tensor, u: Tensor | None, temperature: float, top_p: float) -> Tensor:
     """Inverse-CDF draw from softmax(logits / T) within the top-p nucleus; u (A,) one uniform per row,
     so a row's tokens do not depend on which other rows are still in the batch."""
@@ -305,7 +303,8 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
         pos = pos + c
         ended = ~alive | (t + c >= T_max)  # --- which rows end: EOS, length, or the terminator
         stop[rows[live & ~alive]] = STOP_EOS
-        fired, fired_cut = terminator.observe(state, out["kl"][:, t:t + c], gen_mask[:, t:t + c])  # all B rows
+        scored = [x[:, t:t + c] for x in (out["kl"], gen_mask, out["teacher_logp"])]  # (B, c) each: all B rows
+        fired, fired_cut = terminator.observe(state, *scored)
         fired = fired[rows]
         stop[rows[fired]], cut[rows[fired]] = terminator.stop_code or 0, fired_cut[rows[fired]]
         ended |= fired
@@ -346,7 +345,7 @@ def score_into(out: dict, topk_ids, topk_logq, rows: Tensor, t0: int, logits: Te
         topk_logq[rows, t0:t0 + c] = torch.where(valid[..., None], k_logq, 0.0)
 
 # ==== Detect: KAT's trap detector, and the two controls behind the same interface ===================
-#   state = term.start(B); fired, cut = term.observe(state, kl_chunk, valid_chunk); term.end_batch(state, step)
+#   state = term.start(B); fired, cut = term.observe(state, kl, valid, teacher_logp); term.end_batch(state, step)
 
 class State:
     """Per-batch running state: `fired`, `cut` (-1: none), `would_cut` (what a shadow run would cut)."""
@@ -363,14 +362,15 @@ def gather_cat(x: Tensor) -> Tensor:
 class TrapDetector:
     """z_t = mean(d_{t-W+1..t}), evaluated when (t+1) % stride == 0 and t+1 >= W over fully generated windows.
     Active (fixed per batch) once the buffer holds min_buffer minima and warmup_steps passed; windows starting
-    before `exempt` never count; `patience` consecutive z < s = Q_{1-eta}(B) fire; cut = that run's start."""
+    before `exempt` never count; `patience` consecutive z < s = Q_{1-eta}(B) fire; cut = that run's start.
+    gate drift (beyond the paper): a row drifts at its first position e >= exempt with log q(y_e) < log(drift_prob),
+    and only windows starting after e decide; a row that never drifts is never cut, however low its KL."""
 
     stop_code = STOP_TRAP
 
     def __init__(self, cfg: Config):
         self.cfg, self.shadow = cfg, cfg.shadow
-        self.buffer = torch.empty(0, dtype=torch.float64)  # FIFO of per-rollout minima
-        self.steps_done = 0
+        self.buffer, self.steps_done = torch.empty(0, dtype=torch.float64), 0  # FIFO of per-rollout minima
 
     @property
     def threshold(self) -> float | None:  # torch's default linear interpolation = numpy's default quantile
@@ -382,15 +382,18 @@ class TrapDetector:
 
     def start(self, B: int, device=None) -> State:
         ring = torch.zeros(B, self.cfg.window, dtype=torch.float64, device=device)  # the last W values of d
-        st = State(B, device, ring=ring, ring_ok=ring.bool(), run=ring[:, 0].long(), decided=ring[:, 0].bool(),
-                   run_start=torch.full((B,), -1, device=device), min_z=torch.full_like(ring[:, 0], math.inf))
-        st.active, st.threshold = self.active, self.threshold
-        return st
+        drift = -1 if self.cfg.gate == "none" else 2**62  # first drift position (2**62: none yet); none: before 0
+        return State(B, device, ring=ring, ring_ok=ring.bool(), run=ring[:, 0].long(), decided=ring[:, 0].bool(),
+                     run_start=torch.full((B,), -1, device=device), min_z=torch.full_like(ring[:, 0], math.inf),
+                     drift=torch.full((B,), drift, device=device), active=self.active, threshold=self.threshold)
 
-    def observe(self, st: State, kl: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    def observe(self, st: State, kl: Tensor, valid: Tensor, teacher_logp=None) -> tuple[Tensor, Tensor]:
         W, fired_now = self.cfg.window, torch.zeros_like(st.fired)
         for j in range(kl.shape[1]):
             t, live = st.pos, valid[:, j] & ~st.fired
+            if self.cfg.gate == "drift" and t >= self.cfg.exempt:  # the first token the teacher finds unlikely
+                drifts = live & (st.drift > t) & (teacher_logp[:, j].double() < math.log(self.cfg.drift_prob))
+                st.drift = torch.where(drifts, t, st.drift)
             st.ring[:, t % W] = torch.where(live, kl[:, j].double(), 0.0)
             st.ring_ok[:, t % W] = live
             st.pos += 1
@@ -405,7 +408,7 @@ class TrapDetector:
         start = t - self.cfg.window + 1
         if not st.active or start < self.cfg.exempt:
             return torch.zeros_like(ok)
-        decide, low = ok & ~st.decided, z < st.threshold
+        decide, low = ok & ~st.decided & (st.drift < start), z < st.threshold  # drift gate: only after drift
         run = torch.where(low, st.run + 1, 0)  # a window with z >= s resets the run
         st.run = torch.where(decide, run, st.run)
         st.run_start = torch.where(decide & low & (run == 1), start, st.run_start)
@@ -445,7 +448,7 @@ class RandomTerminator:
         return State(B, device, planned=(self.E + g.clamp(max=2**40)).long().to(device),
                      length=torch.zeros(B, dtype=torch.long, device=device), active=True)
 
-    def observe(self, st: State, kl: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    def observe(self, st: State, kl: Tensor, valid: Tensor, teacher_logp=None) -> tuple[Tensor, Tensor]:
         C, offset = valid.shape[1], st.planned - st.pos  # column of the planned cut in this chunk
         generated = valid.gather(1, offset.clamp(0, C - 1)[:, None]).squeeze(1)
         fire = (offset >= 0) & (offset < C) & generated & ~st.fired
@@ -468,14 +471,13 @@ class NoTerminator:
     def start(self, B: int, device=None) -> State:
         return State(B, device)
 
-    def observe(self, st: State, kl: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    def observe(self, st: State, kl: Tensor, valid: Tensor, teacher_logp=None) -> tuple[Tensor, Tensor]:
         return st.fired, st.cut  # all False
 
     def end_batch(self, st: State, step: int) -> None:
         pass
 
 # ==== Learn: the OPD loss on the kept tokens, normalised by the global token count ==================
-
 def completion_logits(model, r: dict) -> Tensor:
     """(B, T, V) logits predicting each completion token: one forward over prompt + completion; the
     logits at column P-1+t predict token t, so keep the last T+1 columns and drop the final one."""
@@ -530,7 +532,6 @@ def learn(student, teacher, r: dict, optimizer, scheduler, acc: Accelerator, cfg
     return {"loss": loss, "grad_norm": grad_norm, "finite": True}
 
 # ==== Evaluate: avg@k = mean accuracy of k samples per problem; pass@k = share with one correct =====
-
 def grade(text: str, answer: str, grader: str = "exact") -> bool:
     """exact: the integer after the last `A=` (the toy); math: math-verify on LaTeX/boxed/plain answers.
     An answer that cannot be read is wrong, never a crash."""
@@ -576,7 +577,6 @@ def evaluate(model, tok, eval_sets: dict, cfg: Config, acc: Accelerator, eos: li
     return out  # the model stays in eval mode: the loop sets train mode before each learning step
 
 # ==== Data and models: datasets by file or hub name, the chat template, stop ids ====================
-
 DAPO = ("Solve the following math problem step by step. The last line of your response should be of the form "
         "Answer: $Answer (without quotes) where $Answer is the answer to the problem.",
         'Remember to put your answer on its own line after "Answer:".')  # unwrap=dapo: `instruction` asks instead
@@ -675,7 +675,6 @@ def stop_ids(tok, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 # ==== Main: sample -> detect -> learn -> log, with evaluation before and after ======================
-
 def main(cfg: Config | None = None) -> list[dict]:
     cfg = cfg or parse_config(sys.argv[1:])
     dtype = getattr(torch, cfg.dtype if cfg.dtype != "auto" else "bfloat16" if torch.cuda.is_available() else "float32")

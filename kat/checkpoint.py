@@ -130,8 +130,9 @@ def model_card(cfg: Config, results: dict, command: str, processes: int) -> str:
     table = ["| set | avg@k | pass@k | mean length |", "|---|---|---|---|"] + [
         f"| {s} | {100 * after[f'{s}/avg@k']:.2f}% | {100 * after[f'{s}/pass@k']:.2f}% | "
         f"{after[f'{s}/mean_length']:.1f} |" for s in rows]
-    method = {"kat": "KAT (KL Agreement Trap Termination)", "random": "random termination (length-matched control)",
-              "none": "no termination (plain OPD)"}[cfg.termination]
+    method = {"kat": "KAT (KL Agreement Trap Termination)" + (" with the drift gate" if cfg.gate == "drift" else ""),
+              "random": "random termination (length-matched control)", "none": "no termination (plain OPD)",
+              "drift": "a cut right after the first drift token (the drift gate's contrast)"}[cfg.termination]
     lora = f" as a LoRA adapter (r = {cfg.lora_r}, alpha = {cfg.lora_alpha}), merged here" if cfg.lora_r else ""
     return "\n".join([
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",

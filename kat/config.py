@@ -99,8 +99,9 @@ class Config:
                                  "process, so the learner does not run the teacher again (0: off)", low=0.0)
 
     # --- termination -----------------------------------------------------------------------------
-    termination: str = _f("kat", "kat: trap detector; random: length-matched random cuts; none: plain OPD",
-                          choices=("kat", "none", "random"))
+    termination: str = _f("kat", "kat: trap detector; random: length-matched random cuts; none: plain OPD; "
+                          "drift: cut right after the first drift token (see drift_prob)",
+                          choices=("kat", "none", "random", "drift"))
     rule: str = _f("quantile", "adaptive threshold: quantile of per-rollout minima, or running mean - kappa*std",
                    choices=("quantile", "zscore"))
     window: int = _f(8, "W: tokens per window mean z", low=1)
@@ -119,6 +120,13 @@ class Config:
     shadow: bool = _f(False, "detect and record would-be cuts without cutting")
     random_target_length: float = _f(0.0, "random termination: target mean rollout length (0: max_new_tokens/2)",
                                      low=0.0)
+    gate: str = _f("none", "kat: none (the paper's rule) or drift (a low run counts only after a drift token)",
+                   choices=("none", "drift"))
+    drift_prob: float = _f(0.02, "a sampled token at or after exempt to which the teacher gives a probability "
+                           "below this is a drift token (gate drift, termination drift)", low=0.0, high=1.0,
+                           low_open=True, high_open=True)
+    norm_from: str = _f("", "normalisation control: divide each step's loss by the kept-token count that this "
+                        "metrics.jsonl (a matched run) logged at that step, not by this run's own; empty: own")
 
     # --- evaluation, logging, checkpoints --------------------------------------------------------
     eval_every: int = _f(0, "evaluate every N steps (0: only before and after training)", low=0)
@@ -265,6 +273,9 @@ def validate(cfg: Config) -> None:
     check_min_buffer(cfg.min_buffer, cfg.buffer_size)
     if cfg.termination == "random":
         check_random_target(random_target(cfg), cfg.exempt, cfg.max_new_tokens)
+    if cfg.norm_from and not os.path.isfile(cfg.norm_from):
+        raise ConfigError(f"norm_from: {cfg.norm_from!r} is not a file; give the metrics.jsonl of a finished "
+                          "run to normalise by, or leave it empty")
     if cfg.resume and cfg.resume != "latest" and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume: {cfg.resume!r} is not a directory; give a checkpoint directory "
                           "or `latest`")

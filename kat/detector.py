@@ -1,6 +1,6 @@
 """Terminators: decide online, chunk by chunk, whether a rollout should stop early.
 
-Three terminators share one interface, so the sampler and the training loop never branch on
+Four terminators share one interface, so the sampler and the training loop never branch on
 which one is in use:
 
     state = t.start(batch_size, device)           # per-row running state for one batch
@@ -8,11 +8,15 @@ which one is in use:
     t.end_batch(state, step)                      # update adaptive statistics once per step
     t.state_dict() / t.load_state_dict(d)         # resume
 
+A terminator whose ``needs_teacher_logp`` is True also reads the teacher's log-probability of each
+sampled token, ``t.observe(state, kl, valid, teacher_logp_chunk=...)`` ((B, C), the rollout's
+``teacher_logp``); the sampler passes it to such terminators only.
+
 - `TrapDetector` (KAT): smooths the per-token reverse KL d_t into window means z, and stops a
   rollout when z stays below an adaptive threshold for `patience` consecutive evaluated windows.
-- `RandomTerminator`: cuts at a random position, with a hazard adapted so that the mean rollout
-  length approaches a target (the length-matched baseline).
-- `NoTerminator`: never stops anything (plain OPD).
+  With ``gate="drift"`` a low run counts only after the rollout has drifted (see the class).
+- `DriftTerminator`, `RandomTerminator`, `NoTerminator`: the controls (cut right after the first
+  drift token; cut at random, length-matched; never cut), in kat.controls and importable from here.
 
 Settings are checked by `kat.config.check_value` and the config's cross-field rules, so a
 terminator accepts exactly the values `kat train` accepts, with the same messages.
@@ -32,10 +36,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kat.config import allowed, check_min_buffer, check_random_target, check_stride, check_value
-from kat.rollout import STOP_RANDOM, STOP_TRAP
+from kat.config import allowed, check_min_buffer, check_stride, check_value
+from kat.rollout import STOP_TRAP
 
 RULES = allowed("rule")  # ("quantile", "zscore")
+GATES = allowed("gate")  # ("none", "drift")
 
 
 @dataclass
@@ -66,6 +71,9 @@ class TerminatorState:
     _run_start: Tensor | None = None  # (B,) long: start position of the run's first window
     _decided: Tensor | None = None  # (B,) bool: a decision was taken (no further decisions)
     _z_history: list[Tensor] | None = None  # (B,) float64 per evaluation position, NaN where not evaluated
+    # Drift gate / DriftTerminator: the first position >= exempt whose sampled token the teacher
+    # gave a probability below drift_prob, -1 before the row drifts.
+    _drift: Tensor | None = None  # (B,) long
     # RandomTerminator: the pre-drawn cut position and the number of valid positions seen.
     _planned: Tensor | None = None  # (B,) long
     _length: Tensor | None = None  # (B,) long
@@ -86,6 +94,24 @@ def _check_chunk(state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) 
     if valid_chunk.shape != kl_chunk.shape or valid_chunk.dtype != torch.bool:
         raise ValueError(f"valid_chunk must be a bool tensor of shape {tuple(kl_chunk.shape)} like kl_chunk, "
                          f"got {valid_chunk.dtype} {tuple(valid_chunk.shape)}")
+
+
+def _check_logp_chunk(who: str, teacher_logp_chunk: Tensor | None, kl_chunk: Tensor) -> None:
+    if teacher_logp_chunk is None:
+        raise ValueError(f"{who} reads the teacher's log-prob of each sampled token: pass teacher_logp_chunk "
+                         "(B, C) to observe() (kat.sampler.sample does so when needs_teacher_logp is True)")
+    if teacher_logp_chunk.shape != kl_chunk.shape:
+        raise ValueError(f"teacher_logp_chunk must have shape {tuple(kl_chunk.shape)} like kl_chunk, "
+                         f"got {tuple(teacher_logp_chunk.shape)}")
+
+
+def _mark_drift(state: TerminatorState, live: Tensor, logp: Tensor, t: int, exempt: int, log_drift: float) -> None:
+    """Record position t as the row's drift when it is the first live position >= exempt with
+    log q(y_t) < log(drift_prob)."""
+    if t < exempt:
+        return
+    first = live & (state._drift < 0) & (logp < log_drift)  # (B,)
+    state._drift = torch.where(first, t, state._drift)
 
 
 def _distributed() -> bool:
@@ -150,6 +176,18 @@ class TrapDetector:
     row, so one can measure what would have been cut (e.g. whether those rollouts still succeed).
     Statistics see every evaluated window of every generated token, so in shadow mode windows after
     a would-be cut also feed the buffer.
+
+    Drift gate (``gate="drift"``, beyond the paper). The paper's story is "the student drifts, then
+    the teacher agrees"; the plain rule only sees the second half, so once training has made KL
+    uniformly low it cuts healthy rollouts too. With the gate a row has drifted at its first
+    position e >= `exempt` whose sampled token the teacher finds unlikely,
+        log q(y_e) < log(drift_prob)          (q: the teacher at temperature 1),
+    and a window takes part in a decision only if it starts after e (start > e). The cut still goes
+    to the start of the run's first low window, so the drift token itself stays in the loss. A row
+    that never drifts is never cut, however flat and low its KL. The gate changes decisions only:
+    every evaluated window still feeds the statistics, so in shadow mode a gated and an ungated
+    detector on the same streams hold the same buffer and threshold (when cutting, each stops
+    observing the rows it cut, so their buffers part).
     """
 
     needs_kl = True
@@ -157,18 +195,21 @@ class TrapDetector:
 
     def __init__(self, rule: str = "quantile", window: int = 64, stride: int = 64, patience: int = 4,
                  exempt: int = 256, eta: float = 0.3, buffer_size: int = 4096, min_buffer: int = 512,
-                 warmup_steps: int = 50, kappa: float = 1.0, ema: float = 0.1, shadow: bool = False):
-        rule, window, stride, patience, exempt, eta, buffer_size, min_buffer, warmup_steps, kappa, ema = (
-            check_value(name, value) for name, value in (
+                 warmup_steps: int = 50, kappa: float = 1.0, ema: float = 0.1, shadow: bool = False,
+                 gate: str = "none", drift_prob: float = 0.02):
+        rule, window, stride, patience, exempt, eta, buffer_size, min_buffer, warmup_steps, kappa, ema, gate, \
+            drift_prob = (check_value(name, value) for name, value in (
                 ("rule", rule), ("window", window), ("stride", stride), ("patience", patience),
                 ("exempt", exempt), ("eta", eta), ("buffer_size", buffer_size), ("min_buffer", min_buffer),
-                ("warmup_steps", warmup_steps), ("kappa", kappa), ("ema", ema)))
+                ("warmup_steps", warmup_steps), ("kappa", kappa), ("ema", ema), ("gate", gate),
+                ("drift_prob", drift_prob)))
         check_stride(stride, window)
         check_min_buffer(min_buffer, buffer_size)
         self.rule, self.window, self.stride, self.patience = rule, int(window), int(stride), int(patience)
         self.exempt, self.eta, self.buffer_size = int(exempt), float(eta), int(buffer_size)
         self.min_buffer, self.warmup_steps = int(min_buffer), int(warmup_steps)
         self.kappa, self.ema, self.shadow = float(kappa), float(ema), bool(shadow)
+        self.gate, self.drift_prob = gate, float(drift_prob)
         self.buffer = torch.empty(0, dtype=torch.float64)  # FIFO of per-rollout minima, oldest first
         self.steps_done = 0
         self.z_mean: float | None = None  # zscore rule: running mean and variance of z
@@ -194,6 +235,11 @@ class TrapDetector:
         return (self.buffer.numel() >= self.min_buffer and self.steps_done >= self.warmup_steps
                 and self.threshold is not None)
 
+    @property
+    def needs_teacher_logp(self) -> bool:
+        """The drift gate reads log q(y_t) of each sampled token; the plain rules read only d_t."""
+        return self.gate == "drift"
+
     # -- per batch ----------------------------------------------------------------------------
 
     def start(self, batch_size: int, device: torch.device | str | None = None) -> TerminatorState:
@@ -206,20 +252,29 @@ class TrapDetector:
         state._run_start = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         state._decided = torch.zeros(batch_size, dtype=torch.bool, device=device)
         state._z_history = []
+        state._drift = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         return state
 
-    def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) -> tuple[Tensor, Tensor]:
+    def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor,
+                teacher_logp_chunk: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Feed the next C positions of every row; returns (fired in this call (B,), cut (B,)).
 
         kl_chunk (B, C) float: d_t for positions state.pos .. state.pos + C - 1.
         valid_chunk (B, C) bool: whether the row generated that position (False after its EOS,
         or for rows that already ended). A stopped row ignores everything after its decision.
+        teacher_logp_chunk (B, C) float: log q(y_t) of the sampled tokens; read (and required) only
+        with the drift gate.
         """
         _check_chunk(state, kl_chunk, valid_chunk)
+        if self.gate == "drift":
+            _check_logp_chunk("TrapDetector(gate='drift')", teacher_logp_chunk, kl_chunk)
+            log_drift = math.log(self.drift_prob)
         fired_now = torch.zeros_like(state.fired)
         for j in range(kl_chunk.shape[1]):
             t = state.pos
             live = valid_chunk[:, j] & ~state.fired  # (B,)
+            if self.gate == "drift":
+                _mark_drift(state, live, teacher_logp_chunk[:, j].double(), t, self.exempt, log_drift)
             slot = t % self.window
             state._ring[:, slot] = torch.where(live, kl_chunk[:, j].double(), 0.0)
             state._ring_valid[:, slot] = live
@@ -237,6 +292,8 @@ class TrapDetector:
         if not state.active or start < self.exempt:
             return torch.zeros_like(evaluated)
         decide = evaluated & ~state._decided  # (B,)
+        if self.gate == "drift":  # only windows that start after the row's drift token count
+            decide &= (state._drift >= 0) & (state._drift < start)
         low = z < state.threshold  # (B,)
         run = torch.where(low, state._run + 1, 0)
         state._run = torch.where(decide, run, state._run)
@@ -317,148 +374,31 @@ class TrapDetector:
         self.z_mean, self.z_var = d["z_mean"], d["z_var"]
 
 
-class RandomTerminator:
-    """Cut each rollout at a random position >= `exempt`, calibrated to a target mean length.
-
-    The length-matched baseline: it shortens rollouts as much as KAT does, but blindly. Each row's
-    cut position is drawn once per batch, cut = exempt + G with G geometric on {0, 1, ...}:
-        P(G >= g) = (1 - h)^g        (a constant per-token hazard h)
-    A row whose natural end comes first is not cut. The length of a row is its cut if cut, else the
-    number of tokens it generated (the tokens that reach the loss). After each batch the hazard
-    moves toward the value that gives the target mean length: for a pure geometric tail the mean
-    excess over `exempt` is about 1/h, so
-        h <- h * ((mean_length - exempt) / (target_length - exempt)) ** gain
-    (ratio clamped to [1/4, 4] per step; rows that end naturally make the true response flatter, so
-    the update undershoots and approaches the target from one side). The initial hazard solves the
-    truncated-geometric mean exactly when `max_new_tokens` is given.
-
-    With several processes, lengths are gathered so every process holds the same hazard; give each
-    process its own `seed` (e.g. seed + rank) so their cut positions are independent.
-    """
-
-    needs_kl = False
-    stop_code = STOP_RANDOM
-    shadow = False
-    threshold = None
-    active = True
-
-    def __init__(self, target_length: float, exempt: int = 0, max_new_tokens: int | None = None,
-                 seed: int = 0, gain: float = 0.5, min_hazard: float = 1e-6):
-        exempt = check_value("exempt", exempt)
-        if max_new_tokens is not None:
-            max_new_tokens = check_value("max_new_tokens", max_new_tokens)
-        check_random_target(target_length, exempt, max_new_tokens)
-        if not 0.0 < gain <= 1.0:
-            raise ValueError(f"gain must lie in (0, 1], got {gain!r}")
-        self.target_length, self.exempt, self.max_new_tokens = float(target_length), int(exempt), max_new_tokens
-        self.gain, self.min_hazard = float(gain), float(min_hazard)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.hazard = self._initial_hazard()
-        self.steps_done = 0
-
-    def _initial_hazard(self) -> float:
-        excess = self.target_length - self.exempt
-        if self.max_new_tokens is None:
-            return 1.0 / (excess + 1.0)  # E[G] = (1 - h) / h
-        span = self.max_new_tokens - self.exempt
-
-        def mean_excess(h: float) -> float:  # E[min(G, L)] = sum_{g=1..L} (1-h)^g
-            return (1.0 - h) * (1.0 - (1.0 - h) ** span) / h
-
-        lo, hi = self.min_hazard, 1.0  # mean_excess decreases in h
-        for _ in range(100):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if mean_excess(mid) > excess else (lo, mid)
-        return 0.5 * (lo + hi)
-
-    def start(self, batch_size: int, device: torch.device | str | None = None) -> TerminatorState:
-        """Fresh state for a batch; draws every row's cut position from the terminator's generator."""
-        state = _new_state(batch_size, device)
-        state.active = True
-        u = 1.0 - torch.rand(batch_size, generator=self.generator, dtype=torch.float64)  # (B,) in (0, 1]
-        g = torch.floor(torch.log(u) / math.log1p(-min(self.hazard, 1.0 - 1e-12)))  # G = floor(log U / log(1-h))
-        state._planned = (self.exempt + g.clamp(max=2**40)).long().to(device)  # (B,)
-        state._length = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return state
-
-    def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) -> tuple[Tensor, Tensor]:
-        """Fire rows whose planned cut falls in this chunk at a position they generated."""
-        _check_chunk(state, kl_chunk, valid_chunk)
-        width = valid_chunk.shape[1]
-        offset = state._planned - state.pos  # (B,) column of the planned cut in this chunk
-        in_chunk = (offset >= 0) & (offset < width)
-        generated = valid_chunk.gather(1, offset.clamp(0, width - 1)[:, None]).squeeze(1)
-        fire = in_chunk & generated & ~state.fired  # (B,)
-        state._length += (valid_chunk & ~state.fired[:, None]).sum(dim=1)
-        state.fired |= fire
-        state.cut = torch.where(fire, state._planned, state.cut)
-        state.would_cut = state.cut
-        state.pos += width
-        return fire, state.cut
-
-    def lengths(self, state: TerminatorState) -> Tensor:
-        """(B,) tokens that reach the loss: the cut where cut, else the generated length."""
-        return torch.where(state.fired, state.cut, state._length)
-
-    def end_batch(self, state: TerminatorState, step: int) -> None:
-        """Move the hazard toward the target mean length, from all processes' lengths."""
-        mean_length = all_gather_cat(self.lengths(state).double()).mean().item()
-        ratio = (mean_length - self.exempt) / (self.target_length - self.exempt)
-        ratio = min(max(ratio, 0.25), 4.0)
-        self.hazard = min(max(self.hazard * ratio**self.gain, self.min_hazard), 1.0)
-        self.steps_done = step + 1
-
-    def summary(self, state: TerminatorState) -> dict[str, float]:
-        return {"cut_rate": state.fired.float().mean().item(),
-                "mean_length": self.lengths(state).float().mean().item(), "hazard": self.hazard}
-
-    def state_dict(self) -> dict:
-        return {"hazard": self.hazard, "steps_done": self.steps_done,
-                "generator": self.generator.get_state()}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.hazard, self.steps_done = float(d["hazard"]), int(d["steps_done"])
-        self.generator.set_state(d["generator"])
+CONTROLS = ("DriftTerminator", "RandomTerminator", "NoTerminator")  # defined in kat.controls
 
 
-class NoTerminator:
-    """Never stops a rollout: plain on-policy distillation. ``stop_code`` is never written."""
+def __getattr__(name: str):
+    """The control terminators live in kat.controls (built on this module); importable from here too."""
+    if name in CONTROLS:
+        import kat.controls
 
-    needs_kl = False
-    stop_code = None
-    shadow = False
-    threshold = None
-    active = False
-
-    def start(self, batch_size: int, device: torch.device | str | None = None) -> TerminatorState:
-        return _new_state(batch_size, device)
-
-    def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) -> tuple[Tensor, Tensor]:
-        _check_chunk(state, kl_chunk, valid_chunk)
-        state.pos += kl_chunk.shape[1]
-        return torch.zeros_like(state.fired), state.cut
-
-    def end_batch(self, state: TerminatorState, step: int) -> None:
-        pass
-
-    def summary(self, state: TerminatorState) -> dict[str, float]:
-        return {"cut_rate": 0.0}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, d: dict) -> None:
-        pass
+        return getattr(kat.controls, name)
+    raise AttributeError(f"module 'kat.detector' has no attribute {name!r}")
 
 
-TERMINATORS = {"kat": TrapDetector, "random": RandomTerminator, "none": NoTerminator}
+def terminators() -> dict:
+    """Config name -> terminator class: 'kat' | 'drift' | 'random' | 'none'."""
+    from kat.controls import DriftTerminator, NoTerminator, RandomTerminator
+
+    return {"kat": TrapDetector, "drift": DriftTerminator, "random": RandomTerminator, "none": NoTerminator}
 
 
-def make_terminator(name: str, **kw) -> TrapDetector | RandomTerminator | NoTerminator:
-    """Build a terminator by its config name: 'kat' | 'random' | 'none'."""
-    if name not in TERMINATORS:
-        raise ValueError(f"termination must be one of {tuple(TERMINATORS)}, got {name!r}")
-    cls = TERMINATORS[name]
+def make_terminator(name: str, **kw):
+    """Build a terminator by its config name: 'kat' | 'drift' | 'random' | 'none'."""
+    classes = terminators()
+    if name not in classes:
+        raise ValueError(f"termination must be one of {tuple(classes)}, got {name!r}")
+    cls = classes[name]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(kw) - accepted)
     if unknown:

@@ -310,7 +310,13 @@ def _terminate(terminator, state, act: _Active, valid: Tensor, scores: ChunkScor
     if scores is not None:
         kl_full[rows] = torch.where(valid, scores.kl, 0.0)
     valid_full[rows] = valid
-    fired, fired_cut = terminator.observe(state, kl_full, valid_full)  # (B,), (B,)
+    extra = {}
+    if getattr(terminator, "needs_teacher_logp", False):  # the drift gate reads log q(y_t) too
+        logp_full = torch.zeros((batch, c), dtype=torch.float32, device=rows.device)  # (B, c)
+        if scores is not None:
+            logp_full[rows] = torch.where(valid, scores.teacher_logp, 0.0)
+        extra["teacher_logp_chunk"] = logp_full
+    fired, fired_cut = terminator.observe(state, kl_full, valid_full, **extra)  # (B,), (B,)
     fired = fired[rows].bool()  # (A,) only active rows can fire
     if fired.any():
         fired_rows = rows[fired]

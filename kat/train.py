@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from kat.checkpoint import find_checkpoint, load_checkpoint, model_card, save_checkpoint, save_student
 from kat.config import Config, ConfigError, help_text, load_config, random_target, render_kw
+from kat.controls import learner_accelerator
 from kat.data import DataError, filter_long_prompts, load_eval_sets, load_problems, step_batch, step_generator
 from kat.detector import make_terminator, window_means
 from kat.evaluate import run_eval
@@ -92,7 +93,11 @@ def build_terminator(cfg: Config, rank: int = 0):
         return make_terminator("kat", rule=cfg.rule, window=cfg.window, stride=cfg.stride,
                                patience=cfg.patience, exempt=cfg.exempt, eta=cfg.eta,
                                buffer_size=cfg.buffer_size, min_buffer=cfg.min_buffer,
-                               warmup_steps=cfg.warmup_steps, kappa=cfg.kappa, ema=cfg.ema, shadow=cfg.shadow)
+                               warmup_steps=cfg.warmup_steps, kappa=cfg.kappa, ema=cfg.ema, shadow=cfg.shadow,
+                               gate=cfg.gate, drift_prob=cfg.drift_prob)
+    if cfg.termination == "drift":
+        return make_terminator("drift", exempt=cfg.exempt, drift_prob=cfg.drift_prob,
+                               warmup_steps=cfg.warmup_steps, shadow=cfg.shadow)
     if cfg.termination == "random":
         return make_terminator("random", target_length=random_target(cfg), exempt=cfg.exempt,
                                max_new_tokens=cfg.max_new_tokens,
@@ -333,8 +338,9 @@ def learn_step(run: Run, step: int, rollout: Rollout) -> tuple[dict, Rollout] | 
     """One optimiser step on the loss-masked tokens, globally normalised. Returns the learner's
     stats and the rollout with its KL filled in (an unscored rollout takes the learner's d_t),
     or None when the step was skipped for a non-finite loss."""
-    stats = learn(run.student, rollout, run.optimizer, run.scheduler, run.accelerator, kind=run.cfg.loss,
-                  micro_batch_size=run.cfg.micro_batch_size, teacher=run.teacher,
+    accelerator = learner_accelerator(run.accelerator, run.cfg.norm_from, step, rollout)  # cfg.norm_from: control
+    stats = learn(run.student, rollout, run.optimizer, run.scheduler, accelerator,
+                  kind=run.cfg.loss, micro_batch_size=run.cfg.micro_batch_size, teacher=run.teacher,
                   max_grad_norm=run.cfg.max_grad_norm)
     rollout.teacher_logits = None  # the kept teacher logits are spent: not held through the next rollout
     if not stats["finite"]:

@@ -124,7 +124,7 @@ def test_every_number_and_choice_has_a_rule():
     assert free == {"teacher", "student", "teacher_gguf", "student_gguf", "train_data", "train_split", "eval_data",
                     "eval_split", "prompt_field", "answer_field", "system_prompt", "instruction", "output_dir",
                     "resume", "shadow", "plot", "seed", "gradient_checkpointing", "lora_target_modules",
-                    "project_name", "chat_template_kwargs"}
+                    "project_name", "chat_template_kwargs", "norm_from"}
     assert all(out_of_range(f) and edges(f) or f.metadata["choices"] for f in RANGED)
 
 
@@ -134,6 +134,7 @@ def test_every_number_and_choice_has_a_rule():
     (["--termination", "random", "--exempt", "60"], "random_target_length"),  # target 96 / 2 <= exempt
     (["--termination", "random", "--random_target_length", "96"], "random_target_length"),  # = max_new_tokens
     (["--resume", "/nonexistent/checkpoint"], "resume"),
+    (["--norm_from", "/nonexistent/metrics.jsonl"], "norm_from"),
 ])
 def test_cross_field_rules_end_with_one_line(argv, field, capsys, monkeypatch):
     assert one_error_line(argv, capsys, monkeypatch).startswith(f"error: {field}: ")

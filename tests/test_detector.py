@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kat.detector import (NoTerminator, RandomTerminator, TerminatorState, TrapDetector, all_gather_cat,
-                          make_terminator)
+from kat.detector import (DriftTerminator, NoTerminator, RandomTerminator, TerminatorState, TrapDetector,
+                          all_gather_cat, make_terminator)
 from kat.rollout import STOP_RANDOM, STOP_TRAP
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -28,15 +28,17 @@ def armed(threshold: float = 0.5, **kw) -> TrapDetector:
     return det
 
 
-def feed(det, kl: torch.Tensor, valid: torch.Tensor, chunk: int | list[int]):
-    """Run one batch through `det` in chunks; returns (state, index of the call each row fired in)."""
+def feed(det, kl: torch.Tensor, valid: torch.Tensor, chunk: int | list[int], logp: torch.Tensor | None = None):
+    """Run one batch through `det` in chunks; returns (state, index of the call each row fired in).
+    `logp` (B, T): the teacher's log-prob of each sampled token, passed as observe() receives it."""
     state = det.start(kl.shape[0])
     fired_in = torch.full((kl.shape[0],), -1)
     sizes = iter(chunk) if isinstance(chunk, list) else None
     pos, call = 0, 0
     while pos < kl.shape[1]:
         c = next(sizes) if sizes is not None else chunk
-        fired, cut = det.observe(state, kl[:, pos : pos + c], valid[:, pos : pos + c])
+        extra = {} if logp is None else {"teacher_logp_chunk": logp[:, pos : pos + c]}
+        fired, cut = det.observe(state, kl[:, pos : pos + c], valid[:, pos : pos + c], **extra)
         assert torch.equal(cut[fired], state.cut[fired])
         fired_in[fired] = call
         pos, call = pos + c, call + 1
@@ -283,20 +285,28 @@ def test_invalid_arguments_name_the_field():
 
 
 class ReferenceDetector:
-    """The quantile rule written position by position in plain Python floats."""
+    """The quantile rule written position by position in plain Python floats; with `drift_prob`
+    the drift gate: only windows starting after the first position >= exempt whose teacher
+    probability is below drift_prob count."""
 
-    def __init__(self, window, stride, patience, exempt, eta, buffer_size, min_buffer, warmup_steps):
+    def __init__(self, window, stride, patience, exempt, eta, buffer_size, min_buffer, warmup_steps,
+                 drift_prob=None):
         self.w, self.stride, self.patience, self.exempt, self.eta = window, stride, patience, exempt, eta
         self.buffer_size, self.min_buffer, self.warmup_steps = buffer_size, min_buffer, warmup_steps
+        self.drift_prob = drift_prob
         self.buffer: list[float] = []
         self.steps_done = 0
 
-    def batch(self, rows: list[list[float]], step: int) -> list[int]:
-        """rows: each row's generated d values; returns each row's cut (-1 if none)."""
+    def batch(self, rows: list[list[float]], step: int, probs: list[list[float]] | None = None) -> list[int]:
+        """rows: each row's generated d values (probs: the teacher's probability of each sampled
+        token); returns each row's cut (-1 if none)."""
         active = len(self.buffer) >= max(self.min_buffer, 1) and self.steps_done >= self.warmup_steps
         s = float(np.quantile(self.buffer, 1 - self.eta)) if self.buffer else None
         cuts = []
-        for d in rows:
+        for i, d in enumerate(rows):
+            drift = None
+            if self.drift_prob is not None:
+                drift = next((t for t, q in enumerate(probs[i]) if t >= self.exempt and q < self.drift_prob), math.inf)
             zs, run, run_start, cut = [], 0, -1, -1
             for t in range(len(d)):
                 if (t + 1) % self.stride != 0 or t + 1 < self.w:
@@ -304,6 +314,8 @@ class ReferenceDetector:
                 z = sum(d[t - self.w + 1 : t + 1]) / self.w
                 zs.append(z)
                 if not active or t - self.w + 1 < self.exempt:
+                    continue
+                if drift is not None and not t - self.w + 1 > drift:
                     continue
                 if z < s:
                     run += 1
@@ -347,6 +359,149 @@ def test_matches_float64_reference_on_random_streams(seed):
         assert det.buffer.tolist() == pytest.approx(ref.buffer, abs=1e-12)
         n_cuts += sum(c >= 0 for c in want)
     assert n_cuts > 0  # these settings do reach active decisions
+
+
+# -- the drift gate and the cut-after-drift contrast -------------------------------------------
+
+LOW, HIGH = math.log(0.001), math.log(0.9)  # log q(y_t) of a drift token and of an ordinary one
+
+
+def teacher_logp(total: int, drifts: list[int]) -> torch.Tensor:
+    """(1, total) log-probs: an ordinary token everywhere, a drift token at the `drifts` positions."""
+    logp = torch.full((1, total), HIGH)
+    logp[0, drifts] = LOW
+    return logp
+
+
+def test_gate_never_cuts_flat_low_kl_without_a_drift():
+    kl, valid = torch.zeros(1, 40), torch.ones(1, 40, dtype=torch.bool)
+    plain = armed(window=4, stride=4, patience=2, exempt=8)
+    gated = armed(window=4, stride=4, patience=2, exempt=8, gate="drift", drift_prob=0.02)
+    assert feed(plain, kl, valid, 5)[0].cut.tolist() == [8]  # the paper's rule cuts a healthy flat row
+    assert feed(gated, kl, valid, 5, teacher_logp(40, []))[0].cut.tolist() == [-1]
+    # a drift at 20: windows start at 0, 4, ...; the first starting after 20 is 24, confirmed at 28
+    state, fired_in = feed(gated, kl, valid, 5, teacher_logp(40, [20]))
+    assert state.cut.tolist() == [24] and fired_in.item() == 31 // 5
+    assert state._drift.tolist() == [20]
+
+
+def test_gate_drift_before_exempt_does_not_count():
+    det = armed(window=4, stride=4, patience=2, exempt=8, gate="drift")
+    kl, valid = torch.zeros(1, 40), torch.ones(1, 40, dtype=torch.bool)
+    assert feed(det, kl, valid, 3, teacher_logp(40, [5]))[0].cut.tolist() == [-1]
+    state, _ = feed(det, kl, valid, 3, teacher_logp(40, [5, 12, 30]))  # the first drift at/after 8 counts
+    assert state.cut.tolist() == [16] and state._drift.tolist() == [12]
+
+
+def test_gate_window_holding_the_drift_token_does_not_count():
+    # W = 4, stride 2: windows start at 0, 2, 4, ...; a drift at 17 lies in the window starting at
+    # 16, so the first counting window starts at 18: the drift token stays in the loss.
+    det = armed(window=4, stride=2, patience=2, exempt=0, gate="drift")
+    kl, valid = torch.zeros(1, 30), torch.ones(1, 30, dtype=torch.bool)
+    state, _ = feed(det, kl, valid, 1, teacher_logp(30, [17]))
+    assert state.cut.tolist() == [18]
+
+
+def test_gate_cuts_at_the_start_of_the_low_run_not_at_the_drift():
+    det = armed(window=4, stride=4, patience=2, exempt=0, gate="drift")
+    kl = ones_then_zeros(32, 48)  # high until 31, low from 32
+    state, _ = feed(det, kl, torch.ones_like(kl, dtype=torch.bool), 7, teacher_logp(48, [10]))
+    assert state.cut.tolist() == [32]
+
+
+def test_gate_needs_teacher_logp_and_checks_its_shape():
+    det = armed(gate="drift")
+    assert det.needs_teacher_logp and not armed().needs_teacher_logp
+    with pytest.raises(ValueError, match="teacher_logp_chunk"):
+        det.observe(det.start(2), torch.zeros(2, 4), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="teacher_logp_chunk"):
+        det.observe(det.start(2), torch.zeros(2, 4), torch.ones(2, 4, dtype=torch.bool), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="gate"):
+        TrapDetector(gate="early")
+    with pytest.raises(ValueError, match="drift_prob"):
+        TrapDetector(gate="drift", drift_prob=0.0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_drift_gate_matches_float64_reference_on_random_streams(seed):
+    rng = random.Random(100 + seed)
+    cfg = dict(window=rng.choice([2, 4, 6]), patience=rng.choice([1, 2, 3]), exempt=rng.choice([0, 3, 8]),
+               eta=rng.choice([0.3, 0.6]), buffer_size=rng.choice([9, 50]), warmup_steps=rng.choice([0, 2]))
+    cfg["stride"] = rng.choice([1, 2, cfg["window"]])
+    cfg["min_buffer"] = rng.randint(1, 8)
+    drift_prob = rng.choice([0.02, 0.1])
+    det = TrapDetector(**cfg, gate="drift", drift_prob=drift_prob)
+    plain = TrapDetector(**cfg)  # the paper's rule on the same streams, for the vetoed cuts
+    shadows = [TrapDetector(**cfg, shadow=True), TrapDetector(**cfg, shadow=True, gate="drift")]
+    ref = ReferenceDetector(**cfg, drift_prob=drift_prob)
+    g = torch.Generator().manual_seed(seed)
+    n_cuts = n_plain_only = 0
+    for step in range(16):
+        batch, total = rng.randint(1, 8), rng.randint(8, 48)
+        trap_start = torch.randint(0, 2 * total, (batch, 1), generator=g)
+        scale = torch.where(torch.arange(total) >= trap_start, 0.05, 1.0)  # (batch, total)
+        kl = torch.rand(batch, total, generator=g) * scale
+        # a drift token is rare, and likelier just before the low stretch, as before a trap
+        p_drift = torch.where((torch.arange(total) - trap_start).abs() <= 2, 0.3, 0.03)  # (batch, total)
+        u = torch.rand(batch, total, generator=g)
+        logp = torch.where(u < p_drift, torch.log(u * 0.01 + 1e-6), torch.log(0.3 + 0.7 * u)).float()
+        lengths = [rng.randint(0, total) for _ in range(batch)]
+        valid = torch.arange(total)[None] < torch.tensor(lengths)[:, None]
+        sizes = [rng.randint(1, 9) for _ in range(total)]
+        state, _ = feed(det, kl, valid, sizes, logp)
+        plain_state, _ = feed(plain, kl, valid, sizes)
+        want = ref.batch([kl[b, : lengths[b]].double().tolist() for b in range(batch)], step,
+                         [logp[b, : lengths[b]].double().exp().tolist() for b in range(batch)])
+        assert state.cut.tolist() == want, (step, cfg)
+        det.end_batch(state, step)
+        plain.end_batch(plain_state, step)
+        assert det.buffer.tolist() == pytest.approx(ref.buffer, abs=1e-12)
+        # in shadow mode the gate changes decisions only: both hold the same buffer and threshold
+        shadow_states = [feed(d, kl, valid, sizes, logp if d.gate == "drift" else None)[0] for d in shadows]
+        for d, st in zip(shadows, shadow_states):
+            d.end_batch(st, step)
+        assert torch.equal(shadows[0].buffer, shadows[1].buffer)
+        n_cuts += sum(c >= 0 for c in want)
+        n_plain_only += sum(c < 0 <= p for c, p in zip(want, plain_state.cut.tolist()))
+    assert n_cuts > 0 and n_plain_only > 0  # the gate both allows and vetoes cuts here
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16, [2, 7, 1, 30]])
+def test_drift_terminator_cuts_right_after_the_first_drift(chunk):
+    # row 0 drifts at 9 and 20: cut 10; row 1 drifts only before exempt: never cut; row 2 drifts
+    # at its last generated token (11): cut 12, which removes nothing; row 3 never drifts
+    logp = torch.full((4, 24), HIGH)
+    logp[0, [9, 20]] = LOW
+    logp[1, 3] = LOW
+    logp[2, 11] = LOW
+    valid = torch.arange(24)[None] < torch.tensor([[24], [24], [12], [24]])
+    term = DriftTerminator(exempt=5, drift_prob=0.02, warmup_steps=0)
+    state, fired_in = feed(term, torch.rand(4, 24), valid, chunk, logp)
+    assert state.cut.tolist() == [10, -1, 12, -1] and state.fired.tolist() == [True, False, True, False]
+    assert state.would_cut.tolist() == state.cut.tolist()
+    if chunk == 3:
+        assert fired_in.tolist() == [9 // 3, -1, 11 // 3, -1]
+    assert term.needs_kl and term.needs_teacher_logp and term.stop_code == STOP_TRAP and term.threshold is None
+
+
+def test_drift_terminator_warmup_shadow_and_state():
+    logp = teacher_logp(16, [6])
+    valid = torch.ones(1, 16, dtype=torch.bool)
+    term = make_terminator("drift", exempt=2, drift_prob=0.02, warmup_steps=2)
+    assert isinstance(term, DriftTerminator)
+    for step in range(3):
+        state, _ = feed(term, torch.zeros(1, 16), valid, 4, logp)
+        assert state.cut.tolist() == ([-1] if step < 2 else [7]) and state.active is (step >= 2)
+        term.end_batch(state, step)
+    resumed = DriftTerminator(exempt=2, warmup_steps=2)
+    resumed.load_state_dict(term.state_dict())
+    assert resumed.active and resumed.steps_done == 3
+    shadow = DriftTerminator(exempt=2, warmup_steps=0, shadow=True)
+    state, fired_in = feed(shadow, torch.zeros(1, 16), valid, 4, logp)
+    assert state.would_cut.tolist() == [7] and state.cut.tolist() == [-1] and fired_in.tolist() == [-1]
+    assert shadow.summary(state) == {"cut_rate": 0.0, "would_cut_rate": 1.0, "active": 1.0}
+    with pytest.raises(ValueError, match="teacher_logp_chunk"):
+        shadow.observe(shadow.start(1), torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool))
 
 
 # -- RandomTerminator and NoTerminator --------------------------------------------------------

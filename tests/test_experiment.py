@@ -50,6 +50,45 @@ def test_random_term_targets_kats_kept_length():
     assert arm_overrides("kat_q0.1", base) == {"termination": "kat", "rule": "quantile", "eta": 0.1}
 
 
+def test_gated_contrast_and_normalisation_arms():
+    base = Config(max_new_tokens=96, exempt=8)
+    assert arm_overrides("kat_gated", base) == {"termination": "kat", "gate": "drift"}
+    assert arm_overrides("drift_cut", base) == {"termination": "drift"}
+    kat = {**KAT_RUN, "run_dir": "/runs/rich/kat/seed3"}
+    assert arm_overrides("opd_norm", base, kat) == {"termination": "none",
+                                                    "norm_from": "/runs/rich/kat/seed3/metrics.jsonl"}
+    with pytest.raises(ValueError, match="summary of the seed's KAT run"):
+        arm_overrides("opd_norm", base)
+
+
+def test_seeds_are_a_count_or_a_list():
+    from kat.config import ConfigError
+    from kat.experiments.arms import seed_list
+    from kat.experiments.cli import parse_seeds
+
+    assert parse_seeds("5", "table1") == 5 and parse_seeds(None, "table1") == 3 and parse_seeds(None, "shadow") == 1
+    assert parse_seeds("0,1,2,3,4", "table1") == [0, 1, 2, 3, 4] and parse_seeds("7,", "shadow") == [7]
+    assert seed_list(Config(seed=10), 3) == [10, 11, 12] and seed_list(Config(seed=10), [4, 2]) == [4, 2]
+    for bad, message in (("0", "count >= 1"), ("a,b", "neither a count"), ("1,1", "repeats"), (",", "empty")):
+        with pytest.raises(ConfigError, match=f"^--seeds: .*{message}"):
+            parse_seeds(bad, "table1")
+
+
+def test_per_seed_differences_to_opd():
+    from kat.experiments.report import per_seed_table
+
+    def row(arm, values):
+        return {"arm": arm, "label": arm.upper(), "runs": [f"/o/rich/{arm}/seed{s}" for s in (0, 4)],
+                "stats": {"test/avg@k": {"mean": sum(values) / 2, "std": None, "values": values}}}
+
+    table = per_seed_table([{"arm": "before", "label": "b", "runs": ["x/seed0"], "stats": {}},
+                            row("opd", [0.50, 0.40]), row("kat", [0.45, 0.43])], {"test": 4})
+    lines = table.splitlines()
+    assert lines[0] == "| arm | test avg@4 - OPD, seed 0 | test avg@4 - OPD, seed 4 | mean ± std |"
+    assert lines[2] == f"| KAT | -5.0 | +3.0 | -1.0 ± {statistics.stdev([-5.0, 3.0]):.1f} |"
+    assert len(lines) == 3
+
+
 def test_fixed_caps_come_from_kats_lengths():
     base = Config(max_new_tokens=96)
     assert arm_overrides("fixed_prefix", base, KAT_RUN) == {"termination": "none", "max_new_tokens": 42,

@@ -23,7 +23,8 @@ from fixtures.tiny_qwen import save_pair
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOY = ROOT / "kat" / "toy" / "rich"
 # The configs the README offers to kat.py; every training config in configs/ must be one of them.
-CONFIGS = ["toy.yaml", "qwen3_1.7b.yaml", "qwen3_4b.yaml", "smollm2_cpu.yaml"]
+CONFIGS = ["toy.yaml", "toy_persistent.yaml", "toy_lowlr.yaml", "qwen3_1.7b.yaml", "qwen3_4b.yaml", "smollm2_cpu.yaml",
+           "smollm2_shadow.yaml"]
 # Local stand-ins in the hub datasets' schemas (DAPO's answer in reward_model.ground_truth, ...)
 HUB = {"BytedTsinghua-SIA/DAPO-Math-17k": "dapo_math_17k.jsonl", "AI-MO/aimo-validation-amc": "amc.jsonl",
        "HuggingFaceH4/MATH-500": "math500.jsonl", "math-ai/minervamath": "minervamath.jsonl",

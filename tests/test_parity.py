@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,6 +45,24 @@ def test_config_fields_and_defaults_match(single_file):
     # runs in both, kat.py saying what it skips), and kat.py defines none of those itself
     ours = {f.name for f in dataclasses.fields(single_file.Config)}
     assert set(pkg) - ours == set(single_file.PACKAGE_ONLY), "add the new field to kat.py or to its PACKAGE_ONLY"
+
+
+def test_drift_gate_in_both_normalisation_control_the_packages_alone(single_file, tmp_path, capsys):
+    """kat.py reads the drift gate's fields; the normalisation control (norm_from) and the cut-after-drift
+    control (termination: drift) stay in kat/, and kat.py says so."""
+    path = tmp_path / "c.yaml"
+    path.write_text("gate: drift\ndrift_prob: 0.05\nnorm_from: ''\n")
+    cfg = single_file.parse_config(["--config", str(path)])
+    assert (cfg.gate, cfg.drift_prob) == ("drift", 0.05) and not hasattr(cfg, "norm_from")
+    assert capsys.readouterr().err == "kat.py does not use: norm_from; `python -m kat train` does\n"
+    assert single_file.parse_config(["--gate", "none"]).gate == "none"
+    with pytest.raises(SystemExit, match="gate: 'drfit' is not one of \\('none', 'drift'\\)"):
+        single_file.parse_config(["--gate", "drfit"])
+    with pytest.raises(SystemExit, match="termination: 'drift' is not one of .*`python -m kat train` has more"):
+        single_file.parse_config(["--termination", "drift"])
+    doc = " ".join(single_file.__doc__.split())
+    assert "`--gate drift`" in doc and "(`termination: drift`, `norm_from`)" in doc
+    assert pkg_config.Config(gate="drift", termination="drift").termination == "drift"
 
 
 def test_single_file_cli(single_file, tmp_path):
@@ -105,11 +124,15 @@ def detector_pair(single_file, **kw):
     return single_file.TrapDetector(single_file.Config(**fields)), TrapDetector(**fields)
 
 
-@pytest.mark.parametrize("kw", [{}, {"shadow": True}, {"stride": 4, "patience": 1}])
-def test_detector_decisions_identical(single_file, kw):
+@pytest.mark.parametrize("kw,chunk", [({}, 3), ({"shadow": True}, 3), ({"stride": 4, "patience": 1}, 3),
+                                      ({"gate": "drift"}, 3), ({"gate": "drift", "shadow": True}, 5),
+                                      ({"gate": "drift", "stride": 4, "patience": 1, "drift_prob": 0.05}, 1)])
+def test_detector_decisions_identical(single_file, kw, chunk):
+    """Both detectors on the same chunked streams of d_t and log q(y_t) (kat.py's sampler passes log q to
+    every terminator; the package's passes it to the gated detector only)."""
     ours, pkg = detector_pair(single_file, **kw)
     g = torch.Generator().manual_seed(1)
-    fired_total = 0
+    fired_total, gated, log_drift = 0, kw.get("gate") == "drift", math.log(kw.get("drift_prob", 0.02))
     for step in range(6):
         B, T = 12, 40
         # low-KL stretches in some rows, so both rules have something to fire on
@@ -117,13 +140,23 @@ def test_detector_decisions_identical(single_file, kw):
         kl[: B // 2, 15:] *= 0.05
         lengths = torch.randint(5, T + 1, (B,), generator=g)
         valid = torch.arange(T)[None] < lengths[:, None]
+        # teacher log-probs of the sampled tokens: mostly likely tokens, one unlikely (drift) token in
+        # two rows of three, anywhere from before `exempt` to past the low stretch
+        logq = torch.log(0.1 + 0.9 * torch.rand(B, T, generator=g))
+        where = torch.randint(0, T, (B,), generator=g)
+        logq[torch.arange(B), where] = torch.where(torch.arange(B) % 3 > 0, math.log(0.01), 0.0)
         sa, sb = ours.start(B), pkg.start(B)
-        for t0 in range(0, T, 3):
-            fa, ca = ours.observe(sa, kl[:, t0:t0 + 3], valid[:, t0:t0 + 3])
-            fb, cb = pkg.observe(sb, kl[:, t0:t0 + 3], valid[:, t0:t0 + 3])
+        for t0 in range(0, T, chunk):
+            part = (kl[:, t0:t0 + chunk], valid[:, t0:t0 + chunk])
+            fa, ca = ours.observe(sa, *part, logq[:, t0:t0 + chunk])
+            fb, cb = pkg.observe(sb, *part, teacher_logp_chunk=logq[:, t0:t0 + chunk] if gated else None)
             assert torch.equal(fa, fb) and torch.equal(ca, cb)
             fired_total += int(fa.sum())
         assert torch.equal(sa.would_cut, sb.would_cut)
+        if gated:  # every decision lands after the row's first drift token at or past exempt, on the stream itself
+            for b in (sa.would_cut >= 0).nonzero().squeeze(-1).tolist():
+                drifts = [t for t in range(pkg.exempt, int(lengths[b])) if logq[b, t] < log_drift]
+                assert drifts and int(sa.would_cut[b]) > drifts[0], (step, b)
         ours.end_batch(sa, step)
         pkg.end_batch(sb, step)
         assert ours.threshold == pkg.threshold and ours.active == pkg.active
@@ -161,11 +194,14 @@ def models(tiny_world):
 
 
 @pytest.mark.parametrize("termination,loss,chunk", [("kat", "full", 4), ("none", "topk", 8), ("random", "topk", 3),
-                                                    ("none", "full", 8), ("random", "full", 3)])
+                                                    ("none", "full", 8), ("random", "full", 3),
+                                                    ("kat_gated", "topk", 3)])
 def test_sample_and_losses_identical(single_file, models, termination, loss, chunk):
     """kat.py always scores in lockstep; the package, when no terminator needs the KL online, scores after
     decoding or not at all, so here its terminator is told to need the KL (its lockstep path)."""
     student, teacher, ids, mask = models
+    gate = dict(gate="drift", drift_prob=0.036) if termination == "kat_gated" else {}
+    termination = termination.removesuffix("_gated")
     cfg = single_file.Config(max_new_tokens=24, chunk=chunk, loss=loss, topk=5, termination=termination,
                              window=4, stride=2, patience=1, exempt=0, eta=0.9, min_buffer=1, warmup_steps=0,
                              random_target_length=10.0)
@@ -174,7 +210,7 @@ def test_sample_and_losses_identical(single_file, models, termination, loss, chu
     def terminators():
         if termination == "kat":
             a, b = detector_pair(single_file, window=4, stride=2, patience=1, exempt=0, eta=0.9, min_buffer=1,
-                                 warmup_steps=0)
+                                 warmup_steps=0, **gate)
             b.buffer = a.buffer = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)  # active at once
             return a, b
         if termination == "random":
@@ -195,6 +231,10 @@ def test_sample_and_losses_identical(single_file, models, termination, loss, chu
             torch.testing.assert_close(ra[key], value, rtol=0, atol=0, msg=key)
     if termination != "none":
         assert (rb["stop"] >= 2).any(), "the terminator should have cut some rows"
+    if gate:  # every cut lands after the row's first drift token (exempt 0 here), read off the rollout
+        for b in (rb["stop"] == 2).nonzero().squeeze(-1).tolist():
+            drift = ((rb["teacher_logp"][b] < math.log(0.036)) & rb["completion_mask"][b]).nonzero()
+            assert drift.numel() and int(rb["cut"][b]) > int(drift[0]), b
 
     # losses and gradients
     outs = []
@@ -222,11 +262,13 @@ def param_checksum(path: str) -> float:
     return sum(float(t.double().abs().sum()) for t in tensors.values())
 
 
-@pytest.mark.parametrize("termination", ["kat", "none"])  # "none": rollouts unscored, KL from the learner
+@pytest.mark.parametrize("termination", ["kat", "none", "kat_gated"])  # "none": rollouts unscored, KL from the learner
 def test_three_step_trajectory_identical(single_file, tiny_world, tmp_path, termination):
     from kat.train import train
 
-    common = dict(termination=termination, teacher=tiny_world["teacher"], student=tiny_world["student"],
+    gate = dict(gate="drift", drift_prob=0.036) if termination == "kat_gated" else {}
+    termination = termination.removesuffix("_gated")
+    common = dict(termination=termination, teacher=tiny_world["teacher"], student=tiny_world["student"], **gate,
                   train_data=tiny_world["train"],
                   eval_data="", steps=3, batch_size=4, samples_per_prompt=2, micro_batch_size=3,
                   max_new_tokens=24, chunk=4, window=4, stride=2, patience=1, exempt=0, eta=0.8,

@@ -14,7 +14,7 @@ from kat.toy.world import (FORMS, SEPS, WorldSpec, extract_answer, grade, make_s
                            read_jsonl, sample_problem, trace, world_specs, write_solution, write_step)
 
 TOY_DIR = Path(__file__).resolve().parents[1] / "kat" / "toy"
-WORLDS = ("rich", "plain")
+WORLDS = ("rich", "plain", "repeat")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
@@ -342,6 +342,36 @@ def test_sft_is_deterministic_for_a_seed():
     assert [h["loss"] for h in hist_a] == [h["loss"] for h in hist_b]
     c, _ = train("t", recipe, spec, tok, seed=6, exclude=set(), dev=dev, log=lambda _: None)
     assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
+
+
+def test_build_with_a_shared_teacher_names_it_and_trains_only_the_student(tmp_path):
+    import json
+
+    from kat.experiments.arms import world_name, world_overrides
+    from kat.toy import teacher_dir
+    from kat.toy.build import Recipe, build
+
+    tiny = Recipe(layers=1, hidden=16, ffn=32, heads=2, steps=2, lr=1e-3, warmup=1, batch_size=4, eval_every=2)
+    (tmp_path / "rich" / "teacher").mkdir(parents=True)  # stands for the shared teacher
+    record = build("repeat", out=tmp_path, teacher=tiny, student=tiny, log=lambda _: None,
+                   teacher_from=tmp_path / "rich" / "teacher")
+    assert record["teacher"] == {"from": "rich/teacher"} and "parameters" in record["student"]
+    assert not (tmp_path / "repeat" / "teacher").exists() and (tmp_path / "repeat" / "student").is_dir()
+    assert json.loads((tmp_path / "repeat" / "build.json").read_text())["teacher"] == {"from": "rich/teacher"}
+    assert teacher_dir(tmp_path, "repeat") == tmp_path / "rich" / "teacher"
+    assert teacher_dir(tmp_path, "rich") == tmp_path / "rich" / "teacher"
+    over = world_overrides("repeat", root=str(tmp_path))
+    assert over["teacher"] == str(tmp_path / "rich" / "teacher")
+    assert over["student"] == str(tmp_path / "repeat" / "student")
+    from kat.config import Config
+
+    assert world_name(Config(**over)) == "custom"  # not under the package's toy/ directory
+
+
+def test_repeat_world_student_data_degenerate_more_often():
+    rich, repeat = world_specs("rich"), world_specs("repeat")
+    assert repeat[0] == rich[0]  # the same teacher data (and so the same teacher)
+    assert repeat[1].p_repeat == 3 * rich[1].p_repeat and repeat[1].p_fwd == rich[1].p_fwd
 
 
 def test_sft_batch_masks_the_prompt_and_ends_healthy_rows_with_eos():

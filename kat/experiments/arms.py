@@ -17,6 +17,15 @@ Table 1 arms (what the learner sees per rollout):
   tokens generated past N before the chunk ends, which a cap never generates, so Fixed-N is
   FixedPrefix at the kept-length cap.
 Capped arms are evaluated at the config's full max_new_tokens (Config.eval_max_new_tokens).
+
+Beyond the paper:
+- KAT gated (`kat_gated`): the detector with the drift gate (gate: drift): a low-KL run counts
+  only after a token the teacher gives a probability below drift_prob (kat.detector.TrapDetector).
+- Cut after drift (`drift_cut`): the contrast to the gate, cutting right after the first drift
+  token without waiting for low KL (kat.detector.DriftTerminator).
+- OPD, KAT's normalisation (`opd_norm`): every token in the loss, but each step's loss divided by
+  the kept-token count of the seed's KAT run at that step (Config.norm_from). Dropping tokens
+  changes both which tokens teach and the normaliser; this control changes the normaliser only.
 """
 
 from __future__ import annotations
@@ -28,14 +37,16 @@ from dataclasses import replace
 from kat.config import TOY_DIR, Config, ConfigError, load_config
 
 TOY_ROOT = os.path.dirname(TOY_DIR)  # kat/toy: holds one folder per world
-WORLDS = ("rich", "plain")
+WORLDS = ("rich", "plain", "repeat")
 
-TABLE1_ARMS = ("opd", "kat", "random", "fixed_prefix", "fixed_n")
-LENGTH_MATCHED = ("random", "fixed_prefix", "fixed_n")  # their settings come from the seed's KAT run
+TABLE1_ARMS = ("opd", "kat", "kat_gated", "drift_cut", "opd_norm", "random", "fixed_prefix", "fixed_n")
+LENGTH_MATCHED = ("random", "fixed_prefix", "fixed_n", "opd_norm")  # their settings come from the seed's KAT run
 SENSITIVITY_ARMS = ("opd", "kat", "kat_q0.1", "kat_q0.5", "kat_zscore", "kat_p3")  # "kat": the config's own rule
 STATIC_ARMS = {
     "opd": {"termination": "none"},
     "kat": {"termination": "kat"},
+    "kat_gated": {"termination": "kat", "gate": "drift"},
+    "drift_cut": {"termination": "drift"},
     "kat_q0.1": {"termination": "kat", "rule": "quantile", "eta": 0.1},
     "kat_q0.5": {"termination": "kat", "rule": "quantile", "eta": 0.5},
     "kat_zscore": {"termination": "kat", "rule": "zscore"},
@@ -45,29 +56,33 @@ STATIC_ARMS = {
 LABELS = {
     "teacher": "teacher", "before": "student (before)", "opd": "OPD", "kat": "KAT",
     "random": "RandomTerm (kept length = KAT's)", "fixed_prefix": "FixedPrefix (cap = KAT's generated length)",
-    "fixed_n": "Fixed-N (cap = KAT's kept length)", "kat_q0.1": "KAT quantile eta=0.1",
+    "fixed_n": "Fixed-N (cap = KAT's kept length)", "kat_gated": "KAT gated (drift gate)",
+    "drift_cut": "cut after drift", "opd_norm": "OPD, KAT's normalisation", "kat_q0.1": "KAT quantile eta=0.1",
     "kat_q0.5": "KAT quantile eta=0.5", "kat_zscore": "KAT zscore", "kat_p3": "KAT patience 3",
 }
-ROW_ORDER = ("teacher", "before", "opd", "random", "fixed_prefix", "fixed_n", "kat", "kat_q0.1", "kat_q0.5",
-             "kat_zscore", "kat_p3")
+ROW_ORDER = ("teacher", "before", "opd", "opd_norm", "random", "fixed_prefix", "fixed_n", "kat", "kat_gated",
+             "drift_cut", "kat_q0.1", "kat_q0.5", "kat_zscore", "kat_p3")
 
 
 def world_overrides(world: str, root: str = TOY_ROOT) -> dict:
     """Teacher, student and data paths of a toy world (kat/toy/<world>/...)."""
     if world not in WORLDS:
         raise ConfigError(f"--world: unknown world {world!r}; choose from {', '.join(WORLDS)}")
+    from kat.toy import teacher_dir
+
     base = os.path.join(root, world)
-    if not os.path.isdir(os.path.join(base, "teacher")):
+    teacher = str(teacher_dir(root, world))
+    if not os.path.isdir(teacher) or not os.path.isdir(os.path.join(base, "student")):
         raise ConfigError(f"--world {world}: no checkpoints under {base}; build them with "
                           f"`python -m kat toy build --world {world}`")
-    return {"teacher": os.path.join(base, "teacher"), "student": os.path.join(base, "student"),
+    return {"teacher": teacher, "student": os.path.join(base, "student"),
             "train_data": os.path.join(base, "data", "train.jsonl"),
             "eval_data": os.path.join(base, "data", "test.jsonl")}
 
 
 def world_name(cfg: Config) -> str:
-    """The toy world a config's teacher belongs to, or 'custom'."""
-    parent = os.path.dirname(os.path.abspath(cfg.teacher))
+    """The toy world a config's student belongs to (worlds may share a teacher), or 'custom'."""
+    parent = os.path.dirname(os.path.abspath(cfg.student))
     name = os.path.basename(parent)
     return name if os.path.dirname(parent) == os.path.abspath(TOY_ROOT) else "custom"
 
@@ -81,11 +96,16 @@ def base_config(argv: list[str], world: str | None) -> Config:
     return cfg
 
 
+def seed_list(base: Config, seeds: int | list[int]) -> list[int]:
+    """--seeds as a list: a count n means seeds base.seed .. base.seed + n - 1."""
+    return list(seeds) if isinstance(seeds, (list, tuple)) else [base.seed + k for k in range(seeds)]
+
+
 def check_arms(arms: list[str]) -> None:
     unknown = [a for a in arms if a not in STATIC_ARMS and a not in LENGTH_MATCHED]
     if unknown:
         known = ", ".join(dict.fromkeys(TABLE1_ARMS + SENSITIVITY_ARMS))
-        raise ConfigError(f"--only: unknown arm(s) {unknown}; choose from {known}")
+        raise ConfigError(f"--arms: unknown arm(s) {unknown}; choose from {known}")
 
 
 def arm_overrides(arm: str, base: Config, kat: dict | None = None) -> dict:
@@ -94,7 +114,8 @@ def arm_overrides(arm: str, base: Config, kat: dict | None = None) -> dict:
 
     RandomTerm targets KAT's mean kept length (tokens in the loss per rollout); FixedPrefix caps
     generation at KAT's mean generated length rounded up; Fixed-N caps it at KAT's mean kept length
-    rounded. Capped arms are still evaluated at the base max_new_tokens.
+    rounded. Capped arms are still evaluated at the base max_new_tokens. The normalisation control
+    divides each step's loss by the kept-token count KAT logged at that step (its metrics.jsonl).
     """
     if arm in STATIC_ARMS:
         return dict(STATIC_ARMS[arm])
@@ -103,6 +124,8 @@ def arm_overrides(arm: str, base: Config, kat: dict | None = None) -> dict:
         raise ValueError(f"arm: unknown arm {arm!r}; choose from {known}")
     if kat is None:
         raise ValueError(f"arm {arm!r} is length-matched to KAT: pass the summary of the seed's KAT run as `kat`")
+    if arm == "opd_norm":
+        return {"termination": "none", "norm_from": os.path.join(kat["run_dir"], "metrics.jsonl")}
     if arm == "random":
         target = kat["kept_length"]
         if target >= base.max_new_tokens - 0.5:  # KAT cut (almost) nothing: its matched control is OPD
@@ -123,4 +146,6 @@ def describe_overrides(over: dict) -> str:
         return f"target {over['random_target_length']:.1f}"
     if "max_new_tokens" in over:
         return f"cap {over['max_new_tokens']}"
+    if over.get("norm_from"):
+        return "loss / KAT's kept tokens per step"
     return "no cut (KAT cut nothing)"

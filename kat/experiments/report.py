@@ -70,6 +70,28 @@ def markdown_table(rows: list[dict], ks: dict[str, int] | None = None) -> str:
     return "\n".join(lines)
 
 
+def per_seed_table(rows: list[dict], ks: dict[str, int] | None = None) -> str:
+    """Per seed, avg@k of each arm minus OPD's in the same seed (points), and the mean and std of
+    those differences: the paired comparison, free of the spread that seeds share."""
+    runs = {r["arm"]: r for r in rows if r["arm"] not in ("teacher", "before")}
+    opd = runs["opd"]["stats"]
+    sets = sorted(key.split("/")[0] for key in opd if key.endswith("/avg@k"))
+    seeds = [run.rstrip("/").rsplit("seed", 1)[-1] for run in runs["opd"]["runs"]]
+    head = [f"{s} avg@{(ks or {}).get(s, 'k')} - OPD, seed {seed}" for s in sets for seed in seeds]
+    lines = ["| arm | " + " | ".join(head + ["mean ± std"] * len(sets)) + " |",
+             "|---" * (len(head) + len(sets) + 1) + "|"]
+    for arm, r in runs.items():
+        if arm == "opd":
+            continue
+        cells, means = [], []
+        for s in sets:
+            diffs = [100 * (a - o) for a, o in zip(r["stats"][f"{s}/avg@k"]["values"], opd[f"{s}/avg@k"]["values"])]
+            cells += [f"{d:+.1f}" for d in diffs]
+            means.append(fmt(mean_std(diffs)))
+        lines.append(f"| {r['label']} | " + " | ".join(cells + means) + " |")
+    return "\n".join(lines)
+
+
 def matching_line(matching: dict) -> str:
     """What each seed's length-matched arms were set to, from its KAT run."""
     return "Length matching per seed: " + "; ".join(
@@ -90,10 +112,11 @@ def setup_line(cfg: Config) -> str:
             + eval_sets_text(cfg) + f" at temperature {cfg.eval_temperature}, every {cfg.eval_every} steps")
 
 
-def plan_line(name: str, order: list[str], seeds: int, cfg: Config, label: str) -> str:
+def plan_line(name: str, order: list[str], seeds: int | list[int], cfg: Config, label: str) -> str:
     """What an experiment will run, printed before it starts."""
     evals = (cfg.steps - 1) // cfg.eval_every + 2  # before, periodic ones, after
-    return (f"[{name}] world {label}: {len(order)} arms x {seeds} seeds = {len(order) * seeds} runs of {cfg.steps} "
+    n = len(seeds) if isinstance(seeds, (list, tuple)) else seeds
+    return (f"[{name}] world {label}: {len(order)} arms x {n} seeds = {len(order) * n} runs of {cfg.steps} "
             f"steps x {cfg.batch_size * cfg.samples_per_prompt} rollouts (<= {cfg.max_new_tokens} tokens), "
             f"{evals} evaluations per run on {eval_sets_text(cfg) or 'no set'}; arms: {', '.join(order)}")
 
@@ -105,14 +128,17 @@ def share(hits: list[bool]) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
 
-def shadow_summary(records: list[dict]) -> dict:
+def shadow_summary(records: list[dict], cut_key: str = "shadow_cut") -> dict:
     """What the shadow detector would have cut, split by how the rollouts end.
 
     correct_given_cut: of the rollouts it would cut, the share that still end correct (cuts of
     recoverable rollouts). cut_rate_wrong vs cut_rate_correct: the separation the method rests on.
     With toy positions: of cut wrong rollouts, the share cut at or after their first error; of cut
-    repeating rollouts, the share cut inside the repetition.
+    repeating rollouts, the share cut inside the repetition. `cut_key`: the record field holding
+    the cuts of the rule to summarise (shadow_cut: the recorded detector's; cut_gated, cut_drift:
+    replayed rules, kat.experiments.shadow.replay_cuts).
     """
+    records = [{**r, "shadow_cut": r.get(cut_key)} for r in records]
     cut = [r["shadow_cut"] is not None for r in records]
     right = [r["correct"] for r in records]
     out = {
@@ -128,25 +154,47 @@ def shadow_summary(records: list[dict]) -> dict:
     pos = out["cut_positions"]
     out["cut_position_mean"] = statistics.fmean(pos) if pos else None
     out["cut_position_median"] = statistics.median(pos) if pos else None
-    if records and "first_error" in records[0]:
+    if records and "repeat_start" in records[0]:
         out.update(toy_summary(records))
+    if records and "drift" in records[0]:
+        out.update(drift_summary(records))
+    return out
+
+
+def drift_summary(records: list[dict]) -> dict:
+    """How often rollouts hold a drift token (teacher probability < drift_prob at or after exempt),
+    by outcome, and (toy) where the first one sits relative to the first error."""
+    drift = [r["drift"] is not None for r in records]
+    out = {"drift_rate_correct": share([d for d, r in zip(drift, records) if r["correct"]]),
+           "drift_rate_wrong": share([d for d, r in zip(drift, records) if not r["correct"]])}
+    if "repeat_start" in records[0]:
+        out["drift_rate_repeating"] = share([d for d, r in zip(drift, records) if r["repeat_start"] is not None])
+        lags = [r["drift"] - r["first_error"] for r in records
+                if not r["correct"] and r["drift"] is not None and r.get("first_error") is not None]
+        if "first_error" in records[0]:
+            out["drift_lag_median"] = statistics.median(lags) if lags else None
     return out
 
 
 def toy_summary(records: list[dict]) -> dict:
-    """Where the cuts fall relative to the toy world's first error and first repetition."""
+    """Where the cuts fall relative to the first repetition (the toy world's repeated step, or a
+    loop found in a real model's tokens) and, in the toy world, the first error."""
     wrong_cut = [r for r in records if not r["correct"] and r["shadow_cut"] is not None]
     rep = [r for r in records if r.get("repeat_start") is not None]
-    return {
+    out = {
         "repeat_rate": share([r.get("repeat_start") is not None for r in records]),
         "cut_rate_repeating": share([r["shadow_cut"] is not None for r in rep]),
         "cut_rate_wrong_no_repeat": share([r["shadow_cut"] is not None for r in records
                                            if not r["correct"] and r.get("repeat_start") is None]),
-        "wrong_cut_at_or_after_error": share([r["first_error"] is not None and r["shadow_cut"] >= r["first_error"]
-                                              for r in wrong_cut]),
         "repeat_cut_inside_repeat": share([r["shadow_cut"] >= r["repeat_start"] for r in rep
                                            if r["shadow_cut"] is not None]),
+        "cuts_inside_repeat": share([r.get("repeat_start") is not None and r["shadow_cut"] >= r["repeat_start"]
+                                     for r in records if r["shadow_cut"] is not None]),
     }
+    if "first_error" in records[0]:
+        out["wrong_cut_at_or_after_error"] = share([r["first_error"] is not None and r["shadow_cut"] >= r["first_error"]
+                                                    for r in wrong_cut])
+    return out
 
 
 SHADOW_ROWS = (
@@ -158,14 +206,21 @@ SHADOW_ROWS = (
     ("cut_rate_wrong_no_repeat", "cut rate, wrong without repetition", 100),
     ("wrong_cut_at_or_after_error", "cut wrong rollouts cut at/after their first error", 100),
     ("repeat_cut_inside_repeat", "cut repeating rollouts cut inside the repetition", 100),
+    ("cuts_inside_repeat", "cuts that fall inside a repetition (all cuts)", 100),
     ("cut_position_median", "median cut position", 1),
+    ("drift_rate_correct", "rollouts with a drift token, ending correct", 100),
+    ("drift_rate_wrong", "rollouts with a drift token, ending wrong", 100),
+    ("drift_rate_repeating", "rollouts with a drift token, repeating", 100),
+    ("drift_lag_median", "median first drift - first error (wrong rollouts)", 1),
 )
 
 
-def shadow_markdown(summary: dict[str, dict]) -> str:
-    """One column per point (before / after training), one row per statistic (percentages)."""
+def shadow_markdown(summary: dict[str, dict], prefix: str = "student ") -> str:
+    """One column per point (before / after training; or any labelled summaries, with `prefix` ""),
+    one row per statistic (percentages)."""
     points = list(summary)
-    lines = ["| | " + " | ".join(f"student {p} training" for p in points) + " |", "|---" * (len(points) + 1) + "|"]
+    suffix = " training" if prefix else ""
+    lines = ["| | " + " | ".join(f"{prefix}{p}{suffix}" for p in points) + " |", "|---" * (len(points) + 1) + "|"]
     for key, name, scale in SHADOW_ROWS:
         if not any(key in summary[p] for p in points):
             continue

@@ -19,9 +19,10 @@ from dataclasses import replace
 import torch
 
 from kat.config import Config, render_kw
+from kat.controls import DriftTerminator
 from kat.data import filter_long_prompts, load_problems, step_batch, step_generator
-from kat.detector import window_means
-from kat.experiments.arms import STATIC_ARMS, base_config, world_name
+from kat.detector import TrapDetector, window_means
+from kat.experiments.arms import STATIC_ARMS, base_config, seed_list, world_name
 from kat.experiments.report import plan_line, setup_line, shadow_markdown, shadow_summary
 from kat.experiments.runs import git_commit, run_arm, summarize_run
 from kat.plot import plot_cut_positions, plot_traces, read_jsonl
@@ -65,10 +66,55 @@ def toy_positions(text: str, prompt: str, grader: str) -> dict:
     return {"first_error": tr.first_error, "repeat_start": tr.repeat_start}
 
 
-def graded_records(rollout, rows: list[dict], step: int, threshold: float | None, tokenizer, cfg: Config) -> list[dict]:
-    """One record per row: completion, grade, would-be cut, the threshold it was judged against, d and z."""
+RULES = {"shadow_cut": "paper's rule", "cut_gated": "drift-gated", "cut_drift": "cut after drift"}
+
+
+def fixed_threshold_detector(threshold: float, cfg: Config, gate: str = "none") -> TrapDetector:
+    """A shadow TrapDetector with cfg's window settings whose threshold is `threshold` and stays there
+    (a one-value quantile buffer: Q of one value is that value), active at once."""
+    det = TrapDetector(window=cfg.window, stride=cfg.stride, patience=cfg.patience, exempt=cfg.exempt, eta=cfg.eta,
+                       buffer_size=1, min_buffer=1, warmup_steps=0, shadow=True, gate=gate, drift_prob=cfg.drift_prob)
+    det.buffer = torch.tensor([threshold], dtype=torch.float64)
+    return det
+
+
+def replay_cuts(rollout, threshold: float | None, cfg: Config, gates: tuple[str, ...] = ("drift",),
+                drift_probs: tuple[float, ...] = ()) -> dict:
+    """Would-be cuts of other rules on a shadow rollout, fed exactly as the sampler fed the recorded
+    detector (the rollout's d_t and log q(y_t), chunk by chunk) with its threshold held fixed.
+
+    Returns {"cut_gated": (B,), "cut_drift": (B,), "drift": (B,)} long tensors (-1: none): the
+    drift-gated detector's cut (for each gate in `gates`; gate "none" replays the paper's rule as
+    "cut_none"), the cut-after-drift rule's cut, and the first drift position >= exempt, all at
+    cfg.drift_prob; for each p in `drift_probs` also "cut_gated@p" and "drift@p" at that drift_prob.
+    """
+    kl, valid, logp = rollout.kl, rollout.completion_mask, rollout.teacher_logp  # (B, T) each
+    B, T = kl.shape
+    dets = {("cut_gated" if g == "drift" else f"cut_{g}"): fixed_threshold_detector(threshold, cfg, g)
+            for g in gates if threshold is not None}
+    dets["cut_drift"] = DriftTerminator(exempt=cfg.exempt, drift_prob=cfg.drift_prob, warmup_steps=0, shadow=True)
+    for p in drift_probs:
+        if threshold is not None:
+            dets[f"cut_gated@{p:g}"] = fixed_threshold_detector(threshold, replace(cfg, drift_prob=p), "drift")
+        dets[f"cut_drift@{p:g}"] = DriftTerminator(exempt=cfg.exempt, drift_prob=p, warmup_steps=0, shadow=True)
+    states = {k: d.start(B) for k, d in dets.items()}
+    for t0 in range(0, T, cfg.chunk):
+        for k, d in dets.items():
+            d.observe(states[k], kl[:, t0:t0 + cfg.chunk], valid[:, t0:t0 + cfg.chunk],
+                      teacher_logp_chunk=logp[:, t0:t0 + cfg.chunk])
+    out = {k: st.would_cut for k, st in states.items() if not k.startswith("cut_drift@")}
+    out["drift"] = states["cut_drift"]._drift
+    out.update({f"drift@{p:g}": states[f"cut_drift@{p:g}"]._drift for p in drift_probs})
+    return out
+
+
+def graded_records(rollout, rows: list[dict], step: int, threshold: float | None, tokenizer, cfg: Config,
+                   drift_probs: tuple[float, ...] = ()) -> list[dict]:
+    """One record per row: completion, grade, would-be cut, the threshold it was judged against, d,
+    z and log q(y_t); and where the drift-gated and cut-after-drift rules would cut it (`replay_cuts`)."""
     from kat.evaluate import grade
 
+    replayed = {k: v.tolist() for k, v in replay_cuts(rollout, threshold, cfg, drift_probs=drift_probs).items()}
     records = []
     for b, p in enumerate(rows):
         n = int(rollout.completion_mask[b].sum())
@@ -78,17 +124,20 @@ def graded_records(rollout, rows: list[dict], step: int, threshold: float | None
         cut = int(rollout.shadow_cut[b])
         records.append({
             "step": step, "prompt": p["prompt"], "answer": str(p["answer"]), "completion": text,
+            "ids": rollout.completion_ids[b, :n].tolist(),
             "length": n, "stop": STOP_NAMES[int(rollout.stop[b])], "shadow_cut": cut if cut >= 0 else None,
             "correct": grade(text, str(p["answer"]), cfg.grader), "threshold": threshold,
             "kl": [round(x, 6) for x in kl.tolist()],
             "z": [None if math.isnan(x) else round(x, 6) for x in window_means(kl, cfg.window).tolist()],
+            "teacher_logp": [round(x, 4) for x in rollout.teacher_logp[b, :n].tolist()],
+            **{k: (v[b] if v[b] >= 0 else None) for k, v in replayed.items()},
             **toy_positions(text, p["prompt"], cfg.grader)})
     return records
 
 
 @torch.no_grad()
 def shadow_rollouts(student, teacher, tokenizer, problems: list[dict], cfg: Config, detector, *, batches: int,
-                    first_step: int = 0, max_calibration: int = 100) -> list[dict]:
+                    first_step: int = 0, max_calibration: int = 100, drift_probs: tuple[float, ...] = ()) -> list[dict]:
     """Sample training batches with a shadow detector; one graded record per rollout.
 
     The prompts are those training would see at steps first_step, first_step + 1, ... . While the
@@ -116,7 +165,7 @@ def shadow_rollouts(student, teacher, tokenizer, problems: list[dict], cfg: Conf
             detector.end_batch(state, calibrated)
             calibrated += 1
             continue
-        records += graded_records(rollout, rows, step - 1, state.threshold, tokenizer, cfg)
+        records += graded_records(rollout, rows, step - 1, state.threshold, tokenizer, cfg, drift_probs)
     return records
 
 
@@ -194,7 +243,8 @@ def shadow_plots(records: dict[str, list[dict]], cfg: Config, out: str, label: s
 # ---------------------------------------------------------------------------------------------
 # The experiment
 
-def shadow_world(base: Config, seeds: int, out: str, label: str, batches: int, log=print) -> tuple[dict, list[str]]:
+def shadow_world(base: Config, seeds: int | list[int], out: str, label: str, batches: int,
+                 log=print) -> tuple[dict, list[str]]:
     """Shadow runs and graded rollouts of one world: its entry of shadow.json and its markdown lines."""
     from kat.models import load_model, load_tokenizer
 
@@ -203,27 +253,32 @@ def shadow_world(base: Config, seeds: int, out: str, label: str, batches: int, l
     problems = train_problems(tokenizer, base)
     records: dict[str, list[dict]] = {p: [] for p in POINTS}
     runs = []
-    for k in range(seeds):
-        cfg = replace(base, seed=base.seed + k)
+    for seed in seed_list(base, seeds):
+        cfg = replace(base, seed=seed)
         cfg = replace(cfg, output_dir=os.path.join(out, label, "shadow", f"seed{cfg.seed}"))
         runs.append(summarize_run(run_arm(cfg, "shadow", cfg.seed, log)))
         for point in records:
             records[point] += diagnose(cfg.output_dir, cfg, point, teacher, tokenizer, problems, batches, log)
     summary = {p: shadow_summary(r) for p, r in records.items()}
+    rules = {p: {rule: shadow_summary(r, rule) for rule in RULES} for p, r in records.items()}
     plots = shadow_plots(records, base, out, label)
     training_rate = statistics.fmean(r["shadow_rate"] for r in runs)
-    entry = {"config": base.to_dict(), "summary": summary, "plots": plots,
+    entry = {"config": base.to_dict(), "summary": summary, "rules": rules, "plots": plots,
              "shadow_runs": [r["run_dir"] for r in runs], "shadow_rate_during_training": training_rate}
-    md = [f"## {label} world ({seeds} seed(s); {batches} batches of "
+    columns = {f"{name}, {p}": rules[p][rule] for rule, name in RULES.items() for p in rules}
+    md = [f"## {label} world (seeds {', '.join(map(str, seed_list(base, seeds)))}; {batches} batches of "
           f"{base.batch_size * base.samples_per_prompt} rollouts per seed and point)", "", setup_line(base), "",
           shadow_markdown(summary), "",
+          f"The same rollouts judged by the drift-gated rule (drift_prob {base.drift_prob}) and by the cut-after-drift "
+          "contrast, replayed on each rollout's recorded d_t and log q(y_t) with the same threshold:", "",
+          shadow_markdown(columns, prefix=""), "",
           f"Would-be cut rate over the shadow run's own training rollouts (warm-up included): "
           f"{100 * training_rate:.1f}%.", "",
           f"![cut positions]({os.path.basename(plots['cut_positions'])})", ""]
     return entry, md
 
 
-def run_shadow(argv: list[str], seeds: int, out: str, worlds: list[str | None], batches: int = 8,
+def run_shadow(argv: list[str], seeds: int | list[int], out: str, worlds: list[str | None], batches: int = 8,
                dry_run: bool = False, command: str = "", log=print) -> dict:
     """Shadow KAT runs, then graded shadow rollouts of the student before and after training.
 

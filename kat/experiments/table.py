@@ -9,9 +9,9 @@ import time
 from dataclasses import replace
 
 from kat.config import Config
-from kat.experiments.arms import (LABELS, LENGTH_MATCHED, ROW_ORDER, arm_overrides, base_config, check_arms,
+from kat.experiments.arms import (LABELS, LENGTH_MATCHED, ROW_ORDER, arm_overrides, base_config, check_arms, seed_list,
                                   world_name)
-from kat.experiments.report import markdown_table, matching_line, plan_line, setup_line, table_rows
+from kat.experiments.report import markdown_table, matching_line, per_seed_table, plan_line, setup_line, table_rows
 from kat.experiments.runs import (eval_specs, evaluate_teacher, git_commit, run_arm, summarize_run,
                                   teacher_results)
 from kat.plot import plot_learning_curves
@@ -23,7 +23,7 @@ def arm_order(arms: list[str]) -> list[str]:
     return (["kat"] if needs_kat else []) + [a for a in arms if a != "kat"]
 
 
-def run_arms(order: list[str], base: Config, seeds: int, out: str, label: str, teacher: bool,
+def run_arms(order: list[str], base: Config, seeds: int | list[int], out: str, label: str, teacher: bool,
              log=print) -> tuple[dict[str, list[dict]], list[dict], dict]:
     """Every arm of `order` for every seed, KAT before the arms matched to it.
 
@@ -31,9 +31,9 @@ def run_arms(order: list[str], base: Config, seeds: int, out: str, label: str, t
     """
     summaries: dict[str, list[dict]] = {a: [] for a in order}
     teacher_evals, matching = [], {}
-    for k in range(seeds):
-        seed_cfg = replace(base, seed=base.seed + k)
-        seed = seed_cfg.seed
+    seeds = seed_list(base, seeds)
+    for k, seed in enumerate(seeds):
+        seed_cfg = replace(base, seed=seed)
         if teacher:
             t_cfg = replace(seed_cfg, output_dir=os.path.join(out, label, "teacher", f"seed{seed}"))
             teacher_evals.append(teacher_results(evaluate_teacher(t_cfg, log)))
@@ -50,11 +50,11 @@ def run_arms(order: list[str], base: Config, seeds: int, out: str, label: str, t
                 matching[seed][arm] = over
             if k == 0 and arm == order[0]:
                 log(f"first run: {summary['wall_s']:.0f} s wall, so about "
-                    f"{summary['wall_s'] * len(order) * seeds / 60:.0f} min for the {label} world")
+                    f"{summary['wall_s'] * len(order) * len(seeds) / 60:.0f} min for the {label} world")
     return summaries, teacher_evals, matching
 
 
-def table_world(name: str, arms: list[str], base: Config, seeds: int, out: str, label: str,
+def table_world(name: str, arms: list[str], base: Config, seeds: int | list[int], out: str, label: str,
                 log=print) -> tuple[dict, list[str]]:
     """One world's runs, table and curves: its entry of <name>.json and its markdown lines."""
     t0 = time.perf_counter()
@@ -69,8 +69,11 @@ def table_world(name: str, arms: list[str], base: Config, seeds: int, out: str, 
                                   f"{name}, {label} world", refs, keep_data=True)
     entry = {"config": base.to_dict(), "rows": rows, "matching": matching, "curves": curves,
              "minutes": (time.perf_counter() - t0) / 60}
-    md = [f"## {label} world ({seeds} seed(s), mean ± std over seeds)", "", setup_line(base), "",
-          markdown_table(rows, {s.name: s.k for s in eval_specs(base)}), ""]
+    ks = {s.name: s.k for s in eval_specs(base)}
+    md = [f"## {label} world (seeds {', '.join(map(str, seed_list(base, seeds)))}; mean ± std over seeds)", "",
+          setup_line(base), "", markdown_table(rows, ks), ""]
+    if "opd" in summaries and len(summaries) > 1:
+        md += ["Per seed, each arm's avg@k minus OPD's in the same seed (points):", "", per_seed_table(rows, ks), ""]
     if any(len(m) > 2 for m in matching.values()):
         md += [matching_line(matching), ""]
     if curves:
@@ -78,7 +81,7 @@ def table_world(name: str, arms: list[str], base: Config, seeds: int, out: str, 
     return entry, md
 
 
-def run_table(name: str, arms: list[str], argv: list[str], seeds: int, out: str, worlds: list[str | None],
+def run_table(name: str, arms: list[str], argv: list[str], seeds: int | list[int], out: str, worlds: list[str | None],
               dry_run: bool = False, command: str = "", log=print) -> dict:
     """Run `arms` x `seeds` on each world; write DIR/<name>.md, DIR/<name>.json and the curves.
 

@@ -1,6 +1,7 @@
 """Build the toy world: prompt files, tokenizer, and a teacher and a student trained from scratch.
 
-    python -m kat toy build [--world rich|plain] [--seed 0] [--out kat/toy] [--threads 1] [--device cpu]
+    python -m kat toy build [--world rich|plain|repeat] [--seed 0] [--out kat/toy] [--threads 1] [--device cpu]
+                            [--teacher-from DIR]
 
 Both models are Llama decoders built from a config and trained by supervised fine-tuning on
 fresh random problems (never a test prompt), loss on the completion tokens only. The teacher is
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -181,8 +183,13 @@ def save(model: LlamaForCausalLM, tokenizer, path: Path) -> None:
 
 
 def build(world: str = "rich", seed: int = 0, out: str | Path = TOY_DIR, threads: int | None = None,
-          teacher: Recipe = TEACHER, student: Recipe = STUDENT, log=print, device: str = "cpu") -> dict:
-    """Write ``<out>/<world>/{data,teacher,student}`` and return the build record."""
+          teacher: Recipe = TEACHER, student: Recipe = STUDENT, log=print, device: str = "cpu",
+          teacher_from: str | Path | None = None) -> dict:
+    """Write ``<out>/<world>/{data,teacher,student}`` and return the build record.
+
+    With `teacher_from` (a teacher checkpoint of another world with the same teacher spec, prompts
+    and seed) no teacher is trained or written: build.json names that checkpoint instead.
+    """
     teacher_spec, student_spec = world_specs(world)
     if threads:
         torch.set_num_threads(threads)
@@ -199,8 +206,12 @@ def build(world: str = "rich", seed: int = 0, out: str | Path = TOY_DIR, threads
 
     record = {"world": world, "seed": seed, "device": device, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "difficulty": DIFFICULTY}
+    if teacher_from is not None:  # named relative to `out` (kat.toy.teacher_dir resolves it), not copied
+        record["teacher"] = {"from": os.path.relpath(Path(teacher_from).resolve(), Path(out).resolve())}
     for name, recipe, spec, model_seed in (("teacher", teacher, teacher_spec, seed + 10),
                                            ("student", student, student_spec, seed + 20)):
+        if name == "teacher" and teacher_from is not None:
+            continue
         t1 = time.time()
         model, history = train(name, recipe, spec, tokenizer, seed=model_seed, exclude=held_out, dev=dev, log=log,
                                device=device)
@@ -216,8 +227,11 @@ def build(world: str = "rich", seed: int = 0, out: str | Path = TOY_DIR, threads
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="kat toy build", description=__doc__.split("\n")[0])
-    p.add_argument("--world", choices=sorted(("rich", "plain")), default="rich",
-                   help="rich: varied spellings + repetition mode (default); plain: one spelling")
+    p.add_argument("--world", choices=sorted(("rich", "plain", "repeat")), default="rich",
+                   help="rich: varied spellings + repetition mode (default); plain: one spelling; repeat: rich with "
+                   "a student that repeats more often (use --teacher-from)")
+    p.add_argument("--teacher-from", default=None, help="reuse this teacher checkpoint instead of training one "
+                   "(it must come from a world with the same teacher spec and seed, e.g. kat/toy/rich/teacher)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling (default 0)")
     p.add_argument("--out", default=str(TOY_DIR), help="parent directory of <world>/ (default: the package's toy/)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: models this small "
@@ -229,4 +243,4 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    return build(args.world, args.seed, args.out, args.threads, device=args.device)
+    return build(args.world, args.seed, args.out, args.threads, device=args.device, teacher_from=args.teacher_from)

@@ -1,6 +1,6 @@
 """Does low KL tell healthy from trapped rollouts in the toy world?
 
-    python -m kat toy stats [--world rich|plain] [--n 200]
+    python -m kat toy stats [--world rich|plain|repeat] [--n 200]
 
 The student samples one completion per test prompt (temperature 1). One forward pass of each
 model over the finished sequences gives the per-token reverse KL
@@ -173,11 +173,13 @@ def toy_stats(world: str = "rich", root: str | Path = TOY_DIR, n: int = 200, see
 
     if threads:
         torch.set_num_threads(threads)
-    base = Path(root) / world
-    if not (base / "teacher").exists():
+    from kat.toy import teacher_dir
+
+    base, teacher_path = Path(root) / world, teacher_dir(root, world)
+    if not teacher_path.exists():
         raise FileNotFoundError(f"no toy checkpoints under {base}; run `python -m kat toy build --world {world}`")
-    tokenizer = AutoTokenizer.from_pretrained(base / "teacher")
-    teacher = AutoModelForCausalLM.from_pretrained(base / "teacher").eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
     student = AutoModelForCausalLM.from_pretrained(base / "student").eval()
     rows = read_jsonl(base / "data" / "test.jsonl")
     rows = (rows * (n // len(rows) + 1))[:n]  # one rollout per prompt; cycle if n > split size
@@ -224,7 +226,8 @@ def print_stats(res: dict) -> None:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="kat toy stats", description=__doc__.split("\n")[0])
-    p.add_argument("--world", choices=("rich", "plain"), default="rich", help="which toy world (default rich)")
+    p.add_argument("--world", choices=("rich", "plain", "repeat"), default="rich",
+                   help="which toy world (default rich)")
     p.add_argument("--root", default=str(TOY_DIR), help="directory holding <world>/ (default: the package's toy/)")
     p.add_argument("--n", type=int, default=200, help="student rollouts, one per test prompt (default 200)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")

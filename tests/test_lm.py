@@ -1,0 +1,102 @@
+"""The n-gram loop finder of the real-model experiment, and its records, summaries and pictures."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kat.experiments.lm import find_loop, marked_text, pick_lm_examples, text_traces_figure
+from kat.experiments.report import shadow_summary
+
+
+def brute_force_loop(ids, min_repeats, min_span, max_period):
+    """Every segment [s, e) and period p checked against the definition; the earliest repeated
+    copy (s + p) wins, then the shorter period."""
+    best = None
+    for p in range(1, max_period + 1):
+        for s in range(len(ids)):
+            for e in range(s + max(min_repeats * p, min_span), len(ids) + 1):
+                if all(ids[t] == ids[t - p] for t in range(s + p, e)):
+                    cand = (s + p, p)
+                    if best is None or cand < best:
+                        best = cand
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_loop_finder_matches_brute_force(seed):
+    rng = random.Random(seed)
+    alphabet = rng.choice([2, 3, 5])
+    ids = [rng.randrange(alphabet) for _ in range(rng.randint(0, 30))]
+    if rng.random() < 0.6:  # plant a loop
+        unit = [rng.randrange(alphabet) for _ in range(rng.randint(1, 5))]
+        at = rng.randint(0, len(ids))
+        ids = ids[:at] + unit * rng.randint(2, 6) + ids[at:]
+    kw = dict(min_repeats=rng.choice([2, 3]), min_span=rng.choice([1, 4, 8]), max_period=rng.choice([3, 6]))
+    assert find_loop(ids, **kw) == brute_force_loop(ids, **kw), (ids, kw)
+
+
+def test_loop_finder_by_hand():
+    text = "I think so. The answer is 4. The answer is 4. The answer is 4."
+    ids = [ord(c) for c in text]
+    start, period = find_loop(ids)
+    # the periodic stretch reaches back to the '.' of "so.", which equals the '.' of "4.": its first
+    # copy is ". The answer is 4", and the loop is reported from the second
+    assert (start, period) == (27, 17)
+    assert text[start - period:start] == text[start:start + period] == ". The answer is 4"
+    assert find_loop([ord(c) for c in "no loop in this sentence at all"]) is None
+    assert find_loop([7] * 11) is None and find_loop([7] * 12) == (1, 1)  # min_span 12
+    assert find_loop([1, 2] * 3, min_span=1) == (2, 2) and find_loop([1, 2] * 2, min_span=1) is None  # 3 copies
+    assert find_loop(list(range(100)) * 3, max_period=64) is None  # a unit longer than max_period
+
+
+def test_loop_finder_agrees_with_the_toy_worlds_repetition():
+    from kat.toy.world import WorldSpec, sample_problem, trace, write_solution
+
+    rng = random.Random(0)
+    spec = WorldSpec("rich", p_fwd=0.5, p_semicolon=0.5, p_repeat=0.5)
+    checked = 0
+    for _ in range(300):
+        problem = sample_problem(rng)
+        text, _ = write_solution(problem, spec, rng)
+        tr = trace(text, problem)
+        loop = find_loop([ord(c) for c in text], min_repeats=2, min_span=10)
+        if tr.repeat_start is not None:
+            checked += 1
+            # the same period; the token-level start may reach back over characters the repeated step
+            # shares with the one before it ("32;32+60=92;..."), never by a whole step
+            assert loop is not None and loop[1] == tr.repeat_len, text
+            assert tr.repeat_start - tr.repeat_len < loop[0] <= tr.repeat_start, text
+        else:
+            assert loop is None, text
+    assert checked > 100
+
+
+def rec(correct, cut, gated, loop, length=60):
+    return {"correct": correct, "shadow_cut": cut, "cut_gated": gated, "cut_drift": None, "drift": None,
+            "repeat_start": loop, "length": length, "answer": "5", "prompt": "How many?", "threshold": 0.2,
+            "kl": [0.1] * length, "z": [None] * 15 + [0.1] * (length - 15),
+            "tokens": [f"w{i} " for i in range(length)]}
+
+
+def test_loop_summary_and_examples():
+    recs = [rec(False, 30, 30, 20), rec(False, 10, None, 20), rec(True, 12, None, None), rec(True, None, None, None),
+            rec(False, None, None, 40)]
+    paper, gated = shadow_summary(recs), shadow_summary(recs, "cut_gated")
+    assert paper["repeat_rate"] == 3 / 5 and paper["cut_rate_repeating"] == pytest.approx(2 / 3)
+    assert paper["cuts_inside_repeat"] == pytest.approx(1 / 3)  # of 3 cuts, one lands inside its loop
+    assert paper["cut_rate_correct"] == 0.5 and "wrong_cut_at_or_after_error" not in paper
+    assert gated["cut_rate"] == 0.2 and gated["cuts_inside_repeat"] == 1.0 and gated["cut_rate_correct"] == 0.0
+    picked = pick_lm_examples(recs)
+    # a loop cut, a cut without a loop, one the gate vetoes, and a correct rollout not drawn yet
+    assert picked == [recs[0], recs[2], recs[1], recs[3]]
+    text = marked_text(recs[0])
+    assert "[LOOP]w20" in text and "[CUT][GATED CUT]w30" in text
+    fig = text_traces_figure(picked, window=16, title="t")
+    lines = [ln.get_label() for ln in fig.axes[0].get_lines()]
+    assert "paper's would-be cut" in lines and "loop starts repeating" in lines and "threshold s" in lines
+    assert "[CUT]" in fig.axes[1].texts[0].get_text()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
