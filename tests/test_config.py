@@ -161,7 +161,8 @@ def _takers() -> dict:
 
     model = torch.nn.Linear(2, 2)
     prompt = (torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool))
-    sampler = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "chunk": 1, "topk": 0, "score": True}
+    sampler = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "chunk": 1, "topk": 0, "score": True,
+               "teacher_cache_mb": 0.0}
     optimizer = {"lr": 1e-3, "steps": 10, "warmup_ratio": 0.0, "weight_decay": 0.0}
     out = {n: [({}, TrapDetector)] for n in ("rule", "patience", "eta", "warmup_steps", "kappa", "ema", "stride",
                                             "min_buffer")}
@@ -170,7 +171,7 @@ def _takers() -> dict:
     out["exempt"] = [({}, TrapDetector), ({}, lambda exempt: RandomTerminator(target_length=exempt + 5, exempt=exempt))]
     for n in optimizer:
         out[n] = [({}, lambda **kw: build_optimizer(model, **{**optimizer, **kw}))]
-    for n in ("max_new_tokens", "temperature", "top_p", "chunk", "topk"):
+    for n in ("max_new_tokens", "temperature", "top_p", "chunk", "topk", "teacher_cache_mb"):
         out[n] = [({}, lambda **kw: _check_args(*prompt, **{**sampler, **kw}))]
     out["micro_batch_size"] = [({}, lambda micro_batch_size: learn(model, None, None, None, Accelerator(cpu=True),
                                                                    kind="topk", micro_batch_size=micro_batch_size))]
@@ -180,7 +181,7 @@ def _takers() -> dict:
 @pytest.mark.parametrize("name", sorted(["rule", "patience", "eta", "warmup_steps", "kappa", "ema", "window",
                                          "stride", "buffer_size", "min_buffer", "exempt", "lr", "steps",
                                          "warmup_ratio", "weight_decay", "max_new_tokens", "temperature",
-                                         "top_p", "chunk", "topk", "micro_batch_size"]))
+                                         "top_p", "chunk", "topk", "teacher_cache_mb", "micro_batch_size"]))
 def test_classes_reject_exactly_what_config_rejects(name):
     f = next(f for f in RANGED if f.name == name)
     bad = out_of_range(f)
