@@ -140,7 +140,8 @@ def encode(tokenizer, texts: list[str], device: torch.device) -> tuple[torch.Ten
 
 def ours_steps(student, teacher, tokenizer, texts: list[str], device: torch.device, *, max_new_tokens: int,
                lr: float, warmup: int, steps: int, seed: int, eos: bool = True, kat: bool = False,
-               loss: str = "full", teacher_cache_mb: float | None = None) -> list[dict]:
+               loss: str = "full", teacher_cache_mb: float | None = None,
+               micro_batch_size: int | None = None) -> list[dict]:
     """Time `steps` training steps (after `warmup`): sample + learn + optimiser step.
 
     eos False: no EOS stops, every row generates `max_new_tokens`. kat: the toy's TrapDetector.
@@ -191,7 +192,8 @@ def ours_steps(student, teacher, tokenizer, texts: list[str], device: torch.devi
             start = time.perf_counter()
             r = rollout(step)
             stats = learner.learn(student, r, optimizer, scheduler, accelerator, kind=loss,
-                                  micro_batch_size=len(texts), teacher=teacher if loss == "full" else None,
+                                  micro_batch_size=micro_batch_size or len(texts),
+                                  teacher=teacher if loss == "full" else None,
                                   max_grad_norm=1.0)
             common.synchronize(accelerator.device)
             seconds = time.perf_counter() - start
@@ -286,7 +288,8 @@ def trl_steps(student, teacher, tokenizer, texts: list[str], device: torch.devic
 @dataclass(frozen=True)
 class Run:
     """One row: which table, its label, whose trainer, EOS stops, KAT, our loss estimator, and the
-    budget for the lockstep teacher's kept logits (None: the config's default)."""
+    budget for the lockstep teacher's kept logits (None: the config's default) and the learner's
+    micro-batch size (None: the whole batch)."""
 
     table: str
     name: str
@@ -295,6 +298,7 @@ class Run:
     kat: bool = False
     loss: str = "full"
     teacher_cache_mb: float | None = None
+    micro_batch_size: int | None = None
 
 
 # The fixed-length table isolates the step's machinery (both sides generate exactly max_new_tokens
@@ -307,6 +311,8 @@ RUNS = [
     Run("toy", "ours, no termination", "ours", eos=True),
     Run("toy", "ours, KAT", "ours", eos=True, kat=True),
     Run("toy", "ours, KAT, teacher again in learn", "ours", eos=True, kat=True, teacher_cache_mb=0.0),
+    Run("toy", "ours, no termination, micro-batches of 16", "ours", eos=True, micro_batch_size=16),
+    Run("toy", "ours, KAT, micro-batches of 16", "ours", eos=True, kat=True, micro_batch_size=16),
     Run("toy", "ours, no termination, topk K=V", "ours", eos=True, loss="topk"),
     Run("toy", "ours, KAT, topk K=V", "ours", eos=True, kat=True, loss="topk"),
 ]
@@ -392,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
                                                      eos=run.eos, **kw)
             else:
                 done = ours_steps(student, teacher, tokenizer, texts, device, seed=seed, eos=run.eos, kat=run.kat,
-                                  loss=run.loss, teacher_cache_mb=run.teacher_cache_mb, **kw)
+                                  loss=run.loss, teacher_cache_mb=run.teacher_cache_mb,
+                                  micro_batch_size=run.micro_batch_size, **kw)
             steps[run.table, run.name] += done
             print(f"  block {block}: {run.table} / {run.name}: {[round(s['seconds'], 2) for s in done]}",
                   file=sys.stderr, flush=True)

@@ -191,12 +191,24 @@ def _backward_micro_batch(student, teacher, part: Rollout, kind: str, accelerato
 @torch.no_grad()
 def _token_kl(student, teacher, rollout: Rollout, micro_batch_size: int, device) -> Tensor:
     """d_t at every generated position (B, T), 0 elsewhere, without gradient."""
-    parts = []
-    for i in range(0, rollout.prompt_ids.shape[0], micro_batch_size):
-        part = rollout.select(slice(i, i + micro_batch_size)).to(device)
-        kl = _full_kl(completion_logits(student, part), completion_logits(teacher, part))  # (b, T)
-        parts.append(torch.where(part.completion_mask.bool(), kl, 0.0))
-    return torch.cat(parts)
+    out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=device)  # (B, T)
+    for rows in micro_batches(rollout, micro_batch_size):
+        part = rollout.select(rows).trim().to(device)
+        kl = _full_kl(completion_logits(student, part), completion_logits(teacher, part))  # (b, T')
+        out[rows, : kl.shape[1]] = torch.where(part.completion_mask.bool(), kl, 0.0)
+    return out
+
+
+def micro_batches(rollout: Rollout, micro_batch_size: int) -> list[slice | Tensor]:
+    """The rows of each micro-batch. With more than one, rows are grouped by completion length, so
+    that each micro-batch, trimmed to its own extent (`Rollout.trim`), carries little padding; the
+    accumulated gradient is the same sum over tokens in any grouping. One micro-batch keeps the
+    rows' order (a slice: `select` then takes views)."""
+    B = rollout.prompt_ids.shape[0]
+    if micro_batch_size >= B:
+        return [slice(0, B)]
+    order = rollout.lengths.cpu().argsort(stable=True)  # (B,)
+    return list(order.split(micro_batch_size))
 
 
 def _result(loss: float, grad_norm: float, n_tokens: float, bad_rows: list[int], token_kl: list[Tensor],
@@ -204,8 +216,30 @@ def _result(loss: float, grad_norm: float, n_tokens: float, bad_rows: list[int],
     """What `learn` returns, built in one place for the step taken and for each way of skipping it."""
     out = {"loss": loss, "grad_norm": grad_norm, "n_tokens": int(n_tokens), "finite": finite, "bad_rows": bad_rows}
     if token_kl:
-        out["token_kl"] = torch.cat(token_kl)  # (B, T)
+        out["token_kl"] = token_kl[0]  # (B, T)
     return out
+
+
+def _accumulate(student, teacher, rollout: Rollout, kind: str, accelerator, micro_batch_size: int, *,
+                scale: float, use_kept: bool) -> tuple[Tensor, list[int], list[Tensor]]:
+    """Backpropagate every micro-batch (gradients synchronised on the last one only). Returns the
+    summed loss, the rows (of `rollout`) whose loss is not finite and, for ``full``, [d_t (B, T)]."""
+    device = accelerator.device
+    parts = micro_batches(rollout, micro_batch_size)
+    row_index = torch.arange(rollout.prompt_ids.shape[0])  # (B,)
+    loss_total = torch.zeros((), dtype=torch.float32, device=device)
+    bad_rows: list[int] = []
+    token_kl = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=device)  # (B, T)
+    for n, rows in enumerate(parts):
+        part = rollout.select(rows).trim().to(device)
+        with contextlib.nullcontext() if n == len(parts) - 1 else accelerator.no_sync(student):
+            row_loss, kl = _backward_micro_batch(student, teacher, part, kind, accelerator, scale=scale,
+                                                 use_kept=use_kept)  # (b,), (b, T')
+        bad_rows += row_index[rows][~torch.isfinite(row_loss).cpu()].tolist()
+        loss_total += row_loss.sum()
+        if kl is not None:
+            token_kl[rows, : kl.shape[1]] = kl
+    return loss_total, sorted(bad_rows), [token_kl] if kind == "full" else []
 
 
 def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, accelerator, *, kind: str,
@@ -250,20 +284,8 @@ def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, acce
             kl = [_token_kl(student, teacher, rollout, micro_batch_size, device)]
         return _result(0.0, 0.0, 0, [], kl)
 
-    starts = list(range(0, rollout.prompt_ids.shape[0], micro_batch_size))
-    loss_total = torch.zeros((), dtype=torch.float32, device=device)
-    bad_rows: list[int] = []
-    token_kl: list[Tensor] = []
-    for i in starts:
-        part = rollout.select(slice(i, i + micro_batch_size)).to(device)
-        with contextlib.nullcontext() if i == starts[-1] else accelerator.no_sync(student):
-            row_loss, kl = _backward_micro_batch(student, teacher, part, kind, accelerator,
-                                                 scale=accelerator.num_processes / n_global,
-                                                 use_kept=use_kept)  # (b,), (b, T)
-        bad_rows += (~torch.isfinite(row_loss)).nonzero().squeeze(-1).add(i).tolist()
-        loss_total += row_loss.sum()
-        if kl is not None:
-            token_kl.append(kl)
+    loss_total, bad_rows, token_kl = _accumulate(student, teacher, rollout, kind, accelerator, micro_batch_size,
+                                                 scale=accelerator.num_processes / n_global, use_kept=use_kept)
 
     # Every process must agree to skip, or their parameters would drift apart.
     n_bad = accelerator.reduce(torch.tensor(float(len(bad_rows)), device=device), "sum").item()

@@ -86,6 +86,23 @@ class Rollout:
         offset = torch.arange(len(row_of)) - (counts[picked].cumsum(0) - counts[picked])[row_of]  # (n,)
         return (first[row_of] + offset).to(self.teacher_logits.device)  # (n,)
 
+    def trim(self) -> Rollout:
+        """The same rows without the columns that are padding in every row: prompt columns before the
+        first real token of any row, completion columns past the longest completion. Nothing a loss
+        reads changes (pads are never attended and positions come from the mask), and a micro-batch
+        of short rows then costs what its rows are long, not what the whole batch's longest is."""
+        first = int(self.prompt_mask.any(0).long().argmax()) if self.prompt_mask.numel() else 0
+        T = int(self.lengths.max()) if self.completion_mask.numel() else 0
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("prompt_ids", "prompt_mask"):
+                v = v[:, first:]  # (b, P')
+            elif isinstance(v, Tensor) and v.dim() >= 2 and f.name != "teacher_logits":
+                v = v[:, :T]  # (b, T', ...)
+            out[f.name] = v
+        return Rollout(**out)
+
     def to(self, device: torch.device | str) -> Rollout:
         out = {}
         for f in fields(self):

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kat.learner import build_optimizer, completion_logits, learn, opd_loss
+from kat.learner import build_optimizer, completion_logits, learn, micro_batches, opd_loss
 from kat.rollout import STOP_EOS, STOP_LENGTH, STOP_TRAP, Rollout
 from kat.scorer import topk_tail
 
@@ -279,6 +279,34 @@ def test_full_step_returns_the_rollouts_kl_and_unscored_rollouts_learn_the_same(
     _, stats_empty = one_step(student, teacher, empty, "full", micro_batch_size)
     assert stats_empty["n_tokens"] == 0
     torch.testing.assert_close(stats_empty["token_kl"], stats["token_kl"], rtol=1e-6, atol=1e-7)
+
+
+def test_micro_batches_group_rows_by_length_and_trim_drops_only_padding(models):
+    """Several micro-batches: every row once, by completion length; each trimmed part loses only
+    columns that are padding in all its rows, and its logits still equal unpadded per-row forwards."""
+    student, teacher = models
+    r = make_rollout(student, teacher, batch=8, prompt_len=6, completion_len=9, seed=5)
+    assert micro_batches(r, 8) == [slice(0, 8)] and micro_batches(r, 100) == [slice(0, 8)]
+    parts = micro_batches(r, 3)
+    order = torch.cat(parts)
+    assert [len(p) for p in parts] == [3, 3, 2] and sorted(order.tolist()) == list(range(8))
+    assert (r.lengths[order][1:] >= r.lengths[order][:-1]).all()
+    narrower = 0
+    for rows in parts:
+        part, trimmed = r.select(rows), r.select(rows).trim()
+        dropped_p = part.prompt_ids.shape[1] - trimmed.prompt_ids.shape[1]
+        T = trimmed.completion_ids.shape[1]
+        assert not part.prompt_mask[:, :dropped_p].any() and trimmed.prompt_mask[:, 0].any()
+        assert not part.completion_mask[:, T:].any() and trimmed.completion_mask[:, -1].any()
+        assert torch.equal(trimmed.loss_mask, part.loss_mask[:, :T]) and torch.equal(trimmed.kl, part.kl[:, :T])
+        narrower += dropped_p + r.completion_ids.shape[1] - T
+        with torch.no_grad():
+            got = completion_logits(student, trimmed)  # (b, T, V)
+        for j, b in enumerate(rows.tolist()):
+            n = int(r.lengths[b])
+            want = row_logits(student, r.prompt_ids[b][r.prompt_mask[b]], r.completion_ids[b, :n])
+            torch.testing.assert_close(got[j, :n], want, rtol=1e-5, atol=1e-5)
+    assert narrower > 0  # the grouping left something to trim
 
 
 def test_non_finite_loss_skips_the_step_and_names_the_rows(models, rollout):

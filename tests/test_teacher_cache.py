@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from kat.config import ConfigError, load_config
-from kat.learner import build_optimizer, completion_logits, kept_teacher_logits, learn
+from kat.learner import build_optimizer, completion_logits, kept_teacher_logits, learn, micro_batches
 from kat.rollout import STOP_TRAP
 from kat.rollout import RolloutBuffer
 from kat.sampler import sample
@@ -143,10 +143,16 @@ def learner_models():
     return learner_llama(0), learner_llama(1, layers=3)
 
 
-def with_teacher_logits(rollout, teacher):
-    """The rollout carrying the teacher's logits of its kept positions, from `completion_logits`."""
+def with_teacher_logits(rollout, teacher, micro_batch_size=None):
+    """The rollout carrying the teacher's logits of its kept positions, from `completion_logits` over
+    the learner's own micro-batches (same rows, same trimmed widths: the two-pass path's target bit
+    for bit)."""
+    B, T = rollout.completion_ids.shape
+    logits = torch.zeros(B, T, teacher.config.vocab_size)  # (B, T, V)
     with torch.no_grad():
-        logits = completion_logits(teacher, rollout)  # (B, T, V) the two-pass path's target
+        for rows in micro_batches(rollout, micro_batch_size or B):
+            part_logits = completion_logits(teacher, rollout.select(rows).trim())  # (b, T', V)
+            logits[rows, : part_logits.shape[1]] = part_logits
     return dataclasses.replace(rollout, teacher_logits=logits[rollout.loss_mask])
 
 
@@ -155,7 +161,7 @@ def test_same_target_gives_the_same_step_exactly_and_no_teacher_pass(learner_mod
     student, teacher = learner_models
     rollout = make_rollout(student, teacher)
     assert rollout.loss_mask.sum() < rollout.completion_mask.sum()  # some rows are cut
-    kept = with_teacher_logits(rollout, teacher)
+    kept = with_teacher_logits(rollout, teacher, micro_batch_size)
     with Calls(teacher) as two_pass:
         ref, ref_stats = one_step(student, teacher, rollout, "full", micro_batch_size)
     with Calls(teacher) as one_pass:
