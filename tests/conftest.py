@@ -49,6 +49,20 @@ def tiny_world(tmp_path_factory) -> dict:
             "train": str(root / "train.jsonl"), "test": str(root / "test.jsonl"), "tokenizer": tok}
 
 
+def tiny_models(world: dict, questions: tuple[str, ...], repeat: int):
+    """The tiny world's student and teacher, loaded, and its chat-rendered prompts (the questions
+    `repeat` times), left-padded: (student, teacher, input_ids (B, P), attention mask (B, P) bool)."""
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(world["student"]).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(world["teacher"]).eval()
+    tok = world["tokenizer"]
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in questions] * repeat
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return student, teacher, enc["input_ids"], enc["attention_mask"].bool()
+
+
 @pytest.fixture(scope="session")
 def single_file():
     """kat.py loaded by path (`import kat` finds the package, not the file)."""

@@ -17,6 +17,8 @@ from kat.experiments.mechanism import gradient_split, mechanism_run, mechanism_s
 from kat.experiments.shadow import fixed_threshold_detector, replay_cuts
 from kat.plot import read_jsonl
 
+from conftest import tiny_models
+
 
 def tiny_argv(world: dict, **kw) -> list[str]:
     over = dict(teacher=world["teacher"], student=world["student"], train_data=world["train"],
@@ -29,15 +31,7 @@ def tiny_argv(world: dict, **kw) -> list[str]:
 
 @pytest.fixture(scope="module")
 def models(tiny_world):
-    from transformers import AutoModelForCausalLM
-
-    student = AutoModelForCausalLM.from_pretrained(tiny_world["student"]).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_world["teacher"]).eval()
-    tok = tiny_world["tokenizer"]
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-             for q in ("37+48-19+25", "5+6", "99-12+1-40+3", "12+7")] * 3
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return student, teacher, enc["input_ids"], enc["attention_mask"].bool()
+    return tiny_models(tiny_world, ("37+48-19+25", "5+6", "99-12+1-40+3", "12+7"), repeat=3)
 
 
 def draw(models, terminator, chunk=4, max_new_tokens=24, seed=0):

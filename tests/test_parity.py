@@ -22,7 +22,7 @@ from kat.detector import NoTerminator, RandomTerminator, TrapDetector
 from kat.learner import completion_logits, opd_loss
 from kat.sampler import sample
 
-from conftest import ROOT
+from conftest import ROOT, tiny_models
 
 
 def as_dict(rollout) -> dict:
@@ -182,15 +182,7 @@ def test_random_terminator_identical(single_file):
 
 @pytest.fixture(scope="module")
 def models(tiny_world):
-    from transformers import AutoModelForCausalLM
-
-    student = AutoModelForCausalLM.from_pretrained(tiny_world["student"]).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_world["teacher"]).eval()
-    tok = tiny_world["tokenizer"]
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-             for q in ("37+48-19+25", "5+6", "99-12+1-40+3")] * 2
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return student, teacher, enc["input_ids"], enc["attention_mask"].bool()
+    return tiny_models(tiny_world, ("37+48-19+25", "5+6", "99-12+1-40+3"), repeat=2)
 
 
 @pytest.mark.parametrize("termination,loss,chunk", [("kat", "full", 4), ("none", "topk", 8), ("random", "topk", 3),

@@ -22,7 +22,7 @@ import time
 import torch
 
 from kat.config import Config, load_config
-from kat.experiments.report import shadow_markdown, shadow_summary
+from kat.experiments.report import shadow_markdown, shadow_summary, write_report
 from kat.experiments.runs import git_commit
 from kat.experiments.shadow import RULES, shadow_rollouts, train_problems
 
@@ -181,12 +181,8 @@ def run_lm(argv: list[str], out: str, batches: int = 8, student_layers: int = 28
     plt.close(fig)
     result = {"command": command, "commit": git_commit(), "config": cfg.to_dict(), "minutes": minutes,
               "summary": rules, "picture": picture}
-    with open(os.path.join(out, "lm.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
     md = ["# Trap statistics of a real model pair (shadow mode)", "", f"`{command}` at commit {result['commit']}, "
           f"{minutes:.1f} minutes", "", __doc__.split("\n\n")[2].replace("\n", " "), "",
           shadow_markdown(rules, prefix=""), "", f"![traces]({os.path.basename(picture)})", ""]
-    with open(os.path.join(out, "lm.md"), "w") as fh:
-        fh.write("\n".join(md))
-    log(f"wrote {os.path.join(out, 'lm.md')}")
+    write_report(out, "lm", result, md, log)
     return result

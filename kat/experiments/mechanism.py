@@ -38,7 +38,7 @@ import torch
 
 from kat.config import Config
 from kat.experiments.arms import STATIC_ARMS, base_config, seed_list, world_name
-from kat.experiments.report import plan_line, setup_line
+from kat.experiments.report import plan_line, setup_line, write_report
 from kat.experiments.runs import git_commit, same_config
 from kat.plot import read_jsonl
 
@@ -223,10 +223,5 @@ def run_mechanism(argv: list[str], seeds: int | list[int], out: str, worlds: lis
                f"Mean norm of the step's OPD gradient G_all / N: {_mean([r['grad_norm'] for r in rows]):.3f} "
                f"(max_grad_norm {base.max_grad_norm}).", "", mechanism_markdown(parts), ""]
     if not dry_run:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "mechanism.json"), "w") as fh:
-            json.dump(result, fh, indent=1)
-        with open(os.path.join(out, "mechanism.md"), "w") as fh:
-            fh.write("\n".join(md))
-        log(f"wrote {os.path.join(out, 'mechanism.md')} and mechanism.json")
+        write_report(out, "mechanism", result, md, log)
     return result

@@ -3,6 +3,8 @@ their markdown."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 
 from kat.config import Config
@@ -10,6 +12,16 @@ from kat.experiments.arms import LABELS, LENGTH_MATCHED, ROW_ORDER, describe_ove
 from kat.experiments.runs import eval_specs
 
 TRAIN_COLUMNS = ("mean_length", "kept_length", "cut_rate", "tokens", "train_s", "wall_s")
+
+
+def write_report(out: str, name: str, result: dict, md: list[str], log) -> None:
+    """An experiment's two outputs: out/NAME.json (the numbers) and out/NAME.md (the tables)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    with open(os.path.join(out, f"{name}.md"), "w") as fh:
+        fh.write("\n".join(md))
+    log(f"wrote {os.path.join(out, name + '.md')} and {name}.json")
 
 
 def mean_std(values: list[float]) -> dict:

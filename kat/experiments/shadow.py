@@ -23,7 +23,7 @@ from kat.controls import DriftTerminator
 from kat.data import filter_long_prompts, load_problems, step_batch, step_generator
 from kat.detector import TrapDetector, window_means
 from kat.experiments.arms import STATIC_ARMS, base_config, seed_list, world_name
-from kat.experiments.report import plan_line, setup_line, shadow_markdown, shadow_summary
+from kat.experiments.report import plan_line, setup_line, shadow_markdown, shadow_summary, write_report
 from kat.experiments.runs import git_commit, run_arm, summarize_run
 from kat.plot import plot_cut_positions, plot_traces, read_jsonl
 from kat.rollout import STOP_NAMES
@@ -304,9 +304,5 @@ def run_shadow(argv: list[str], seeds: int | list[int], out: str, worlds: list[s
         md += lines
     if dry_run:
         return result
-    with open(os.path.join(out, "shadow.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
-    with open(os.path.join(out, "shadow.md"), "w") as fh:
-        fh.write("\n".join(md))
-    log(f"wrote {os.path.join(out, 'shadow.md')} and shadow.json")
+    write_report(out, "shadow", result, md, log)
     return result

@@ -3,7 +3,6 @@ with mean +- std over seeds, and the learning curves."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import replace
@@ -11,7 +10,8 @@ from dataclasses import replace
 from kat.config import Config
 from kat.experiments.arms import (LABELS, LENGTH_MATCHED, ROW_ORDER, arm_overrides, base_config, check_arms, seed_list,
                                   world_name)
-from kat.experiments.report import markdown_table, matching_line, per_seed_table, plan_line, setup_line, table_rows
+from kat.experiments.report import (markdown_table, matching_line, per_seed_table, plan_line, setup_line, table_rows,
+                                    write_report)
 from kat.experiments.runs import (eval_specs, evaluate_teacher, git_commit, run_arm, summarize_run,
                                   teacher_results)
 from kat.plot import plot_learning_curves
@@ -101,9 +101,5 @@ def run_table(name: str, arms: list[str], argv: list[str], seeds: int | list[int
         result["worlds"][label], lines = table_world(name, arms, base, seeds, out, label, log)
         md += lines
     if not dry_run:
-        with open(os.path.join(out, f"{name}.json"), "w") as fh:
-            json.dump(result, fh, indent=1)
-        with open(os.path.join(out, f"{name}.md"), "w") as fh:
-            fh.write("\n".join(md))
-        log(f"wrote {os.path.join(out, name + '.md')} and {name}.json")
+        write_report(out, name, result, md, log)
     return result
