@@ -769,6 +769,7 @@ def main(cfg: Config | None = None) -> list[dict]:
         tok.save_pretrained(os.path.join(cfg.output_dir, "student"))
         plot_traces(r, threshold, cfg, os.path.join(cfg.output_dir, "kl_traces.png"))
     acc.wait_for_everyone()  # no process tears down the process group while another still saves
+    student = acc.free_memory(student)[0]  # DDP first: its last hold on a gloo group can deadlock at exit
     acc.end_training()
     return rows
 

@@ -412,8 +412,16 @@ def finish(run: Run, results: dict) -> dict:
             plot_run(cfg.output_dir)
         with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
             json.dump(results, fh, indent=1)
-    acc.end_training()
+    close(run)
     return results
+
+
+def close(run: Run) -> None:
+    """Release the wrapped student, then end trackers and the process group. In this order the DDP
+    reducer never holds the last reference to a gloo group: destroyed from the reducer, the group
+    joins its worker thread while holding the GIL that the thread needs, and the process hangs at exit."""
+    run.student = run.accelerator.free_memory(run.student)[0]
+    run.accelerator.end_training()
 
 
 # --- The loop -------------------------------------------------------------------------------------
@@ -450,7 +458,7 @@ def train(cfg: Config, command: str = "") -> dict:
             after_step(run, step + 1, rollout, threshold, stop["stop"])  # 4. evaluate, traces, save
             if stop["stop"]:
                 run.accelerator.print(f"stopped by signal after step {step + 1}; resume with --resume latest")
-                run.accelerator.end_training()
+                close(run)
                 return {"stopped_at": step + 1, **results}
     bar.close()
     return finish(run, results)  # 5. final evaluation and the trained student

@@ -312,8 +312,9 @@ def test_trace_picture_draws_what_the_batch_was_judged_by(single_file, pair, tmp
 # (c) two processes whose rollouts end at different lengths: same forwards, one threshold, a saved student
 
 TWO_PROC = r"""
-import importlib.util, json, os, sys
+import faulthandler, importlib.util, json, os, sys
 import transformers
+faulthandler.dump_traceback_later(120, exit=True)  # a hung process prints where it hangs, before the test's timeout
 spec = importlib.util.spec_from_file_location("kat_single_file", {katpy!r})
 kp = importlib.util.module_from_spec(spec); sys.modules[spec.name] = kp; spec.loader.exec_module(kp)
 calls, lengths = {{}}, []
@@ -329,9 +330,16 @@ def recorded(*a, **k):
     lengths.append(r["completion_mask"].sum(-1).tolist())
     return r, state
 kp.sample = recorded
+import accelerate, gc, torch
+live_ddp, end_training = [], accelerate.Accelerator.end_training
+def ending(self):  # DDP wrappers still alive when the process group is torn down
+    gc.collect()
+    live_ddp.append(sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects()))
+    return end_training(self)
+accelerate.Accelerator.end_training = ending
 rows = kp.main(kp.parse_config(sys.argv[1:]))
 with open(os.path.join(kp.parse_config(sys.argv[1:]).output_dir, f"rank{{os.environ.get('RANK', 0)}}.json"), "w") as fh:
-    json.dump({{"calls": calls, "lengths": lengths}}, fh)
+    json.dump({{"calls": calls, "lengths": lengths, "live_ddp": live_ddp}}, fh)
 """
 
 
@@ -352,7 +360,7 @@ def test_two_processes_ending_at_different_lengths(single_file, tmp_path, one_th
                            str(script), *args(1, str(tmp_path / "p2"))], env=env, capture_output=True, text=True,
                           timeout=300)
     failed = [line for line in proc.stderr.splitlines() if "[rank1]" in line or "Error" in line]
-    assert proc.returncode == 0, "\n".join(failed[-40:]) or proc.stderr[-3000:]
+    assert proc.returncode == 0, "\n".join(failed[-40:]) + "\n" + proc.stderr[-6000:]
     runs = {2: ([json.loads((tmp_path / "p2" / f"rank{r}.json").read_text()) for r in range(2)],
                 metrics(tmp_path / "p2")),
             1: ([None], single_file.main(single_file.parse_config(args(2, str(tmp_path / "p1")))))}
@@ -360,6 +368,9 @@ def test_two_processes_ending_at_different_lengths(single_file, tmp_path, one_th
     # the processes' rollouts end at different lengths, yet both ran the same forwards
     assert any(max(a) != max(b) for a, b in zip(rank0["lengths"], rank1["lengths"]))
     assert rank0["calls"] == rank1["calls"] and set(rank0["calls"]) == {"student", "teacher"}
+    # the DDP student is gone before the process group: a reducer holding a gloo group's last reference
+    # destroys it while holding the GIL its worker thread needs, and the process hangs at exit
+    assert rank0["live_ddp"] == rank1["live_ddp"] == [0]
     # 2 processes x 1 prompt = 1 process x 2 prompts: the same tokens, cuts and update
     (_,), rows1 = runs[1]
     steps1, steps2 = ([r for r in rows if "loss" in r] for rows in (rows1, rows2))

@@ -212,11 +212,21 @@ def test_empty_dataset_and_vocabulary_mismatch(tiny_world, tmp_path, capsys):
 
 
 TWO_PROC = r"""
-import json, sys
+import gc, json, os, sys
 sys.path.insert(0, {root!r})
+import accelerate, torch
 from kat.config import load_config
 from kat.train import train
-train(load_config([], **json.loads(sys.argv[1])))
+cfg = load_config([], **json.loads(sys.argv[1]))
+end_training = accelerate.Accelerator.end_training
+def ending(self):  # DDP wrappers still alive when the process group is torn down
+    gc.collect()
+    live = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+    with open(os.path.join(cfg.output_dir, f"live_ddp{{os.environ.get('RANK', 0)}}.json"), "w") as fh:
+        json.dump(live, fh)
+    return end_training(self)
+accelerate.Accelerator.end_training = ending
+train(cfg)
 """
 
 
@@ -236,6 +246,9 @@ def test_two_processes_match_one(tiny_world, tmp_path, termination):
         assert proc.returncode == 0, "\n".join(failed[-40:]) or proc.stderr[-3000:]
     r1, r2 = read_rows(tmp_path / "p1" / "metrics.jsonl"), read_rows(tmp_path / "p2" / "metrics.jsonl")
     assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2]
+    # the DDP student is gone before the process group (kat.train.close): else a reducer holding a
+    # gloo group's last reference destroys it while holding the GIL its worker needs (a hang at exit)
+    assert [json.loads((tmp_path / "p2" / f"live_ddp{r}.json").read_text()) for r in range(2)] == [0, 0]
     for a, b in zip(r1, r2):
         # same tokens and cuts: sampling draws for the global batch; the threshold is one for all
         # processes because the detector gathers every process's minima in rank order
