@@ -229,7 +229,9 @@ def _accumulate(student, teacher, rollout: Rollout, kind: str, accelerator, micr
     row_index = torch.arange(rollout.prompt_ids.shape[0])  # (B,)
     loss_total = torch.zeros((), dtype=torch.float32, device=device)
     bad_rows: list[int] = []
-    token_kl = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=device)  # (B, T)
+    token_kl = None  # ``full``: d_t (B, T)
+    if kind == "full":
+        token_kl = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=device)
     for n, rows in enumerate(parts):
         part = rollout.select(rows).trim().to(device)
         with contextlib.nullcontext() if n == len(parts) - 1 else accelerator.no_sync(student):
@@ -239,7 +241,7 @@ def _accumulate(student, teacher, rollout: Rollout, kind: str, accelerator, micr
         loss_total += row_loss.sum()
         if kl is not None:
             token_kl[rows, : kl.shape[1]] = kl
-    return loss_total, sorted(bad_rows), [token_kl] if kind == "full" else []
+    return loss_total, sorted(bad_rows), [] if token_kl is None else [token_kl]
 
 
 def learn(student: torch.nn.Module, rollout: Rollout, optimizer, scheduler, accelerator, *, kind: str,

@@ -49,6 +49,16 @@ def tiny_world(tmp_path_factory) -> dict:
             "train": str(root / "train.jsonl"), "test": str(root / "test.jsonl"), "tokenizer": tok}
 
 
+def tiny_args(world: dict, out, **over) -> dict:
+    """`kat.train` config fields for a short run on the tiny world (4 steps), writing to `out`."""
+    args = dict(teacher=world["teacher"], student=world["student"], train_data=world["train"], eval_data="",
+                steps=4, batch_size=2, samples_per_prompt=2, max_new_tokens=20, chunk=4, window=4, stride=2,
+                patience=1, exempt=4, eta=0.5, min_buffer=4, warmup_steps=1, lr=3e-3, seed=3,
+                output_dir=str(out), plot=False)
+    args.update(over)
+    return args
+
+
 def tiny_models(world: dict, questions: tuple[str, ...], repeat: int):
     """The tiny world's student and teacher, loaded, and its chat-rendered prompts (the questions
     `repeat` times), left-padded: (student, teacher, input_ids (B, P), attention mask (B, P) bool)."""

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, tiny_args
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
 
@@ -32,7 +32,8 @@ def torchrun(script, args: list[str], n_proc: int = 2, env: dict | None = None, 
 # ---------------------------------------------------------------------------------------------
 # Sampling: rows that end at different lengths on the two processes
 
-COUNT_FORWARDS = r"""
+# What both sampling scripts start with: gloo, this rank, both models from the paths in argv
+SAMPLING_PRELUDE = r"""
 import json, sys
 import torch, torch.distributed as dist
 from transformers import AutoModelForCausalLM
@@ -44,6 +45,9 @@ rank = dist.get_rank()
 student_dir, teacher_dir, prompts_path, out = sys.argv[1:5]
 student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
 teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+"""
+
+COUNT_FORWARDS = SAMPLING_PRELUDE + r"""
 calls = {"student": 0, "teacher": 0}
 for name, model in (("student", student), ("teacher", teacher)):
     model.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
@@ -107,18 +111,7 @@ def test_every_process_runs_the_same_forwards_while_sampling(tiny_world, tmp_pat
         assert torch.allclose(alone.kl, synced.kl, atol=1e-6, rtol=0, equal_nan=True), mode
 
 
-NON_FINITE_ON_ONE = r"""
-import json, sys
-import torch, torch.distributed as dist
-from transformers import AutoModelForCausalLM
-from kat.detector import TrapDetector
-from kat.sampler import sample
-
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-student_dir, teacher_dir, prompts_path, out = sys.argv[1:5]
-student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
-teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+NON_FINITE_ON_ONE = SAMPLING_PRELUDE + r"""
 if rank == 0:  # only this process's teacher gives non-finite logits
     with torch.no_grad():
         teacher.model.norm.weight.fill_(float("nan"))
@@ -298,15 +291,6 @@ def load_file_initial(tiny_world, key: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Memory switches: gradient checkpointing, a LoRA student
 
-def tiny_args(world: dict, out, **over) -> dict:
-    args = dict(teacher=world["teacher"], student=world["student"], train_data=world["train"], eval_data="",
-                steps=2, batch_size=2, samples_per_prompt=2, max_new_tokens=20, chunk=4, window=4, stride=2,
-                patience=1, exempt=4, eta=0.5, min_buffer=4, warmup_steps=1, lr=3e-3, seed=3,
-                output_dir=str(out), plot=False)
-    args.update(over)
-    return args
-
-
 def metrics(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh]
@@ -354,7 +338,7 @@ def test_gradient_checkpointing_run_ends_on_the_same_student(tiny_world, tmp_pat
     from kat.train import train
 
     for on in (False, True):
-        train(load_config([], **tiny_args(tiny_world, tmp_path / str(on), gradient_checkpointing=on)))
+        train(load_config([], **tiny_args(tiny_world, tmp_path / str(on), steps=2, gradient_checkpointing=on)))
     a, b = student_weights(tmp_path / "False"), student_weights(tmp_path / "True")
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     assert [r["loss"] for r in metrics(tmp_path / "False")] == pytest.approx(
@@ -421,7 +405,7 @@ def test_lora_user_errors_are_one_line(tiny_world, tmp_path, capsys, monkeypatch
     import kat.train as kat_train
 
     def run(**over) -> str:
-        argv = [f"--{k}={v}" for k, v in tiny_args(tiny_world, tmp_path / "run", lora_r=4, **over).items()]
+        argv = [f"--{k}={v}" for k, v in tiny_args(tiny_world, tmp_path / "run", steps=2, lora_r=4, **over).items()]
         assert kat_train.main(argv) == 2
         err = capsys.readouterr().err  # may also hold progress bars of datasets and transformers
         errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]

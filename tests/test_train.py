@@ -16,16 +16,7 @@ from safetensors.torch import load_file
 from kat.config import ConfigError, load_config
 from kat.train import TrainingError, main, train
 
-from conftest import ROOT
-
-
-def tiny_args(world: dict, out, **over) -> dict:
-    args = dict(teacher=world["teacher"], student=world["student"], train_data=world["train"], eval_data="",
-                steps=4, batch_size=2, samples_per_prompt=2, max_new_tokens=20, chunk=4, window=4, stride=2,
-                patience=1, exempt=4, eta=0.5, min_buffer=4, warmup_steps=1, lr=3e-3, seed=3,
-                output_dir=str(out), plot=False)
-    args.update(over)
-    return args
+from conftest import ROOT, tiny_args
 
 
 def read_rows(path) -> list[dict]:
