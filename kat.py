@@ -67,7 +67,6 @@ STOP_LENGTH = 1
 STOP_TRAP = 2
 STOP_RANDOM = 3
 
-
 class UserError(SystemExit):
     """A mistake in the settings or files a user gave: one line on stderr, exit status 2."""
 
@@ -75,16 +74,13 @@ class UserError(SystemExit):
         super().__init__(message)
         self.code = 2
 
-
 # ==== Config: defaults < --config FILE < --key value =============================================
 def arg(default, help: str, bounds: str = "", choices: tuple | None = None):
     """A Config field with its one-line `--help` text, its allowed range (interval notation, e.g.
     "[0, 1)" or ">= 1") and its allowed values."""
     return field(default=default, metadata={"help": help, "bounds": bounds, "choices": choices})
 
-
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
 
 @dataclass
 class Config:
@@ -166,7 +162,6 @@ class Config:
             raise UserError(f"error: min_buffer: {self.min_buffer} is larger than buffer_size "
                             f"({self.buffer_size}), so the detector never starts")
 
-
 # Fields of kat/config.py that kat.py accepts in a config file and does not use.
 PACKAGE_ONLY = ("kappa", "ema", "max_bad_steps", "save_every", "keep_last", "resume", "log_with",
                 "project_name", "n_traces", "plot", "lora_r", "lora_alpha", "lora_dropout",
@@ -176,7 +171,6 @@ BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
 # What a run folder holds once a KAT run used it, and what kat.py itself writes there.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "progress.json", "student")
 OWN_FILES = ("metrics.jsonl", "kl_traces.png", "student")
-
 
 def parse_bounds(text: str) -> dict:
     """"[0, 1)" -> {low: 0, high: 1, low_open: False, high_open: True}; ">= 1" -> low 1, no high."""
@@ -189,9 +183,7 @@ def parse_bounds(text: str) -> dict:
     return {"low": float(low), "high": float(high),
             "low_open": text[0] == "(", "high_open": text[-1] == ")"}
 
-
 FIELDS = {f.name: f for f in fields(Config)}
-
 
 def check_value(name: str, value) -> None:
     """A value of the field's own type that lies in its range and among its choices."""
@@ -214,7 +206,6 @@ def check_value(name: str, value) -> None:
     if too_low or too_high:
         raise UserError(f"error: {name}: {value!r} is out of range; "
                         f"allowed: {FIELDS[name].metadata['bounds']}")
-
 
 def convert(name: str, value):
     """A YAML or command-line value as the field's type; "ture" is an error, not False."""
@@ -240,7 +231,6 @@ def convert(name: str, value):
     except ValueError:
         raise UserError(f"error: {name}: expected {kind.__name__}, got {value!r}") from None
 
-
 def chat_template_text(value) -> str:
     """chat_template_kwargs as YAML text of a mapping (a YAML file gives the mapping itself)."""
     if isinstance(value, dict):
@@ -251,7 +241,6 @@ def chat_template_text(value) -> str:
             return text
     raise UserError(f"error: chat_template_kwargs: expected a mapping such as "
                     f"'{{enable_thinking: false}}', got {value!r}")
-
 
 def read_config_file(path: str) -> dict:
     """The mapping of field: value in a YAML file, or one line saying what is wrong with it."""
@@ -270,14 +259,12 @@ def read_config_file(path: str) -> dict:
                         f"not a {type(values).__name__}")
     return values
 
-
 def print_help() -> None:
     print("usage: kat.py [--config FILE] [--field value ...]\n")
     for f in fields(Config):
         kind = type(f.default).__name__
         allowed = f.metadata["bounds"] or "|".join(f.metadata["choices"] or ())
         print(f"  --{f.name} {kind} {allowed} (default {f.default!r})\n      {f.metadata['help']}")
-
 
 def parse_config(argv: list[str]) -> Config:
     """`--config FILE` (YAML), then `--field value` / `--field=value` pairs; `--help` lists the
@@ -315,7 +302,6 @@ def parse_config(argv: list[str]) -> Config:
         settings[key] = convert(key, value)
     return Config(**settings)
 
-
 def check_output_dir(cfg: Config) -> None:
     """Refuse a folder that holds a run, unless asked to replace it (the user's own files stay)."""
     if not os.path.isdir(cfg.output_dir):
@@ -327,7 +313,6 @@ def check_output_dir(cfg: Config) -> None:
                         "give another --output_dir, resume it with `python -m kat train --resume "
                         "latest`, or replace it with --overwrite_output_dir true")
 
-
 def clear_own_files(cfg: Config) -> None:
     """With overwrite_output_dir: remove what an earlier kat.py run wrote, nothing else."""
     for name in OWN_FILES:
@@ -337,12 +322,10 @@ def clear_own_files(cfg: Config) -> None:
         elif os.path.exists(path):
             os.remove(path)
 
-
 # ==== Score: reverse KL and log-probs; fp16/bf16 logits in, fp32 accumulation, chunked over rows ==
 def chunk_rows(vocab: int) -> int:
     """Rows per chunk: a (16k tokens x 152k vocab) fp32 buffer is 10 GB, so chunks of ~64 MiB."""
     return max(1, (1 << 24) // vocab)
-
 
 class ReverseKL(torch.autograd.Function):
     """d = sum_v p (log p - log q), p = softmax(x), q = softmax(y) for student logits x and teacher
@@ -376,7 +359,6 @@ class ReverseKL(torch.autograd.Function):
             grad_x[rows] = (grad_rows * dkl_dx).to(x.dtype)
         return grad_x, None, None
 
-
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """(..., V) x (..., V) -> (...) float32: KL(student || teacher) at temperature 1.
     (F.kl_div(input, target) is KL(target || input): the same value is
@@ -386,7 +368,6 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     flat_teacher = teacher_logits.reshape(-1, vocab)
     out = ReverseKL.apply(flat_student, flat_teacher, chunk_rows(vocab))
     return out.reshape(student_logits.shape[:-1])
-
 
 class TokenLogp(torch.autograd.Function):
     """log softmax(x)[ids] per row; d/dx = onehot(ids) - softmax(x)."""
@@ -413,13 +394,11 @@ class TokenLogp(torch.autograd.Function):
             grad_x[rows] = grad_chunk.scatter_add_(-1, ids[rows, None], grad_rows).to(x.dtype)
         return grad_x, None, None
 
-
 def token_logp(logits: Tensor, ids: Tensor) -> Tensor:
     """log p(ids): (..., V), (...) -> (...) float32."""
     vocab = logits.shape[-1]
     flat = TokenLogp.apply(logits.reshape(-1, vocab), ids.reshape(-1).long(), chunk_rows(vocab))
     return flat.reshape(ids.shape)
-
 
 @torch.no_grad()
 def topk_tail(student_logits: Tensor, teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -441,7 +420,6 @@ def topk_tail(student_logits: Tensor, teacher_logits: Tensor, k: int) -> tuple[T
     lead = student_logits.shape[:-1]
     return ids.reshape(*lead, k), out.reshape(*lead, k + 1)
 
-
 def score_into(scores: dict, topk_ids, topk_logq, rows: Tensor, t0: int, logits: Tensor,
                teacher_logits: Tensor, tokens: Tensor, valid: Tensor) -> None:
     """d_t, log p(y_t), log q(y_t) (and the top-k + tail) of one chunk, at temperature 1, 0 where
@@ -462,7 +440,6 @@ def score_into(scores: dict, topk_ids, topk_logq, rows: Tensor, t0: int, logits:
         topk_ids[rows, t0:t0 + chunk_len] = torch.where(valid[..., None], chunk_ids, 0)
         topk_logq[rows, t0:t0 + chunk_len] = torch.where(valid[..., None], chunk_logq, 0.0)
 
-
 # ==== Sample: the student decodes C tokens, the teacher scores them in one cached forward =========
 def sample_token(logits: Tensor, uniform: Tensor | None, temperature: float, top_p: float) -> Tensor:
     """Inverse-CDF draw from softmax(logits / T) within the top-p nucleus; `uniform` (A,) holds one
@@ -480,7 +457,6 @@ def sample_token(logits: Tensor, uniform: Tensor | None, temperature: float, top
     index = torch.minimum(index, torch.searchsorted(cdf, total))
     return order.gather(-1, index).squeeze(-1)  # (A,)
 
-
 def forward(model, ids: Tensor, mask: Tensor, positions: Tensor, cache, last: bool = True):
     """HF forward with explicit mask and positions (prompts are left-padded): the last logits
     (A, V), or all of them (A, c, V), and the cache."""
@@ -490,11 +466,9 @@ def forward(model, ids: Tensor, mask: Tensor, positions: Tensor, cache, last: bo
         return out.logits[:, -1], out.cache
     return out.logits, out.cache
 
-
 def gather_cat(x: Tensor) -> Tensor:
     """Concatenate a 1-D tensor of any length from every process (rank order), on the CPU."""
     return torch.cat(gather_object([x.cpu()]))
-
 
 @torch.no_grad()
 def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator, cfg: Config,
@@ -607,7 +581,6 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
         rollout["shadow_cut"] = state.would_cut.clone()
     return rollout, state
 
-
 # ==== Detect: KAT's trap detector, and the two controls behind the same interface =================
 #   state = terminator.start(B)
 #   fired, cut = terminator.observe(state, kl, valid, teacher_logp)   # once per chunk
@@ -623,7 +596,6 @@ class State:
         self.pos = 0
         self.active = active
         self.threshold = threshold
-
 
 class TrapDetector:
     """z_t = mean(d_{t-W+1..t}), evaluated when (t+1) % stride == 0 and t+1 >= W over fully
@@ -715,7 +687,6 @@ class TrapDetector:
         self.buffer = torch.cat([self.buffer, minima])[-self.cfg.buffer_size:]
         self.steps_done = step + 1
 
-
 class RandomTerminator:
     """Length-matched control: cut = exempt + G, G geometric with hazard h, P(G >= g) = (1-h)^g;
     after each batch h <- h * clamp((mean_len - E) / (target - E), 1/4, 4) ** 0.5."""
@@ -771,7 +742,6 @@ class RandomTerminator:
         self.hazard = min(max(self.hazard * ratio ** 0.5, 1e-6), 1.0)
         self.steps_done = step + 1
 
-
 class NoTerminator:
     """Plain OPD: never cuts."""
 
@@ -789,7 +759,6 @@ class NoTerminator:
     def end_batch(self, state: State, step: int) -> None:
         pass
 
-
 # ==== Learn: the OPD loss on the kept tokens, normalised by the global token count ================
 def completion_logits(model, rollout: dict) -> Tensor:
     """(B, T, V) logits predicting each completion token, from one forward over prompt +
@@ -802,7 +771,6 @@ def completion_logits(model, rollout: dict) -> Tensor:
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                 logits_to_keep=T + 1)
     return out.logits[:, -(T + 1):-1]  # (B, T, V)
-
 
 def opd_loss(logits: Tensor, rollout: dict, kind: str, teacher_logits: Tensor | None = None):
     """(sum of the per-token OPD loss over loss_mask, the number of those tokens)."""
@@ -827,7 +795,6 @@ def opd_loss(logits: Tensor, rollout: dict, kind: str, teacher_logits: Tensor | 
         raise ValueError(f"loss must be one of {FIELDS['loss'].metadata['choices']} "
                          f"(the package has `sampled` too), got {kind!r}")
     return torch.where(mask, loss, 0.0).sum(), mask.sum()
-
 
 def learn(student, teacher, rollout: dict, optimizer, scheduler, accelerator: Accelerator,
           cfg: Config) -> dict:
@@ -866,7 +833,6 @@ def learn(student, teacher, rollout: dict, optimizer, scheduler, accelerator: Ac
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, "grad_norm": grad_norm, "finite": True}
 
-
 # ==== Evaluate: avg@k = mean accuracy of k samples per problem; pass@k = share with one correct ===
 def grade(text: str, answer: str, grader: str = "exact") -> bool:
     """exact: the integer after the last `A=` (the toy); math: math-verify on LaTeX, boxed or plain
@@ -885,7 +851,6 @@ def grade(text: str, answer: str, grader: str = "exact") -> bool:
         predicted = parse(text, extraction_config=extraction, parsing_timeout=30)
         return bool(gold and predicted and verify(gold, predicted, timeout_seconds=30))
     return False
-
 
 @torch.no_grad()
 def evaluate(model, tokenizer, eval_sets: dict, cfg: Config, accelerator: Accelerator,
@@ -927,7 +892,6 @@ def evaluate(model, tokenizer, eval_sets: dict, cfg: Config, accelerator: Accele
         out[f"{name}/mean_length"] = sum(length for _, length in graded) / len(graded)
     return out  # the model stays in eval mode: the loop sets train mode before each learning step
 
-
 # ==== Data and models: datasets by file or hub name, the chat template, stop ids ==================
 # unwrap=dapo removes DAPO's answer format from its prompts (`instruction` asks for one instead).
 DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response "
@@ -936,7 +900,6 @@ DAPO_PREFIX = ("Solve the following math problem step by step. The last line of 
 DAPO_SUFFIX = 'Remember to put your answer on its own line after "Answer:".'
 SPEC_KEYS = {"split": ".+", "subset": ".+", "prompt": ".+", "answer": ".+", "k": r"[1-9]\d*",
              "limit": r"\d+", "unwrap": "dapo"}
-
 
 def parse_specs(text: str, cfg: Config, split: str, k: int = 1, limit: int = 0) -> list[dict]:
     """`[name=]source[key=value, ...]`, comma-separated, e.g.
@@ -961,7 +924,6 @@ def parse_specs(text: str, cfg: Config, split: str, k: int = 1, limit: int = 0) 
             spec[key] = int(value) if key in ("k", "limit") else value
         specs.append(spec)
     return specs
-
 
 def load_problems(spec: dict) -> list[dict]:
     """{"prompt", "answer"} strings from a json/jsonl/parquet file or a hub dataset: a chat prompt
@@ -1012,7 +974,6 @@ def load_problems(spec: dict) -> list[dict]:
                         f"answer ({spec['answer']})")
     return problems
 
-
 def render(tokenizer, question: str, cfg: Config) -> str:
     """The prompt as the model sees it: [system turn,] question + instruction, the assistant's
     turn opened."""
@@ -1027,7 +988,6 @@ def render(tokenizer, question: str, cfg: Config) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                          **template_kwargs)
 
-
 def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int, seed: int) -> list[dict]:
     """The batch of `step` for process `rank`: a seeded permutation per epoch, a pure function of
     the step."""
@@ -1039,7 +999,6 @@ def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int,
         order = torch.randperm(len(problems), generator=generator)
         out.append(problems[order[i].item()])
     return out
-
 
 def load_model(path: str, gguf: str, dtype: torch.dtype):
     """(tokenizer, model) from a directory, a hub name or `pkg:NAME` (a checkpoint shipped inside
@@ -1058,7 +1017,6 @@ def load_model(path: str, gguf: str, dtype: torch.dtype):
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # pads are masked anyway
     return tokenizer, model
 
-
 def check_vocabularies(tokenizer, teacher_tokenizer, student, teacher) -> None:
     """OPD compares the two distributions id by id: one tokenizer, and logits for all its ids."""
     if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
@@ -1075,7 +1033,6 @@ def check_vocabularies(tokenizer, teacher_tokenizer, student, teacher) -> None:
         raise UserError(f"error: teacher: {teacher_rows} output rows, student: {student_rows}; "
                         "kat.py needs equal widths (`python -m kat train` trims the padding rows)")
 
-
 def stop_ids(tokenizer, model) -> list[int]:
     """EOS, the model's generation EOS ids, and the chat template's end-of-turn token: the first
     special token after an assistant message (a base model's EOS is not the <|im_end|> its
@@ -1090,7 +1047,6 @@ def stop_ids(tokenizer, model) -> list[int]:
         added = (i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
         ids.update(set(first) & {*tokenizer.all_special_ids, *added})
     return sorted(i for i in ids if i is not None)
-
 
 def plot_traces(rollout: dict, threshold: float | None, cfg: Config, path: str, n: int = 6):
     """d_t and window means z of the first rollouts, the threshold they were judged against, and
@@ -1119,7 +1075,6 @@ def plot_traces(rollout: dict, threshold: float | None, cfg: Config, path: str, 
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # the legend sits above the panels
     fig.savefig(path, dpi=100)
     return fig
-
 
 # ==== Main: sample -> detect -> learn -> log, with evaluation before and after ====================
 def main(cfg: Config | None = None) -> list[dict]:
@@ -1255,7 +1210,6 @@ def main(cfg: Config | None = None) -> list[dict]:
     student = accelerator.free_memory(student)[0]
     accelerator.end_training()
     return rows
-
 
 if __name__ == "__main__":
     try:

@@ -412,3 +412,70 @@ def test_chat_template_kwargs_reach_the_template_as_in_the_package(single_file, 
         ours = single_file.render(tok, "1+1", single_file.parse_config(argv))
         assert ours == render_prompt(tok, "1+1", **render_kw(load_config(argv)))
         assert ours.endswith("<think>") == (argv == [])
+
+
+# ------------------------------------------------------------------------------------------------
+# The tutorial's form, its --help, and user errors as one line with exit status 2
+
+def test_no_line_over_100_characters():
+    long = [n for n, line in enumerate((ROOT / "kat.py").read_text().splitlines(), 1) if len(line) > 100]
+    assert long == []
+
+
+def test_help_lists_every_field_and_exits_0(single_file):
+    proc = subprocess.run([sys.executable, str(ROOT / "kat.py"), "--help"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    for f in single_file.fields(single_file.Config):
+        assert f"  --{f.name} " in proc.stdout and f.metadata["help"] in proc.stdout, f.name
+
+
+def test_bounds_equal_the_package(single_file):
+    from kat.config import Config as PackageConfig
+
+    package = {f.name: f for f in single_file.fields(PackageConfig)}
+    extra_choices = {"loss": {"sampled"}, "termination": {"drift"}, "rule": {"zscore"}}
+    for f in single_file.fields(single_file.Config):
+        if f.name not in package or f.name == "chat_template_kwargs":  # kat.py: the mapping as YAML text
+            continue
+        theirs = package[f.name].metadata
+        assert type(f.default) is type(package[f.name].default), f.name
+        ours = single_file.parse_bounds(f.metadata["bounds"])
+        for key in ("low", "high", "low_open", "high_open"):
+            assert ours[key] == theirs[key], (f.name, key)
+        if theirs["choices"] is not None or f.metadata["choices"] is not None:
+            missing = set(theirs["choices"]) - set(f.metadata["choices"])
+            assert set(f.metadata["choices"]) <= set(theirs["choices"]), f.name
+            assert missing == extra_choices.get(f.name, set()), f.name
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--eta", "2"], "eta: 2.0 is out of range"), (["--top_p", "0"], "top_p: 0.0 is out of range"),
+    (["--batch_size", "0"], "batch_size: 0 is out of range"), (["--steps", "0"], "steps: 0 is out of range"),
+    (["--max_new_tokens", "0"], "max_new_tokens: 0"), (["--micro_batch_size", "0"], "micro_batch_size: 0"),
+    (["--eval_k", "0"], "eval_k: 0"), (["--lr", "-0.1"], "lr: -0.1 is out of range"),
+    (["--lr", "nan"], "lr: nan is not a finite number"), (["--top_p", "inf"], "top_p: inf is not a finite"),
+    (["--loss", "kl"], "loss: 'kl' is not one of"), (["--resume", "latest"], "python -m kat train --resume latest"),
+    ("steps: 1.5\n", "steps: expected int, got 1.5"), ("steps: true\n", "steps: expected int, got True"),
+    ("- 1\n- 2\n", "must hold a mapping"), ("steps: [1\n", "is not valid YAML"), (b"\xff\xfe\x00\x01", "not valid YAML"),
+])
+def test_user_errors_are_one_line_with_status_2(tmp_path, args, message):
+    if not isinstance(args, list):
+        path = tmp_path / "c.yaml"
+        path.write_bytes(args if isinstance(args, bytes) else args.encode())
+        args = ["--config", str(path)]
+    proc = subprocess.run([sys.executable, str(ROOT / "kat.py"), *args, "--output_dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_finished_run_is_not_overwritten(single_file, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds a run \\(metrics.jsonl\\).*--overwrite_output_dir true"):
+        single_file.check_output_dir(single_file.Config(output_dir=str(tmp_path)))
+    cfg = single_file.Config(output_dir=str(tmp_path), overwrite_output_dir=True)
+    single_file.check_output_dir(cfg)
+    single_file.clear_own_files(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
