@@ -149,7 +149,7 @@ class Config:
     overwrite_output_dir: bool = arg(False, "replace the run already in output_dir")
     grader: str = arg("exact", "answer checker: exact (the toy) or math (math-verify)",
                       choices=("exact", "math"))
-    seed: int = arg(0, "random seed", ">= 0")
+    seed: int = arg(0, "random seed")
     dtype: str = arg("auto", "teacher dtype and student mixed precision", choices=DTYPES)
 
     def __post_init__(self) -> None:

@@ -455,9 +455,11 @@ def test_bounds_equal_the_package(single_file):
     (["--max_new_tokens", "0"], "max_new_tokens: 0"), (["--micro_batch_size", "0"], "micro_batch_size: 0"),
     (["--eval_k", "0"], "eval_k: 0"), (["--lr", "-0.1"], "lr: -0.1 is out of range"),
     (["--lr", "nan"], "lr: nan is not a finite number"), (["--top_p", "inf"], "top_p: inf is not a finite"),
-    (["--loss", "kl"], "loss: 'kl' is not one of"), (["--resume", "latest"], "python -m kat train --resume latest"),
+    (["--loss", "kl"], "loss: 'kl' is not one of"),
+    (["--resume", "latest"], "python -m kat train --resume latest"),
     ("steps: 1.5\n", "steps: expected int, got 1.5"), ("steps: true\n", "steps: expected int, got True"),
-    ("- 1\n- 2\n", "must hold a mapping"), ("steps: [1\n", "is not valid YAML"), (b"\xff\xfe\x00\x01", "not valid YAML"),
+    ("- 1\n- 2\n", "must hold a mapping"), ("steps: [1\n", "is not valid YAML"),
+    (b"\xff\xfe\x00\x01", "not valid YAML"),
 ])
 def test_user_errors_are_one_line_with_status_2(tmp_path, args, message):
     if not isinstance(args, list):
