@@ -104,7 +104,7 @@ def test_readme_is_a_front_door():
     first = lines[:FIRST_SCREENS]
     assert any(line.startswith("![") for line in first), "the picture belongs in the first screens"
     assert any(line.startswith("| KAT ") for line in first), "the results table belongs in the first screens"
-    assert any("several GPUs" in line for line in first), "say near the top what has not run"
+    assert "several GPUs" in " ".join(" ".join(first).split()), "say near the top what has not run"
 
 
 def test_anchor_finder():
