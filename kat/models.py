@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from kat.config import ConfigError
 
@@ -86,6 +87,9 @@ def load_model(path: str, gguf_file: str, dtype: torch.dtype, role: str):
     except (OSError, ValueError) as err:
         raise ConfigError(f"{role}: cannot load a model from {path!r}"
                           f"{f' (gguf_file {gguf_file!r})' if gguf_file else ''}: {err}") from None
+    except SafetensorError as err:  # e.g. a model.safetensors cut short by an interrupted copy
+        raise ConfigError(f"{role}: the weights in {path!r} cannot be read ({err}); the file is damaged or "
+                          "incomplete: copy or download the model again") from None
 
 
 def load_tokenizer(path: str, gguf_file: str = "", role: str = "student"):
