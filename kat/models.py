@@ -290,6 +290,25 @@ def prune_layers(model, keep: Sequence[int]):
     return pruned.eval()
 
 
+def check_out(out: str, model: str, overwrite: bool = False) -> None:
+    """Refuse an --out that is a file, or (without `overwrite`) that is or lies inside --model, holds
+    --model, or already holds a model: writing there would replace a model."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out: {out!r} is a file; give the folder to write the pruned model to")
+    source = resolve_path(model)
+    if overwrite or not os.path.isdir(source) and not os.path.isdir(out):
+        return
+    o, m = os.path.realpath(out), os.path.realpath(source)
+    if os.path.isdir(source) and (o == m or o.startswith(m + os.sep) or m.startswith(o + os.sep)):
+        raise ConfigError(f"--out: {out!r} is, or lies inside or around, the --model folder {model!r}; writing "
+                          "there would replace the model being pruned. Give another --out (or --overwrite)")
+    held = [f for f in ("config.json", "model.safetensors", "pytorch_model.bin", ADAPTER_CONFIG)
+            if os.path.isfile(os.path.join(out, f))]
+    if held:
+        raise ConfigError(f"--out: {out!r} already holds a model ({', '.join(held)}); give another --out, or "
+                          "--overwrite to replace it")
+
+
 def main(argv: Sequence[str] | None = None) -> str | int:
     """``kat models prune``: save a layer-pruned copy of a model with its tokenizer.
 
@@ -302,8 +321,11 @@ def main(argv: Sequence[str] | None = None) -> str | int:
     pr.add_argument("--gguf", default="", help="GGUF file inside --model (de-quantised to float32)")
     pr.add_argument("--layers", type=int, required=True, help="decoder layers to keep, evenly spaced")
     pr.add_argument("--out", required=True, help="directory to write the pruned model and tokenizer to")
+    pr.add_argument("--overwrite", action="store_true", help="write into an --out that already holds a model "
+                    "(--model itself included)")
     args = p.parse_args(argv)
     try:
+        check_out(args.out, args.model, args.overwrite)
         model = load_model(args.model, args.gguf, torch.float32, "model")
         tokenizer = load_tokenizer(args.model, args.gguf, "model")
         keep = evenly_spaced(model.config.num_hidden_layers, args.layers)
@@ -313,6 +335,9 @@ def main(argv: Sequence[str] | None = None) -> str | int:
     pruned = prune_layers(model, keep)
     pruned.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
+    if not os.path.isfile(os.path.join(args.out, "config.json")):  # save_pretrained only logs some failures
+        print(f"error: --out: nothing was written to {args.out!r}; give a folder you can write to", file=sys.stderr)
+        return 2
     print(f"kept layers {keep} of {model.config.num_hidden_layers}; wrote {args.out}")
     return args.out
 
