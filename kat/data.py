@@ -183,10 +183,14 @@ def _open(spec: DataSpec):
             raise DataError(f"data file {source!r} does not exist; check the path (train_data / eval_data)")
         if os.path.getsize(source) == 0 or (ext != ".parquet" and _blank(source)):
             raise DataError(f"{source!r} holds no rows; give a file with at least one problem")
+        level = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse error would be a second report
         try:
             return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files=source, split="train")
         except datasets.exceptions.DatasetGenerationError as err:  # the cause says little; find the line
             raise DataError(_unreadable(source, ext, err)) from None
+        finally:
+            datasets.logging.set_verbosity(level)
     if os.path.isdir(source) and any(os.path.isfile(os.path.join(source, f))
                                      for f in ("state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(source)  # written by Dataset.save_to_disk

@@ -215,6 +215,40 @@ def align_vocab(student, teacher, tokenizer) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Positions: a prompt and its completion must fit the models' position embeddings
+
+def positions(*models) -> int | None:
+    """The fewest positions any of `models` takes (config.max_position_embeddings); None if none says."""
+    known = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m in models]
+    known = [int(n) for n in known if isinstance(n, int) and n > 0]
+    return min(known) if known else None
+
+
+def check_positions(tokenizer, problems: list[dict], eval_sets: dict, cfg, *models) -> None:
+    """Raise ConfigError when a training or evaluation prompt plus its completion budget would run past
+    the models' positions (their outputs there are meaningless, and nothing else would say so)."""
+    from kat.config import render_kw
+    from kat.data import prompt_lengths
+
+    limit = positions(*models)
+    if limit is None:
+        return
+    sets = [("train_data", problems, "max_new_tokens", cfg.max_new_tokens)]
+    sets += [(f"eval_data {name!r}", s.problems, "eval_max_new_tokens", cfg.eval_max_new_tokens or cfg.max_new_tokens)
+             for name, s in eval_sets.items()]
+    for name, rows, field, new in sets:
+        lengths = prompt_lengths(tokenizer, rows, render_kw=render_kw(cfg))
+        room = limit - new
+        over = sum(n > room for n in lengths)
+        fix = (f"lower max_prompt_length to {max(room, 1)} (longer prompts are then skipped with a warning)"
+               if field == "max_new_tokens" else "leave those problems out of the set")
+        if over:
+            raise ConfigError(f"{name}: {over} of {len(rows)} prompts are longer than {max(room, 0)} tokens (longest: "
+                              f"{max(lengths)}), so with {field}={new} they would run past the models' {limit} "
+                              f"positions (max_position_embeddings); {fix}, or lower {field}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Stop tokens
 
 def end_of_turn_id(tokenizer) -> int | None:

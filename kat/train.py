@@ -41,8 +41,8 @@ from kat.data import DataError, filter_long_prompts, load_eval_sets, load_proble
 from kat.detector import make_terminator, window_means
 from kat.evaluate import run_eval
 from kat.learner import build_optimizer, learn
-from kat.models import (align_vocab, check_tokenizers, eos_ids, load_model, load_tokenizer, prepare_student,
-                        torch_dtype)
+from kat.models import (align_vocab, check_positions, check_tokenizers, eos_ids, load_model, load_tokenizer,
+                        prepare_student, torch_dtype)
 from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
 from kat.rundir import check_start, clear_run, trim_logs
 from kat.sampler import sample
@@ -174,6 +174,7 @@ def setup(cfg: Config) -> Run:
     tokenizer, student, teacher, eos = load_models(cfg, accelerator.device)
     problems = filter_long_prompts(tokenizer, problems, cfg.max_prompt_length, render_kw=render_kw(cfg),
                                    name="train_data")
+    check_positions(tokenizer, problems, eval_sets, cfg, student, teacher)  # prompt + completion fit the models
     optimizer, scheduler = build_optimizer(student, cfg.lr, cfg.steps, cfg.warmup_ratio, cfg.weight_decay)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     return Run(cfg, accelerator, tokenizer, student, teacher, eos, problems, eval_sets, optimizer, scheduler,

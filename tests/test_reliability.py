@@ -179,3 +179,82 @@ def test_a_bad_progress_file_names_the_checkpoint_and_the_one_to_use(tmp_path, t
         read_progress(find_checkpoint(cfg))
     assert "checkpoint-000002" in str(err.value)
     assert f"--resume {tmp_path / 'checkpoint-000001'}" in str(err.value)
+
+
+# --- bad inputs: one line, status 2 ------------------------------------------------------------------
+
+def one_error_line(capsys) -> str:
+    """The error line of a failed command (transformers' progress bars may share stderr)."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: "), err
+    return errors[0]
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer"\n', "bad.jsonl', line 2: not valid JSON"),
+    ("question,answer\n1+1,2\n", "bad.jsonl', line 1: not valid JSON"),
+    ('{"prompt": {"text": "1+1"}, "answer": "2"}\n', "bad.jsonl', row 1: the prompt field 'prompt' holds dict"),
+    ('{"prompt": "1+1", "answer": "2"}\n{"prompt": 7, "answer": "2"}\n',
+     "bad.jsonl', row 2: the prompt field 'prompt' holds int 7, not text"),
+])
+def test_unreadable_or_non_text_data_is_one_line(tiny_world, tmp_path, capsys, no_models, text, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text)
+    assert main(argv(tiny_args(tiny_world, tmp_path / "run", train_data=bad))) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("error: train_data: ") and message in line
+
+
+def test_a_truncated_teacher_is_one_line(tiny_world, tmp_path, capsys):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_world["teacher"], teacher)
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(argv(tiny_args(tiny_world, tmp_path / "run", teacher=teacher))) == 2
+    assert f"teacher: the weights in '{teacher}' cannot be read" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"max_new_tokens": 120}, r"train_data: \d+ of \d+ prompts are longer than 8 tokens .* with max_new_tokens=120 "
+                              r"they would run past the models' 128 positions"),
+    ({"eval_data": "TEST", "eval_max_new_tokens": 126}, r"eval_data 'test': \d+ of \d+ prompts are longer than 2 "
+                                                        r"tokens .* with eval_max_new_tokens=126"),
+])
+def test_prompts_past_the_models_positions_are_refused(tiny_world, tmp_path, capsys, over, message):
+    over = {k: tiny_world["test"] if v == "TEST" else v for k, v in over.items()}
+    assert main(argv(tiny_args(tiny_world, tmp_path / "run", **over))) == 2
+    import re
+    assert re.search(message, one_error_line(capsys))
+
+
+def test_plot_names_a_cut_line_and_says_when_there_is_nothing(tmp_path, capsys):
+    from kat.plot import main as plot_main
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert plot_main([str(tmp_path)]) == 2
+    assert "holds no rows yet, so there is nothing to plot" in one_error_line(capsys)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    assert plot_main([str(tmp_path)]) == 2
+    assert "metrics.jsonl, line 2: not a JSON row" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens: 0 is out of range; it must be >= 1"),
+    (["--batch-size", "0"], "--batch-size: 0 is out of range; it must be >= 1"),
+    (["--top-p", "0"], "--top-p: 0.0 is out of range"),
+    (["--out", "DIR"], "is a folder; give the path of the JSON file to write"),
+])
+def test_eval_arguments_are_checked_before_the_evaluation(tiny_world, tmp_path, capsys, monkeypatch, extra, message):
+    import kat.models
+    from kat.evaluate import main as eval_main
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(kat.models, "load_model", refuse)
+    extra = [str(tmp_path) if a == "DIR" else a for a in extra]
+    assert eval_main(["--model", tiny_world["student"], "--data", tiny_world["test"], *extra]) == 2
+    assert message in one_error_line(capsys)
