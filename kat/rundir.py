@@ -29,14 +29,17 @@ RUN_DIRS = ("student", "adapter")
 # Fields that may differ between a checkpoint's config and the config that resumes it. They change
 # what is evaluated, logged, saved or where, or how much memory a step takes, never the sequence of
 # updates: the batches, sampling seeds, loss, terminator, optimiser and schedule come from the other
-# fields, and a resumed run must continue the same run. rollout_slots and decode only schedule the
-# same rollouts (kat/-only fields, see SHARED decisions); micro_batch_size, gradient_checkpointing
-# and teacher_cache_mb split or cache the same step (equal up to float rounding).
+# fields, and a resumed run must continue the same run. micro_batch_size, gradient_checkpointing
+# and teacher_cache_mb split, recompute or cache the same step (equal up to float rounding), so a
+# run that no longer fits in memory can go on. (With lora_dropout > 0 the dropout masks come from
+# the global RNG, which an evaluation reseeds, so a changed eval cadence changes them.) A field not
+# listed here defines the run: a new field is refused on resume until it is shown to leave the
+# updates alone and added here.
 RESUMABLE = frozenset({
     "eval_data", "eval_split", "eval_every", "eval_k", "eval_limit", "eval_temperature", "eval_top_p",
     "eval_max_new_tokens", "grader", "save_every", "keep_last", "output_dir", "resume", "overwrite_output_dir",
     "log_with", "project_name", "n_traces", "plot", "max_bad_steps", "micro_batch_size", "gradient_checkpointing",
-    "teacher_cache_mb", "rollout_slots", "decode",
+    "teacher_cache_mb",
 })
 
 

@@ -152,8 +152,7 @@ def test_resume_refuses_another_definition_accepts_cadence_and_logs_each_step_on
 
 
 def test_resumable_fields_are_config_fields():
-    later = {"rollout_slots", "decode"}  # kat/-only scheduling fields (SHARED decision 4)
-    assert RESUMABLE - later <= set(_FIELDS)
+    assert RESUMABLE <= set(_FIELDS)
     defining = {"teacher", "student", "train_data", "loss", "termination", "eta", "lr", "steps", "seed",
                 "batch_size", "samples_per_prompt", "max_new_tokens", "warmup_ratio", "window", "dtype"}
     assert not defining & RESUMABLE
@@ -258,3 +257,15 @@ def test_eval_arguments_are_checked_before_the_evaluation(tiny_world, tmp_path, 
     extra = [str(tmp_path) if a == "DIR" else a for a in extra]
     assert eval_main(["--model", tiny_world["student"], "--data", tiny_world["test"], *extra]) == 2
     assert message in one_error_line(capsys)
+
+
+def test_under_a_launcher_one_process_reports_a_user_error(tiny_world, tmp_path, capsys, monkeypatch, no_models):
+    """Every process meets the same bad value; only the first prints it, so a launch shows one line."""
+    args = argv(tiny_args(tiny_world, tmp_path / "run", eta=2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(args) == 2
+    assert "eta: 2.0 is out of range" in one_error_line(capsys)
