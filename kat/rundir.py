@@ -110,6 +110,10 @@ def check_resume(cfg, ckpt: str, progress: dict) -> None:
                           "with the steps it was started with, or start a new run")
     old, new = progress["config"], cfg.to_dict()
     changed = [f"{k}: {old[k]!r} -> {v!r}" for k, v in new.items() if k not in RESUMABLE and k in old and old[k] != v]
+    allowed = [f"{k}: {old[k]!r} -> {v!r}" for k, v in new.items()
+               if k in RESUMABLE and k != "resume" and k in old and old[k] != v]
+    if allowed and not changed and os.environ.get("RANK", "0") == "0":  # said once, where the user looks
+        print(f"resume: changed since {ckpt}: {'; '.join(allowed)}")
     if changed:
         raise ConfigError(f"resume: the config differs from the run in {ckpt!r} in fields that define the run: "
                           f"{'; '.join(changed)}. Resume with the run's own values (its config.yaml), or start a "

@@ -125,7 +125,7 @@ def test_a_read_only_output_dir_is_one_line(tiny_world, tmp_path, capsys, no_mod
 
 # --- 5. resume checks, 8. each step logged once ----------------------------------------------------
 
-def test_resume_refuses_another_definition_accepts_cadence_and_logs_each_step_once(tiny_world, tmp_path):
+def test_resume_refuses_another_definition_accepts_cadence_and_logs_each_step_once(tiny_world, tmp_path, capsys):
     out = tmp_path / "run"
     base = tiny_args(tiny_world, out, steps=4, save_every=2, keep_last=5)
     train(load_config([], **base))
@@ -146,7 +146,9 @@ def test_resume_refuses_another_definition_accepts_cadence_and_logs_each_step_on
     assert "past steps=1" in refused(resume=str(out / "checkpoint-000004"), steps=1)
 
     # evaluation, logging and saving may change; the rows of steps 3-4 are written once
+    capsys.readouterr()
     train(load_config([], **{**base, "resume": ckpt, "n_traces": 2, "save_every": 1, "plot": False}))
+    assert f"resume: changed since {ckpt}: save_every: 2 -> 1; n_traces: 8 -> 2" in capsys.readouterr().out
     assert [r["step"] for r in read_rows(out / "metrics.jsonl")] == [1, 2, 3, 4]
     assert sorted({t["step"] for t in read_rows(out / "traces.jsonl")}) == [4]
 
