@@ -120,11 +120,22 @@ def check_resume(cfg, ckpt: str, progress: dict) -> None:
                           "new run in another --output_dir (only evaluation, logging and saving fields may change)")
 
 
+def check_tracker(name: str) -> None:
+    """Accelerate skips a tracker whose package is missing without a word; say so instead."""
+    from accelerate.tracking import get_available_trackers
+
+    if name and name != "all" and name not in {str(t) for t in get_available_trackers()}:
+        package = {"comet_ml": "comet-ml"}.get(name, name)
+        raise ConfigError(f"log_with: {name!r} needs its package, which is not installed; pip install {package}, "
+                          "or leave log_with empty")
+
+
 def check_start(cfg) -> tuple[list[str], str]:
     """(what overwrite_output_dir removes, the checkpoint to resume or ""), every check made before
-    the models load: the output folder, the checkpoint and its config against cfg."""
+    the models load: the tracker, the output folder, the checkpoint and its config against cfg."""
     from kat.checkpoint import find_checkpoint, read_progress
 
+    check_tracker(cfg.log_with)
     overwrite = check_output_dir(cfg)
     ckpt = find_checkpoint(cfg) or ""
     if ckpt:

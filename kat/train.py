@@ -146,19 +146,8 @@ def load_data(cfg: Config) -> tuple[list[dict], dict]:
     return problems, eval_sets
 
 
-def check_tracker(name: str) -> None:
-    """Accelerate skips a tracker whose package is missing without a word; say so instead."""
-    from accelerate.tracking import get_available_trackers
-
-    if name and name != "all" and name not in {str(t) for t in get_available_trackers()}:
-        package = {"comet_ml": "comet-ml"}.get(name, name)
-        raise ConfigError(f"log_with: {name!r} needs its package, which is not installed; pip install {package}, "
-                          "or leave log_with empty")
-
-
 def setup(cfg: Config) -> Run:
-    check_tracker(cfg.log_with)
-    overwrite, ckpt = check_start(cfg)  # the run folder and the checkpoint to resume, before anything loads
+    overwrite, ckpt = check_start(cfg)  # trackers, the run folder, the checkpoint to resume: before anything loads
     # step_scheduler_with_optimizer=False: Accelerate would otherwise advance the schedule once per
     # process at every step (it assumes each process's batch is a shard of one data loader)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with=cfg.log_with or None,
