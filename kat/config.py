@@ -144,6 +144,8 @@ class Config:
     keep_last: int = _f(2, "resumable checkpoints kept on disk", low=1)
     output_dir: str = _f("runs/toy", "where metrics, traces, plots, checkpoints and the student go")
     resume: str = _f("", "checkpoint directory to continue from, or `latest` in output_dir")
+    overwrite_output_dir: bool = _f(False, "a new run into an output_dir that holds a run: remove the files and "
+                                    "folders a run writes there (other files stay); without it the run is refused")
     log_with: str = _f("", "extra tracker through Accelerate (its package must be installed); empty: none",
                        choices=("", *TRACKERS))
     project_name: str = _f("kat", "the trackers' project (wandb project; tensorboard: output_dir/project_name)")

@@ -171,7 +171,8 @@ def test_every_number_and_choice_has_a_rule():
     free = {f.name for f in fields(Config)} - {f.name for f in RANGED}
     assert free == {"teacher", "student", "teacher_gguf", "student_gguf", "train_data", "train_split", "eval_data",
                     "eval_split", "prompt_field", "answer_field", "system_prompt", "instruction", "output_dir",
-                    "resume", "shadow", "plot", "gradient_checkpointing", "lora_target_modules",
+                    "resume", "overwrite_output_dir", "shadow", "plot", "gradient_checkpointing",
+                    "lora_target_modules",
                     "project_name", "chat_template_kwargs", "norm_from"}
     assert all(out_of_range(f) and edges(f) or f.metadata["choices"] for f in RANGED)
 
