@@ -118,7 +118,7 @@ class Config:
     lr: float = arg(1e-3, "peak learning rate (cosine schedule, linear warm-up)", "> 0")
     warmup_ratio: float = arg(0.03, "share of steps with linear warm-up", "[0, 1)")
     weight_decay: float = arg(0.0, "AdamW weight decay", ">= 0")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm", "> 0")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (inf: no clipping)", "(0, inf]")
     termination: str = arg("kat", "what ends a rollout early: the trap detector, nothing, random cuts",
                            choices=("kat", "none", "random"))
     rule: str = arg("quantile", "threshold rule: the paper's quantile (zscore is in kat/)",
@@ -149,7 +149,7 @@ class Config:
     overwrite_output_dir: bool = arg(False, "replace the run already in output_dir")
     grader: str = arg("exact", "answer checker: exact (the toy) or math (math-verify)",
                       choices=("exact", "math"))
-    seed: int = arg(0, "random seed")
+    seed: int = arg(0, "random seed", "[0, 4294967295]")
     dtype: str = arg("auto", "teacher dtype and student mixed precision", choices=DTYPES)
 
     def __post_init__(self) -> None:
@@ -192,15 +192,16 @@ def check_value(name: str, value) -> None:
     wrong_bool = isinstance(value, bool) and kind is not bool
     if wrong_bool or not isinstance(value, expected):
         raise UserError(f"error: {name}: expected int, got {value!r}")
-    if kind is float and not math.isfinite(value):
+    bounds = parse_bounds(FIELDS[name].metadata["bounds"])
+    low = bounds["low"]
+    high = bounds["high"]
+    infinity_allowed = high == math.inf and not bounds["high_open"]  # e.g. max_grad_norm: inf
+    if kind is float and not math.isfinite(value) and not (value == high and infinity_allowed):
         raise UserError(f"error: {name}: {value!r} is not a finite number")
     choices = FIELDS[name].metadata["choices"]
     if choices is not None and value not in choices:
         raise UserError(f"error: {name}: {value!r} is not one of {choices} "
                         "(`python -m kat train` has more)")
-    bounds = parse_bounds(FIELDS[name].metadata["bounds"])
-    low = bounds["low"]
-    high = bounds["high"]
     too_low = low is not None and (value < low or bounds["low_open"] and value == low)
     too_high = high is not None and (value > high or bounds["high_open"] and value == high)
     if too_low or too_high:

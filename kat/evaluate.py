@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -332,6 +333,32 @@ def _print_table(name: str, res: dict, k: int) -> None:
         print(f"{name:<{width}}  {value}")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ConfigError for a value `kat eval` cannot use, before any model loads or sample is drawn."""
+    from kat.config import ConfigError, check_value
+
+    for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--batch-size", args.batch_size, 1),
+                             ("-k", args.k, 1), ("--limit", args.limit, 0)):
+        if value < low:
+            raise ConfigError(f"{flag}: {value} is out of range; it must be >= {low}")
+    for name in ("temperature", "top_p"):
+        try:
+            check_value(name, getattr(args, name))
+        except ConfigError as err:
+            raise ConfigError(f"--{name.replace('_', '-')}{str(err)[len(name):]}") from None
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise ConfigError(f"--out: {args.out!r} is a folder; give the path of the JSON file to write")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--out: cannot create the folder of {args.out!r} ({err.strerror or err}); give a "
+                              "path you can write to") from None
+        if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+            raise ConfigError(f"--out: {args.out!r} is not writable; give a path you can write to")
+
+
 def main(argv: Sequence[str] | None = None) -> dict | int:
     """``python -m kat eval``: a results table per evaluation set; with --out also the JSON.
 
@@ -347,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
+        check_args(args)
         template_kw = check_value("chat_template_kwargs", args.chat_template_kwargs)
         eval_sets = load_eval_sets(args.data, split=args.split, prompt_field=args.prompt_field,
                                    answer_field=args.answer_field, k=args.k, limit=args.limit)

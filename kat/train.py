@@ -34,16 +34,17 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from kat.checkpoint import find_checkpoint, load_checkpoint, model_card, save_checkpoint, save_student
+from kat.checkpoint import load_checkpoint, model_card, save_checkpoint, save_student
 from kat.config import Config, ConfigError, help_text, load_config, random_target, render_kw
 from kat.controls import learner_accelerator
 from kat.data import DataError, filter_long_prompts, load_eval_sets, load_problems, step_batch, step_generator
 from kat.detector import make_terminator, window_means
 from kat.evaluate import run_eval
 from kat.learner import build_optimizer, learn
-from kat.models import (align_vocab, check_tokenizers, eos_ids, load_model, load_tokenizer, prepare_student,
-                        torch_dtype)
+from kat.models import (align_vocab, check_positions, check_tokenizers, eos_ids, load_model, load_tokenizer,
+                        prepare_student, torch_dtype)
 from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
+from kat.rundir import check_start, clear_run, trim_logs
 from kat.sampler import sample
 
 
@@ -69,6 +70,7 @@ class Run:
     start: int = 0  # steps already done (resumed runs)
     counters: dict = field(default_factory=lambda: {"tokens_total": 0.0, "bad_in_a_row": 0})
     command: str = ""  # how the run was started, for the model card
+    checkpoint: str = ""  # the checkpoint to resume from (checked against cfg before the models loaded)
 
     @property
     def metrics_path(self) -> str:
@@ -144,18 +146,8 @@ def load_data(cfg: Config) -> tuple[list[dict], dict]:
     return problems, eval_sets
 
 
-def check_tracker(name: str) -> None:
-    """Accelerate skips a tracker whose package is missing without a word; say so instead."""
-    from accelerate.tracking import get_available_trackers
-
-    if name and name != "all" and name not in {str(t) for t in get_available_trackers()}:
-        package = {"comet_ml": "comet-ml"}.get(name, name)
-        raise ConfigError(f"log_with: {name!r} needs its package, which is not installed; pip install {package}, "
-                          "or leave log_with empty")
-
-
 def setup(cfg: Config) -> Run:
-    check_tracker(cfg.log_with)
+    overwrite, ckpt = check_start(cfg)  # trackers, the run folder, the checkpoint to resume: before anything loads
     # step_scheduler_with_optimizer=False: Accelerate would otherwise advance the schedule once per
     # process at every step (it assumes each process's batch is a shard of one data loader)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with=cfg.log_with or None,
@@ -163,29 +155,35 @@ def setup(cfg: Config) -> Run:
     if cfg.lora_r and accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError("lora_r: a LoRA student is not sharded here (its merged save needs the full weights "
                           "on one process); launch it with DDP, where only the small adapter is trained")
+    if overwrite and accelerator.is_main_process:  # every process has checked the folder before this
+        clear_run(cfg.output_dir, overwrite)
+    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
     problems, eval_sets = load_data(cfg)
     tokenizer, student, teacher, eos = load_models(cfg, accelerator.device)
     problems = filter_long_prompts(tokenizer, problems, cfg.max_prompt_length, render_kw=render_kw(cfg),
                                    name="train_data")
+    check_positions(tokenizer, problems, eval_sets, cfg, student, teacher)  # prompt + completion fit the models
     optimizer, scheduler = build_optimizer(student, cfg.lr, cfg.steps, cfg.warmup_ratio, cfg.weight_decay)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     return Run(cfg, accelerator, tokenizer, student, teacher, eos, problems, eval_sets, optimizer, scheduler,
-               build_terminator(cfg, accelerator.process_index))
+               build_terminator(cfg, accelerator.process_index), checkpoint=ckpt)
 
 
 # --- Checkpoints (kat.checkpoint): atomic, resumable, the last `keep_last` kept --------------------
 
 def resume(run: Run) -> None:
     """Load the checkpoint cfg.resume names (if any): model, optimiser, schedule and RNG states,
-    the terminator's statistics, the step and the counters."""
-    ckpt = find_checkpoint(run.cfg)
+    the terminator's statistics, the step and the counters. Log rows written after it are dropped."""
+    ckpt = run.checkpoint
     if not ckpt:
         return
     progress = load_checkpoint(run.accelerator, ckpt, run.terminator, run.cfg.output_dir)
     run.start = progress["step"]
     run.counters = {k: progress[k] for k in run.counters}
+    if run.accelerator.is_main_process and (dropped := trim_logs(run.cfg.output_dir, run.start)):
+        print(f"dropped {dropped} log rows written after step {run.start}")
+    run.accelerator.wait_for_everyone()
     run.accelerator.print(f"resumed from {ckpt} at step {run.start}")
 
 
@@ -464,8 +462,12 @@ def train(cfg: Config, command: str = "") -> dict:
     return finish(run, results)  # 5. final evaluation and the trained student
 
 
+STOPPED = 128 + signal.SIGTERM  # 143: the shell's status for a process ended by SIGTERM
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kat train`: 0 on success; a user error prints one line `error: ...` and returns 2."""
+    """`python -m kat train`: 0 when the run is done; a user error prints one line `error: ...` and
+    returns 2; a run stopped by SIGTERM or Ctrl-C (checkpoint written) returns 143."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
@@ -473,11 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         launcher = f"# on {world} processes (accelerate launch / torchrun)\n" if world > 1 else ""
-        train(load_config(argv), command=f"{launcher}python -m kat train {shlex.join(argv)}".strip())
+        result = train(load_config(argv), command=f"{launcher}python -m kat train {shlex.join(argv)}".strip())
     except (ConfigError, DataError, TrainingError) as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, whatever the message held
+        if os.environ.get("RANK", "0") == "0":  # one line per launch, not one per process
+            print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, whatever the message held
         return 2
-    return 0
+    return STOPPED if "stopped_at" in result else 0
 
 
 if __name__ == "__main__":

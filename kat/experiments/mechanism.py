@@ -39,7 +39,7 @@ import torch
 from kat.config import Config
 from kat.experiments.arms import STATIC_ARMS, base_config, seed_list, world_name
 from kat.experiments.report import plan_line, setup_line, write_report
-from kat.experiments.runs import git_commit, same_config
+from kat.experiments.runs import git_commit, restart, same_config
 from kat.plot import read_jsonl
 
 SEGMENTS = ("paper", "gated", "drift")
@@ -120,6 +120,7 @@ def mechanism_run(cfg: Config, log=print) -> str:
             and same_config(cfg.output_dir, cfg):
         log(f"  mechanism seed {cfg.seed}: reusing {cfg.output_dir}")
         return cfg.output_dir
+    restart(cfg)
     t0 = time.perf_counter()
     run = setup(cfg)
     resume(run)
