@@ -35,15 +35,16 @@ checkpoints and trackers; kat.py reads the same configs and names what it skips.
 Run (`kat/` is the same maths as a package; tests check that both agree):
     python kat.py --help                                        # every setting, one line each
     accelerate launch kat.py                                    # toy world, CPU
-    accelerate launch kat.py --config configs/qwen3_1.7b.yaml   # one GPU
-    accelerate launch --multi_gpu --num_processes 4 kat.py --config configs/qwen3_1.7b.yaml
+    accelerate launch --multi_gpu --num_processes 4 kat.py --config my_run.yaml
     ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 kat.py   # two CPU processes
+kat.py reads local JSON-lines data ({"prompt": ..., "answer": ...} a line) and models that
+transformers loads; `python -m kat export` writes those from hub datasets, GGUF files and whole
+configs, e.g. `python -m kat export --config configs/qwen3_1.7b.yaml --out exported/qwen3_1.7b`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -76,88 +77,69 @@ class UserError(SystemExit):
 
 # ==== Config: defaults < --config FILE < --key value =============================================
 def arg(default, help: str, bounds: str = "", choices: tuple | None = None):
-    """A Config field with its one-line `--help` text, its allowed range (interval notation, e.g.
-    "[0, 1)" or ">= 1") and its allowed values."""
+    """A Config field, its `--help` line, its range ("[0, 1)", ">= 1") and its allowed values."""
     return field(default=default, metadata={"help": help, "bounds": bounds, "choices": choices})
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass
 class Config:
-    teacher: str = arg(os.path.join(TOY, "teacher"), "teacher model: local path, hub name or pkg:NAME")
-    student: str = arg(os.path.join(TOY, "student"), "student model: local path, hub name or pkg:NAME")
-    teacher_gguf: str = arg("", "GGUF file inside `teacher` (de-quantised to dtype); empty: none")
-    student_gguf: str = arg("", "GGUF file inside `student`; empty: none")
-    train_data: str = arg(os.path.join(TOY, "data", "train.jsonl"),
-                          "training prompts: a file, or a hub name[key=value, ...]")
-    train_split: str = arg("train", "split of a hub training dataset")
+    teacher: str = arg(os.path.join(TOY, "teacher"), "teacher model: a folder or hub name")
+    student: str = arg(os.path.join(TOY, "student"), "student model: a folder or hub name")
+    train_data: str = arg(os.path.join(TOY, "data", "train.jsonl"), "training prompts (.jsonl)")
     eval_data: str = arg(os.path.join(TOY, "data", "test.jsonl"),
-                         "evaluation sets, comma-separated [name=]source[key=value, ...]; empty: none")
-    eval_split: str = arg("test", "split of hub evaluation datasets")
-    prompt_field: str = arg("prompt", "column holding the question (a.b reaches into a struct)")
-    answer_field: str = arg("answer", "column holding the reference answer")
+                         "evaluation sets: [name=]file.jsonl[k=N], comma-separated")
     system_prompt: str = arg("", "system message before every question")
-    instruction: str = arg("", "text appended to every question (e.g. ask for a \\boxed{} answer)")
-    chat_template_kwargs: str = arg("", "YAML mapping of chat template variables, "
-                                        "e.g. '{enable_thinking: false}'")
-    max_prompt_length: int = arg(512, "training prompts longer than this many tokens are skipped",
-                                 ">= 1")
+    instruction: str = arg("", "text appended to every question (e.g. ask for \\boxed{})")
+    chat_template_kwargs: str = arg("", "chat template variables, e.g. '{enable_thinking: false}'")
+    max_prompt_length: int = arg(512, "skip training prompts longer than this (tokens)", ">= 1")
     steps: int = arg(30, "optimiser steps", ">= 1")
     batch_size: int = arg(16, "prompts per step on each process", ">= 1")
     samples_per_prompt: int = arg(4, "rollouts sampled per prompt", ">= 1")
     max_new_tokens: int = arg(96, "completion length limit", ">= 1")
     temperature: float = arg(1.0, "student sampling temperature (0: greedy)", ">= 0")
     top_p: float = arg(1.0, "nucleus sampling mass", "(0, 1]")
-    chunk: int = arg(8, "tokens C per lockstep chunk: the teacher scores C tokens per forward", ">= 1")
-    loss: str = arg("full", "OPD loss: exact KL (full) or top-K + tail (topk)",
-                    choices=("full", "topk"))
-    topk: int = arg(64, "K for the topk loss", ">= 1")
-    micro_batch_size: int = arg(16, "rows per forward/backward; gradients accumulate over the step",
-                                ">= 1")
+    chunk: int = arg(8, "C: tokens per chunk the teacher scores in one forward", ">= 1")
+    loss: str = arg("full", "exact KL (full) or top-K + tail (topk)", choices=("full", "topk"))
+    topk: int = arg(64, "K of the topk loss", ">= 1")
+    micro_batch_size: int = arg(16, "rows per forward/backward (gradients accumulate)", ">= 1")
     gradient_checkpointing: bool = arg(False, "recompute the student's activations in backward")
     lr: float = arg(1e-3, "peak learning rate (cosine schedule, linear warm-up)", "> 0")
     warmup_ratio: float = arg(0.03, "share of steps with linear warm-up", "[0, 1)")
     weight_decay: float = arg(0.0, "AdamW weight decay", ">= 0")
     max_grad_norm: float = arg(1.0, "gradient clipping norm (inf: no clipping)", "(0, inf]")
-    termination: str = arg("kat", "what ends a rollout early: the trap detector, nothing, random cuts",
+    termination: str = arg("kat", "what ends a rollout early: the trap detector, nothing, random",
                            choices=("kat", "none", "random"))
-    rule: str = arg("quantile", "threshold rule: the paper's quantile (zscore is in kat/)",
-                    choices=("quantile",))
+    rule: str = arg("quantile", "threshold rule (zscore is in kat/)", choices=("quantile",))
     window: int = arg(8, "W: tokens per window mean z", ">= 1")
-    stride: int = arg(4, "evaluate a window every `stride` tokens", ">= 1")
+    stride: int = arg(4, "judge a window every `stride` tokens", ">= 1")
     patience: int = arg(2, "consecutive low windows that confirm a trap", ">= 1")
     exempt: int = arg(8, "E: windows starting before this position never count", ">= 0")
     eta: float = arg(0.3, "threshold = (1 - eta) quantile of the minima buffer", "(0, 1)")
     buffer_size: int = arg(1024, "FIFO size of per-rollout minima", ">= 1")
-    min_buffer: int = arg(128, "the detector stays off until the buffer holds this many", ">= 0")
-    warmup_steps: int = arg(5, "the detector stays off for this many steps", ">= 0")
+    min_buffer: int = arg(128, "the detector is off until the buffer holds this many", ">= 0")
+    warmup_steps: int = arg(5, "the detector is off for this many steps", ">= 0")
     shadow: bool = arg(False, "detect and record would-be cuts without cutting")
-    random_target_length: float = arg(0.0, "random cuts: target mean length (0: max_new_tokens / 2)",
-                                      ">= 0")
-    gate: str = arg("none", "none (the paper's rule) or drift: a low run counts only after drift",
-                    choices=("none", "drift"))
-    drift_prob: float = arg(0.02, "a token past `exempt` with teacher probability below this drifts",
-                            "(0, 1)")
+    random_target_length: float = arg(0.0, "random: target mean length (0: half the limit)", ">= 0")
+    gate: str = arg("none", "drift: a low run counts only after drift", choices=("none", "drift"))
+    drift_prob: float = arg(0.02, "a token with teacher probability below this drifts", "(0, 1)")
     eval_every: int = arg(0, "also evaluate every N steps (0: only before and after)", ">= 0")
-    eval_k: int = arg(4, "samples per evaluation problem (avg@k, pass@k); a set's k=... wins", ">= 1")
-    eval_limit: int = arg(64, "evaluate on the first N problems of each set (0: all)", ">= 0")
+    eval_k: int = arg(4, "samples per evaluation problem (avg@k, pass@k)", ">= 1")
+    eval_limit: int = arg(64, "evaluate the first N problems of each set (0: all)", ">= 0")
     eval_temperature: float = arg(1.0, "evaluation sampling temperature (0: greedy)", ">= 0")
     eval_top_p: float = arg(1.0, "evaluation nucleus mass", "(0, 1]")
-    eval_max_new_tokens: int = arg(0, "completion length limit when evaluating (0: max_new_tokens)",
-                                   ">= 0")
+    eval_max_new_tokens: int = arg(0, "evaluation length limit (0: max_new_tokens)", ">= 0")
     output_dir: str = arg("runs/kat_py", "metrics.jsonl, kl_traces.png and student/ go here")
     overwrite_output_dir: bool = arg(False, "replace the run already in output_dir")
-    grader: str = arg("exact", "answer checker: exact (the toy) or math (math-verify)",
+    grader: str = arg("exact", "exact (the toy's A=n) or math (math-verify)",
                       choices=("exact", "math"))
     seed: int = arg(0, "random seed", "[0, 4294967295]")
-    dtype: str = arg("auto", "teacher dtype and student mixed precision", choices=DTYPES)
+    dtype: str = arg("auto", "teacher dtype and student mixed precision",
+                     choices=("auto", "float32", "bfloat16", "float16"))
 
     def __post_init__(self) -> None:
         for f in fields(self):
             check_value(f.name, getattr(self, f.name))
         if self.stride > self.window:
-            raise UserError(f"error: stride: {self.stride} is larger than window ({self.window}); "
-                            "use stride <= window")
+            raise UserError(f"error: stride: {self.stride} is larger than window ({self.window})")
         if self.min_buffer > self.buffer_size:
             raise UserError(f"error: min_buffer: {self.min_buffer} is larger than buffer_size "
                             f"({self.buffer_size}), so the detector never starts")
@@ -165,37 +147,36 @@ class Config:
 # Fields of kat/config.py that kat.py accepts in a config file and does not use.
 PACKAGE_ONLY = ("kappa", "ema", "max_bad_steps", "save_every", "keep_last", "resume", "log_with",
                 "project_name", "n_traces", "plot", "lora_r", "lora_alpha", "lora_dropout",
-                "lora_target_modules", "teacher_cache_mb", "norm_from", "rollout_slots", "decode")
+                "lora_target_modules", "teacher_cache_mb", "norm_from", "rollout_slots", "decode",
+                "train_split", "eval_split", "prompt_field", "answer_field", "teacher_gguf",
+                "student_gguf")
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
             "0": False, "false": False, "no": False, "off": False}
-# What a run folder holds once a KAT run used it, and what kat.py itself writes there.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "progress.json", "student")
-OWN_FILES = ("metrics.jsonl", "kl_traces.png", "student")
+EXPORT = "`python -m kat export"  # writes the local files kat.py reads
+FIELDS = {f.name: f for f in fields(Config)}
 
 def parse_bounds(text: str) -> dict:
     """"[0, 1)" -> {low: 0, high: 1, low_open: False, high_open: True}; ">= 1" -> low 1, no high."""
-    if not text:
-        return {"low": None, "high": None, "low_open": False, "high_open": False}
+    bounds = {"low": None, "high": None, "low_open": False, "high_open": False}
     if text.startswith(">"):
-        return {"low": float(text.lstrip(">= ")), "high": None,
-                "low_open": not text.startswith(">="), "high_open": False}
-    low, high = text[1:-1].split(",")
-    return {"low": float(low), "high": float(high),
-            "low_open": text[0] == "(", "high_open": text[-1] == ")"}
-
-FIELDS = {f.name: f for f in fields(Config)}
+        bounds["low"] = float(text.lstrip(">= "))
+        bounds["low_open"] = not text.startswith(">=")
+    elif text:
+        low, high = text[1:-1].split(",")
+        bounds = {"low": float(low), "high": float(high),
+                  "low_open": text[0] == "(", "high_open": text[-1] == ")"}
+    return bounds
 
 def check_value(name: str, value) -> None:
     """A value of the field's own type that lies in its range and among its choices."""
     kind = type(FIELDS[name].default)
     expected = (int, float) if kind is float else kind  # an int is a fine float
-    wrong_bool = isinstance(value, bool) and kind is not bool
-    if wrong_bool or not isinstance(value, expected):
-        raise UserError(f"error: {name}: expected int, got {value!r}")
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, expected):
+        raise UserError(f"error: {name}: expected {kind.__name__}, got {value!r}")
     bounds = parse_bounds(FIELDS[name].metadata["bounds"])
     low = bounds["low"]
     high = bounds["high"]
-    infinity_allowed = high == math.inf and not bounds["high_open"]  # e.g. max_grad_norm: inf
+    infinity_allowed = high == math.inf and not bounds["high_open"]  # max_grad_norm: inf
     if kind is float and not math.isfinite(value) and not (value == high and infinity_allowed):
         raise UserError(f"error: {name}: {value!r} is not a finite number")
     choices = FIELDS[name].metadata["choices"]
@@ -209,69 +190,56 @@ def check_value(name: str, value) -> None:
                         f"allowed: {FIELDS[name].metadata['bounds']}")
 
 def convert(name: str, value):
-    """A YAML or command-line value as the field's type; "ture" is an error, not False."""
+    """A YAML or command-line value as the field's type; "ture" is an error, not False, and YAML's
+    `steps: true` or `steps: 1.5` is no int."""
     kind = type(FIELDS[name].default)
+    wrong = UserError(f"error: {name}: expected {kind.__name__}, got {value!r}")
+    if kind is bool and str(value).lower() not in BOOLEANS:
+        raise wrong
     if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() not in BOOLEANS:
-            raise UserError(f"error: {name}: expected bool, got {value!r}")
         return BOOLEANS[str(value).lower()]
-    if isinstance(value, bool):  # YAML `steps: true` is not a number
-        raise UserError(f"error: {name}: expected {kind.__name__}, got {value!r}")
-    if kind is int and isinstance(value, float) and not value.is_integer():  # `steps: 1.5`
-        raise UserError(f"error: {name}: expected int, got {value!r}")
-    if name == "chat_template_kwargs":  # held as YAML text; a YAML file gives a mapping
-        return chat_template_text(value)
+    if isinstance(value, bool) or kind is int and isinstance(value, float) and value % 1:
+        raise wrong
+    if name == "chat_template_kwargs":  # held as YAML text of a mapping
+        text = json.dumps(value) if isinstance(value, dict) else str(value or "")
+        with contextlib.suppress(yaml.YAMLError):
+            if isinstance(yaml.safe_load(text or "{}"), dict):
+                return text
+        raise UserError(f"error: {name}: expected a mapping such as '{{enable_thinking: false}}', "
+                        f"got {value!r}")
     if value is None:
         return ""
     if not isinstance(value, (str, int, float)):
-        raise UserError(f"error: {name}: expected {kind.__name__}, got {value!r}")
+        raise wrong
     try:
         return kind(value)
     except ValueError:
-        raise UserError(f"error: {name}: expected {kind.__name__}, got {value!r}") from None
-
-def chat_template_text(value) -> str:
-    """chat_template_kwargs as YAML text of a mapping (a YAML file gives the mapping itself)."""
-    if isinstance(value, dict):
-        return json.dumps(value)
-    text = "" if value is None else str(value)
-    with contextlib.suppress(yaml.YAMLError):
-        if isinstance(yaml.safe_load(text or "{}"), dict):
-            return text
-    raise UserError(f"error: chat_template_kwargs: expected a mapping such as "
-                    f"'{{enable_thinking: false}}', got {value!r}")
+        raise wrong from None
 
 def read_config_file(path: str) -> dict:
     """The mapping of field: value in a YAML file, or one line saying what is wrong with it."""
     if not os.path.isfile(path):
-        raise UserError(f"error: config file {path!r} does not exist; give --config an existing YAML file")
+        raise UserError(f"error: config file {path!r} does not exist; give --config a YAML file")
     try:
         with open(path, encoding="utf-8") as fh:
             values = yaml.safe_load(fh)
     except (UnicodeDecodeError, yaml.YAMLError) as err:
         reason = " ".join(str(err).split())
         raise UserError(f"error: config file {path!r} is not valid YAML text: {reason}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
+    if values is not None and not isinstance(values, dict):
         raise UserError(f"error: config file {path!r} must hold a mapping of field: value, "
                         f"not a {type(values).__name__}")
-    return values
-
-def print_help() -> None:
-    print("usage: kat.py [--config FILE] [--field value ...]\n")
-    for f in fields(Config):
-        kind = type(f.default).__name__
-        allowed = f.metadata["bounds"] or "|".join(f.metadata["choices"] or ())
-        print(f"  --{f.name} {kind} {allowed} (default {f.default!r})\n      {f.metadata['help']}")
+    return values or {}
 
 def parse_config(argv: list[str]) -> Config:
-    """`--config FILE` (YAML), then `--field value` / `--field=value` pairs; `--help` lists the
-    fields. A bare `--flag` means true."""
+    """`--config FILE` (YAML), then `--field value` / `--field=value` pairs (a bare `--flag` is
+    true); `--help` lists the fields."""
     if "-h" in argv or "--help" in argv:
-        print_help()
+        print("usage: kat.py [--config FILE] [--field value ...]\n")
+        for f in fields(Config):
+            allowed = f.metadata["bounds"] or "|".join(f.metadata["choices"] or ())
+            print(f"  --{f.name} {type(f.default).__name__} {allowed} (default {f.default!r})")
+            print(f"      {f.metadata['help']}")
         sys.exit(0)
     pairs = {}
     i = 0
@@ -291,32 +259,36 @@ def parse_config(argv: list[str]) -> Config:
     if values.get("resume"):  # kat.py writes no checkpoints, so a resume would retrain over the run
         raise UserError("error: resume: kat.py keeps no checkpoints; resume a run with "
                         "`python -m kat train --resume latest`")
+    for role in ("teacher", "student"):
+        if values.get(f"{role}_gguf") or str(values.get(role, "")).startswith("pkg:"):
+            raise UserError(f"error: {role}: kat.py reads no GGUF or pkg: model; write a folder "
+                            f"with {EXPORT} --config FILE --out DIR` (or --model, --gguf)")
     unused = sorted(set(values) & set(PACKAGE_ONLY))
     if unused and os.environ.get("RANK", "0") == "0":  # said once, not dropped silently
-        print(f"kat.py does not use: {', '.join(unused)}; `python -m kat train` does", file=sys.stderr)
+        print(f"kat.py does not use: {', '.join(unused)}; `python -m kat train` does",
+              file=sys.stderr)
     settings = {}
     for key, value in values.items():
-        if key in unused:
-            continue
-        if key not in FIELDS:
+        if key not in FIELDS and key not in unused:
             raise UserError(f"error: unknown field {key!r}; kat.py --help lists them")
-        settings[key] = convert(key, value)
+        if key in FIELDS:
+            settings[key] = convert(key, value)
     return Config(**settings)
 
 def check_output_dir(cfg: Config) -> None:
-    """Refuse a folder that holds a run, unless asked to replace it (the user's own files stay)."""
-    if not os.path.isdir(cfg.output_dir):
-        return
-    names = os.listdir(cfg.output_dir)
-    held = [n for n in names if n in RUN_FILES or re.fullmatch(r"checkpoint-\d+", n)]
+    """Refuse a folder that holds a run unless asked to replace it; with overwrite_output_dir,
+    remove only what kat.py writes (the user's own files stay)."""
+    names = os.listdir(cfg.output_dir) if os.path.isdir(cfg.output_dir) else []
+    run_files = ("config.yaml", "metrics.jsonl", "progress.json", "student")
+    held = [n for n in names if n in run_files or re.fullmatch(r"checkpoint-\d+", n)]
     if held and not cfg.overwrite_output_dir:
-        raise UserError(f"error: output_dir {cfg.output_dir!r} holds a run ({', '.join(sorted(held))}); "
+        raise UserError(f"error: output_dir {cfg.output_dir!r} holds a run ({', '.join(held)}); "
                         "give another --output_dir, resume it with `python -m kat train --resume "
                         "latest`, or replace it with --overwrite_output_dir true")
 
 def clear_own_files(cfg: Config) -> None:
     """With overwrite_output_dir: remove what an earlier kat.py run wrote, nothing else."""
-    for name in OWN_FILES:
+    for name in ("metrics.jsonl", "kl_traces.png", "student"):
         path = os.path.join(cfg.output_dir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -442,7 +414,8 @@ def score_into(scores: dict, topk_ids, topk_logq, rows: Tensor, t0: int, logits:
         topk_logq[rows, t0:t0 + chunk_len] = torch.where(valid[..., None], chunk_logq, 0.0)
 
 # ==== Sample: the student decodes C tokens, the teacher scores them in one cached forward =========
-def sample_token(logits: Tensor, uniform: Tensor | None, temperature: float, top_p: float) -> Tensor:
+def sample_token(logits: Tensor, uniform: Tensor | None, temperature: float,
+                 top_p: float) -> Tensor:
     """Inverse-CDF draw from softmax(logits / T) within the top-p nucleus; `uniform` (A,) holds one
     draw per row, so a row's tokens do not depend on which other rows are still in the batch."""
     if temperature == 0:
@@ -555,7 +528,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
         if ended.any():
             keep = (~ended).nonzero().squeeze(-1)
             live = live[keep]
-            if keep.numel() == 0:  # nothing left here: one placeholder row keeps the forwards in step
+            if keep.numel() == 0:  # none left here: a placeholder row keeps the forwards in step
                 keep = keep.new_zeros(1)
                 live = live.new_zeros(1)
             p_cache.batch_select_indices(keep)
@@ -716,7 +689,8 @@ class RandomTerminator:
         self.steps_done = 0
 
     def start(self, B: int, device=None) -> State:
-        uniform = 1.0 - torch.rand(B, generator=self.generator, dtype=torch.float64)  # (B,) in (0, 1]
+        draws = torch.rand(B, generator=self.generator, dtype=torch.float64)  # (B,) in [0, 1)
+        uniform = 1.0 - draws  # (B,) in (0, 1]
         gap = torch.floor(torch.log(uniform) / math.log1p(-min(self.hazard, 1 - 1e-12)))  # G
         state = State(B, device, active=True)
         state.planned = (self.exempt + gap.clamp(max=2**40)).long().to(device)  # (B,)
@@ -845,7 +819,8 @@ def grade(text: str, answer: str, grader: str = "exact") -> bool:
         return bool(found) and str(int(found[-1])) == answer.strip()
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    reference = answer if "$" in answer or "\\boxed" in answer else f"${answer}$"  # a bare 55 as LaTeX
+    is_latex = "$" in answer or "\\boxed" in answer
+    reference = answer if is_latex else f"${answer}$"  # a bare 55 read as LaTeX
     extraction = [LatexExtractionConfig(), ExprExtractionConfig()]
     with contextlib.suppress(Exception):  # the timeouts use signal.alarm: main thread only
         gold = parse(reference, extraction_config=extraction, parsing_timeout=30)
@@ -863,7 +838,8 @@ def evaluate(model, tokenizer, eval_sets: dict, cfg: Config, accelerator: Accele
     out = {}
     sampling = dict(do_sample=False)
     if cfg.eval_temperature > 0:  # top_k=0: no hidden top-50 cut
-        sampling = dict(do_sample=True, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, top_k=0)
+        sampling = dict(do_sample=True, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                        top_k=0)
     max_new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
     rank = accelerator.process_index
     world = accelerator.num_processes
@@ -882,98 +858,62 @@ def evaluate(model, tokenizer, eval_sets: dict, cfg: Config, accelerator: Accele
             new = generated[:, enc["input_ids"].shape[1]:]  # (b, T')
             is_eos = torch.isin(new, torch.tensor(eos, device=new.device))  # (b, T')
             # a length counts up to and with the first EOS
-            lengths = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, new.shape[1]).tolist()
+            first_eos = is_eos.int().argmax(-1)  # (b,)
+            lengths = torch.where(is_eos.any(-1), first_eos + 1, new.shape[1]).tolist()
             for problem, completion, length in zip(mine[i:i + 64], new.tolist(), lengths):
                 text = tokenizer.decode(completion[:length], skip_special_tokens=True)
                 graded.append((grade(text, problem["answer"], cfg.grader), length))
-        graded = gather_object(graded)  # k consecutive samples per problem, in every process's share
+        graded = gather_object(graded)  # k consecutive samples per problem, from every process
         correct = [[ok for ok, _ in graded[j:j + k]] for j in range(0, len(graded), k)]
         out[f"{name}/avg@k"] = sum(sum(c) / k for c in correct) / len(correct)
         out[f"{name}/pass@k"] = sum(any(c) for c in correct) / len(correct)
         out[f"{name}/mean_length"] = sum(length for _, length in graded) / len(graded)
     return out  # the model stays in eval mode: the loop sets train mode before each learning step
 
-# ==== Data and models: datasets by file or hub name, the chat template, stop ids ==================
-# unwrap=dapo removes DAPO's answer format from its prompts (`instruction` asks for one instead).
-DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response "
-               "should be of the form Answer: $Answer (without quotes) where $Answer is the "
-               "answer to the problem.")
-DAPO_SUFFIX = 'Remember to put your answer on its own line after "Answer:".'
-SPEC_KEYS = {"split": ".+", "subset": ".+", "prompt": ".+", "answer": ".+", "k": r"[1-9]\d*",
-             "limit": r"\d+", "unwrap": "dapo"}
-
-def parse_specs(text: str, cfg: Config, split: str, k: int = 1, limit: int = 0) -> list[dict]:
-    """`[name=]source[key=value, ...]`, comma-separated, e.g.
-    `aime24=HuggingFaceH4/aime_2024[split=train, k=32]`; the keys are split, subset, prompt, answer
-    (columns; a.b: field b of struct column a), k, limit and unwrap=dapo."""
-    specs = []
-    entries = re.split(r"[,\n](?![^\[]*\])", text)  # commas inside [...] do not split
-    for entry in filter(None, map(str.strip, entries)):
-        match = re.fullmatch(r"(?:([^/\\\s=\[]+)=)?([^\[]*?[^\[=\s])\s*(?:\[(.*)\])?", entry, re.S)
-        if match is None:
-            raise UserError(f"error: dataset {entry!r}: write it as [name=]source[key=value, ...]")
-        name, source, options = match[1], match[2], match[3] or ""
-        if not name:
-            name = re.sub(r"\.(jsonl?|parquet)$", "", os.path.basename(source.rstrip("/")))
-        spec = dict(name=name, source=source, split=split, subset="", prompt=cfg.prompt_field,
-                    answer=cfg.answer_field, k=k, limit=limit, unwrap="")
-        for option in filter(str.strip, options.split(",")):
-            key, _, value = map(str.strip, option.partition("="))
-            if not re.fullmatch(SPEC_KEYS.get(key, "(?!)"), value):
-                raise UserError(f"error: dataset {entry!r}: {key}={value!r} is not one of split=, "
-                                "subset=, prompt=, answer=, k=(>= 1), limit=(>= 0), unwrap=dapo")
-            spec[key] = int(value) if key in ("k", "limit") else value
-        specs.append(spec)
-    return specs
-
-def load_problems(spec: dict) -> list[dict]:
-    """{"prompt", "answer"} strings from a json/jsonl/parquet file or a hub dataset: a chat prompt
-    keeps its user turns, unwrap=dapo strips DAPO's answer format, 55.0 becomes "55"; incomplete
-    and repeated rows drop."""
-    from datasets import load_dataset
-
-    source = spec["source"]
-    try:  # flatten(): a struct column a with field b becomes column a.b
-        if source.endswith((".json", ".jsonl", ".parquet")):
-            kind = "parquet" if source.endswith(".parquet") else "json"
-            dataset = load_dataset(kind, data_files=source, split="train")
-        else:
-            dataset = load_dataset(source, spec["subset"] or None, split=spec["split"])
-        dataset = dataset.flatten()
-    except Exception as err:  # noqa: BLE001 - a missing file, an unknown hub name, a bad split
-        reason = " ".join(str(err).split())
-        raise UserError(f"error: dataset {source!r} (split {spec['split']!r}) cannot be loaded: "
-                        f"{reason}; fix train_data/eval_data") from None
-    columns = [spec["prompt"], spec["answer"]]
-    if set(columns) - set(dataset.column_names):
-        raise UserError(f"error: {source!r} has columns {dataset.column_names}; name the question "
-                        "and answer columns with prompt=... / answer=... in its spec, or "
-                        "prompt_field / answer_field")
+# ==== Data and models: local JSON-lines files, the chat template, stop ids ======================
+def read_problems(path: str, field_name: str, limit: int = 0) -> list[dict]:
+    """The first `limit` (0: all) {"prompt", "answer"} rows of a .jsonl file; repeats drop."""
+    if not path.endswith(".jsonl"):
+        raise UserError(f"error: {field_name}: kat.py reads .jsonl files, not {path!r}; "
+                        f"write one with {EXPORT} --spec '{path}' --out data/NAME.jsonl`")
+    if not os.path.isfile(path):
+        raise UserError(f"error: {field_name}: {path!r} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
     problems = []
     seen = set()
-    batches = dataset.select_columns(list(dict.fromkeys(columns))).iter(batch_size=4096)  # fast
-    pairs = (pair for batch in batches for pair in zip(batch[columns[0]], batch[columns[1]]))
-    for prompt, answer in pairs:
-        if isinstance(prompt, list):  # a chat: its user turns
-            turns = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-            prompt = "\n".join(m.get("content", "") for m in turns)
-        if spec["unwrap"] and prompt:
-            prompt = str(prompt).strip().removeprefix(DAPO_PREFIX).removesuffix(DAPO_SUFFIX).strip()
-        if isinstance(answer, float):  # AMC stores 55.0; NaN marks a missing number
-            if math.isnan(answer):
-                answer = None
-            elif answer.is_integer():
-                answer = int(answer)
-        row = (str(prompt), str(answer).strip())
-        if prompt and answer is not None and row[1] and row not in seen:
-            seen.add(row)
-            problems.append({"prompt": row[0], "answer": row[1]})
-            if len(problems) == spec["limit"]:
-                break
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        is_problem = isinstance(row, dict) and isinstance(row.get("prompt"), str)
+        if not is_problem or not isinstance(row.get("answer"), str):
+            raise UserError(f"error: {path}, line {number}: expected prompt and answer strings; "
+                            f"{EXPORT} --spec '{path}[prompt=..., answer=...]'` writes them")
+        problem = {"prompt": row["prompt"], "answer": row["answer"].strip()}
+        if problem["prompt"] and problem["answer"] and tuple(problem.values()) not in seen:
+            seen.add(tuple(problem.values()))
+            problems.append(problem)
+        if len(problems) == limit:
+            break
     if not problems:
-        raise UserError(f"error: {source!r}: no row has both a prompt ({spec['prompt']}) and an "
-                        f"answer ({spec['answer']})")
+        raise UserError(f"error: {field_name}: {path!r} holds no problem")
     return problems
+
+def eval_specs(text: str, k: int) -> list[tuple[str, str, int]]:
+    """`[name=]file.jsonl[k=N], ...` -> (name, file, k): the name defaults to the file's, k to
+    eval_k (AIME is sampled 32 times, the other sets 8)."""
+    specs = []
+    for entry in filter(None, map(str.strip, text.split(","))):
+        match = re.fullmatch(r"(?:(\w[\w.-]*)=)?([^=\[\]]+?)\s*(?:\[k=([1-9]\d*)\])?", entry)
+        if match is None:
+            raise UserError(f"error: eval_data: write {entry!r} as [name=]file.jsonl[k=N]")
+        name = match[1] or os.path.basename(match[2]).removesuffix(".jsonl")
+        specs.append((name, match[2], int(match[3] or k)))
+    return specs
 
 def render(tokenizer, question: str, cfg: Config) -> str:
     """The prompt as the model sees it: [system turn,] question + instruction, the assistant's
@@ -989,7 +929,8 @@ def render(tokenizer, question: str, cfg: Config) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                          **template_kwargs)
 
-def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int, seed: int) -> list[dict]:
+def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int,
+                 seed: int) -> list[dict]:
     """The batch of `step` for process `rank`: a seeded permutation per epoch, a pure function of
     the step."""
     out = []
@@ -1001,20 +942,15 @@ def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int,
         out.append(problems[order[i].item()])
     return out
 
-def load_model(path: str, gguf: str, dtype: torch.dtype):
-    """(tokenizer, model) from a directory, a hub name or `pkg:NAME` (a checkpoint shipped inside
-    the installed package NAME), read from the GGUF file `gguf` there if given. Left padding, for
-    cached decoding."""
-    if path.startswith("pkg:"):
-        found = importlib.util.find_spec(path[4:])
-        path = os.path.dirname(found.origin) if found else path
-    gguf_kwargs = {"gguf_file": gguf} if gguf else {}
+def load_model(path: str, dtype: torch.dtype):
+    """(tokenizer, model) from a folder or a hub name; left padding, for cached decoding."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", **gguf_kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **gguf_kwargs)
-    except (OSError, ValueError) as err:  # no such directory or hub name, no network, a bad GGUF
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:  # no such folder or hub name, no network
         reason = " ".join(str(err).split())
-        raise UserError(f"error: cannot load a model from {path!r} (teacher / student): {reason}") from None
+        raise UserError(f"error: teacher / student: cannot load a model from {path!r}: {reason}; "
+                        f"a GGUF or pkg: model needs {EXPORT} --model`") from None
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # pads are masked anyway
     return tokenizer, model
 
@@ -1026,7 +962,7 @@ def check_vocabularies(tokenizer, teacher_tokenizer, student, teacher) -> None:
     for role, model in (("student", student), ("teacher", teacher)):
         rows = model.get_output_embeddings().weight.shape[0]
         if rows < len(tokenizer):
-            raise UserError(f"error: {role}: its output layer has {rows} rows but the tokenizer has "
+            raise UserError(f"error: {role}: its output layer has {rows} rows, the tokenizer "
                             f"{len(tokenizer)} tokens; use the tokenizer saved with the {role}")
     student_rows = student.get_output_embeddings().weight.shape[0]
     teacher_rows = teacher.get_output_embeddings().weight.shape[0]
@@ -1072,8 +1008,10 @@ def plot_traces(rollout: dict, threshold: float | None, cfg: Config, path: str, 
         ax.set(yscale="log", ylabel=f"rollout {b}\nnats")
     axes[-1].set_xlabel("completion position t")
     handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
-    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=4, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # the legend sits above the panels
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=4, fontsize=7,
+               frameon=False)
+    legend_height = 0.3 / fig.get_figheight()  # the legend sits above the panels
+    fig.tight_layout(rect=(0, 0, 1, 1 - legend_height))
     fig.savefig(path, dpi=100)
     return fig
 
@@ -1096,31 +1034,32 @@ def main(cfg: Config | None = None) -> list[dict]:
 
     # --- models: the trained student (fp32 master weights), the frozen teacher in the compute dtype
     # (fp16/bf16 on GPU: the KL maths upcasts its logits chunk by chunk, so it loses no accuracy)
-    tokenizer, student = load_model(cfg.student, cfg.student_gguf, torch.float32)
-    teacher_tokenizer, teacher = load_model(cfg.teacher, cfg.teacher_gguf, dtype)
+    tokenizer, student = load_model(cfg.student, torch.float32)
+    teacher_tokenizer, teacher = load_model(cfg.teacher, dtype)
     check_vocabularies(tokenizer, teacher_tokenizer, student, teacher)
     teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:  # acts in training mode only: sampling keeps its KV caches
         enable = getattr(student, "activation_checkpointing_enable", None)  # the newer name
         (enable or student.gradient_checkpointing_enable)()
     eos = stop_ids(tokenizer, student)
+    eos_tensor = torch.tensor(eos, device=accelerator.device)
 
     # --- data: the training prompts less the too long ones; evaluation sets, each with its own k
-    problems = []
-    for spec in parse_specs(cfg.train_data, cfg, cfg.train_split):
-        problems += load_problems(spec)
+    problems = read_problems(cfg.train_data, "train_data")
     texts = [render(tokenizer, p["prompt"], cfg) for p in problems]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
     kept = [p for p, length in zip(problems, lengths) if length <= cfg.max_prompt_length]
     if not kept:
-        raise UserError(f"error: max_prompt_length: all prompts are longer than {cfg.max_prompt_length}")
+        raise UserError("error: max_prompt_length: all prompts are longer than "
+                        f"{cfg.max_prompt_length}")
     if len(kept) < len(problems):
-        accelerator.print(f"warning: train_data: skipped {len(problems) - len(kept)} of {len(problems)} "
-                          f"prompts longer than max_prompt_length={cfg.max_prompt_length} tokens")
+        skipped = len(problems) - len(kept)
+        accelerator.print(f"warning: train_data: skipped {skipped} of {len(problems)} prompts "
+                          f"longer than max_prompt_length={cfg.max_prompt_length} tokens")
     problems = kept
     eval_sets = {}
-    for spec in parse_specs(cfg.eval_data, cfg, cfg.eval_split, cfg.eval_k, cfg.eval_limit):
-        eval_sets[spec["name"]] = (spec["k"], load_problems(spec))
+    for name, path, k in eval_specs(cfg.eval_data, cfg.eval_k):
+        eval_sets[name] = (k, read_problems(path, "eval_data", cfg.eval_limit))
 
     # --- optimiser, schedule and terminator
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -1146,7 +1085,8 @@ def main(cfg: Config | None = None) -> list[dict]:
 
     # --- evaluate before training
     if eval_sets:
-        log({"step": 0, "eval": "before", **evaluate(student, tokenizer, eval_sets, cfg, accelerator, eos)})
+        scores = evaluate(student, tokenizer, eval_sets, cfg, accelerator, eos)
+        log({"step": 0, "eval": "before", **scores})
 
     rank = accelerator.process_index
     world = accelerator.num_processes
@@ -1154,7 +1094,8 @@ def main(cfg: Config | None = None) -> list[dict]:
     for step in bar:
         # --- 1. sample: the student samples, the teacher scores each chunk, the terminator cuts
         batch = step_prompts(problems, step, cfg.batch_size, rank, world, cfg.seed)
-        texts = [render(tokenizer, p["prompt"], cfg) for p in batch for _ in range(cfg.samples_per_prompt)]
+        questions = [p["prompt"] for p in batch for _ in range(cfg.samples_per_prompt)]
+        texts = [render(tokenizer, question, cfg) for question in questions]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(accelerator.device)
         generator = torch.Generator(device=accelerator.device)
@@ -1162,9 +1103,9 @@ def main(cfg: Config | None = None) -> list[dict]:
         threshold = terminator.threshold  # what this batch is judged against (end_batch moves it)
         student.eval()
         rollout, state = sample(accelerator.unwrap_model(student), teacher, enc["input_ids"],
-                                enc["attention_mask"].bool(), terminator, cfg,
-                                torch.tensor(eos, device=accelerator.device), pad=tokenizer.pad_token_id,
-                                generator=generator, first=rank * len(texts), world_rows=world * len(texts))
+                                enc["attention_mask"].bool(), terminator, cfg, eos_tensor,
+                                pad=tokenizer.pad_token_id, generator=generator,
+                                first=rank * len(texts), world_rows=world * len(texts))
         student.train()
 
         # --- 2. detect: this batch's minima (from every process) move the threshold for the next
@@ -1187,7 +1128,8 @@ def main(cfg: Config | None = None) -> list[dict]:
         sums = dict(zip(sums, totals))
         log({"step": step + 1, "loss": stats["loss"], "kl": sums["kl"] / max(sums["tokens"], 1),
              "threshold": threshold, "cut_rate": sums["cut"] / sums["rows"],
-             "mean_length": sums["tokens"] / sums["rows"], "kept_length": sums["kept"] / sums["rows"]})
+             "mean_length": sums["tokens"] / sums["rows"],
+             "kept_length": sums["kept"] / sums["rows"]})
         shown_threshold = "-" if threshold is None else f"{threshold:.3f}"
         bar.set_postfix(loss=f"{stats['loss']:.3f}", kl=f"{rows[-1]['kl']:.3f}",
                         cut=f"{rows[-1]['cut_rate']:.2f}", thr=shown_threshold,
@@ -1199,7 +1141,8 @@ def main(cfg: Config | None = None) -> list[dict]:
 
     # --- evaluate after; save the student (every process gathers a sharded one) and the KL traces
     if eval_sets:
-        log({"step": cfg.steps, "eval": "after", **evaluate(student, tokenizer, eval_sets, cfg, accelerator, eos)})
+        scores = evaluate(student, tokenizer, eval_sets, cfg, accelerator, eos)
+        log({"step": cfg.steps, "eval": "after", **scores})
     state_dict = accelerator.get_state_dict(student)
     if accelerator.is_main_process:
         saved = os.path.join(cfg.output_dir, "student")

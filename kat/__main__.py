@@ -3,6 +3,7 @@
     python -m kat train [--config FILE] [--key value ...]         distil a student (kat.train)
     python -m kat eval --model PATH --data SPEC -k 8               avg@k / pass@k of a model or adapter (kat.evaluate)
     python -m kat models prune --model PATH --layers N --out DIR   a layer-pruned copy (kat.models)
+    python -m kat export --spec SPEC|--model PATH|--config FILE --out X   local files for kat.py (kat.export)
     python -m kat toy build [--world rich|plain]                   rebuild the toy world's checkpoints
     python -m kat toy stats [--world rich|plain]                   KL statistics of the toy world
     python -m kat experiment table1|shadow|sensitivity ...         the paper's experiments (kat.experiments)
@@ -27,6 +28,7 @@ _DELEGATED = {
     "plot": ("kat.plot", "draw figures from a training run"),
     "bench": ("kat.bench", "speed and memory benchmarks"),
     "models": ("kat.models", "model utilities: prune (a layer-pruned copy of a model)"),
+    "export": ("kat.export", "datasets and models as the local files kat.py reads"),
 }
 
 

