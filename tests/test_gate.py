@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
+from experiments.mechanism import gradient_split, mechanism_run, mechanism_summary, segment_masks
+from experiments.shadow import fixed_threshold_detector, replay_cuts
 from kat.config import Config, ConfigError, load_config
 from kat.controls import DriftTerminator
 from kat.detector import TrapDetector
-from kat.experiments.mechanism import gradient_split, mechanism_run, mechanism_summary, segment_masks
-from kat.experiments.shadow import fixed_threshold_detector, replay_cuts
 from kat.plot import read_jsonl
 
 from conftest import tiny_models

@@ -38,7 +38,7 @@ def trl():
 @pytest.fixture(scope="module")
 def toy():
     if not (TOY / "teacher" / "model.safetensors").is_file():
-        pytest.skip("the toy checkpoints are not built (python -m kat toy build)")
+        pytest.skip("the toy checkpoints are not built (python -m experiments toy build)")
     return load_toy()
 
 

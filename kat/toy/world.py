@@ -65,7 +65,8 @@ WORLDS: dict[str, tuple[WorldSpec, WorldSpec]] = {
     ),
     # The rich world with a student whose data degenerates three times as often (36% vs 12%): its
     # repetition takes on-policy distillation longer to remove (the persistent-trap regime). The
-    # teacher is the rich world's (`kat toy build --world repeat --teacher-from kat/toy/rich/teacher`).
+    # teacher is the rich world's
+    # (`python -m experiments toy build --world repeat --teacher-from kat/toy/rich/teacher`).
     "repeat": (
         WorldSpec("rich", p_fwd=0.75, p_semicolon=0.75, p_repeat=0.03),
         WorldSpec("rich", p_fwd=0.25, p_semicolon=0.25, p_repeat=0.36),

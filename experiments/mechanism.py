@@ -22,7 +22,7 @@ longer than the clip (`clipped` = both norms above it), dropping S changes the u
 only, whatever the normaliser. Steps where a segment is empty count as zero share and are left
 out of the cosines' means.
 
-    python -m kat experiment mechanism --config configs/toy.yaml --world rich [--seeds 1] [--out DIR]
+    python -m experiments mechanism --config configs/toy.yaml --world rich [--seeds 1] [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from dataclasses import replace
 import torch
 
 from kat.config import Config
-from kat.experiments.arms import STATIC_ARMS, base_config, seed_list, world_name
-from kat.experiments.report import plan_line, setup_line, write_report
-from kat.experiments.runs import git_commit, same_config
+from experiments.arms import STATIC_ARMS, base_config, seed_list, world_name
+from experiments.report import plan_line, setup_line, write_report
+from experiments.runs import git_commit, same_config
 from kat.plot import read_jsonl
 
 SEGMENTS = ("paper", "gated", "drift")
@@ -111,7 +111,7 @@ def gradient_split(student, teacher, rollout, masks: dict[str, torch.Tensor], ki
 def mechanism_run(cfg: Config, log=print) -> str:
     """A shadow KAT run with `gradient_split` measured at every step: DIR/mechanism.jsonl (one row per
     step) beside the run's own files. Reused when finished with the same config."""
-    from kat.experiments.shadow import replay_cuts
+    from experiments.shadow import replay_cuts
     from kat.train import (after_step, eval_and_log, finish, learn_step, log_step, open_logs, resume,
                            sample_step, setup)
 
