@@ -8,6 +8,7 @@
         learn_step(run, step, rollout)    one optimiser step on the kept tokens
         log_step(...)                     one metrics row, sums reduced over processes
         after_step(...)                   periodic evaluation, KL traces, checkpoint
+    (hooks, kat.hooks: called after sampling and after learning, to look inside a step)
     finish(run, results)                  evaluate after training, save the student, plot
 
     python -m kat train --config configs/toy.yaml [--key value ...]
@@ -25,6 +26,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,6 +42,7 @@ from kat.controls import learner_accelerator
 from kat.data import DataError, filter_long_prompts, load_eval_sets, load_problems, step_batch, step_generator
 from kat.detector import make_terminator, window_means
 from kat.evaluate import run_eval
+from kat.hooks import Hook, StepContext, call_hooks
 from kat.learner import build_optimizer, learn
 from kat.models import (align_vocab, check_tokenizers, eos_ids, load_model, load_tokenizer, prepare_student,
                         torch_dtype)
@@ -426,8 +429,9 @@ def close(run: Run) -> None:
 
 # --- The loop -------------------------------------------------------------------------------------
 
-def train(cfg: Config, command: str = "") -> dict:
-    """Run the loop; `command` (how it was launched) goes into the saved student's model card."""
+def train(cfg: Config, command: str = "", hooks: Sequence[Hook] = ()) -> dict:
+    """Run the loop; `command` (how it was launched) goes into the saved student's model card, and
+    each of `hooks` is called after sampling and after learning of every step (kat.hooks)."""
     run = setup(cfg)
     run.command = command
     resume(run)
@@ -446,12 +450,14 @@ def train(cfg: Config, command: str = "") -> dict:
                 continue
             rollout, threshold, active = sampled
             t1 = time.perf_counter()
+            hooked = call_hooks(hooks, StepContext("sampled", run, step, rollout, threshold, active))
             learned = learn_step(run, step, rollout)  # 2. one optimiser step
             t2 = time.perf_counter()
             if learned is None:
                 continue
             stats, rollout = learned
-            row = log_step(run, step, rollout, stats, threshold, active, (t1 - t0, t2 - t1))  # 3. log
+            row = log_step(run, step, rollout, stats, threshold, active, (t1 - t0, t2 - t1 - hooked))  # 3. log
+            call_hooks(hooks, StepContext("learned", run, step, rollout, threshold, active, stats, row))
             bar.set_postfix(loss=f"{row['loss']:.3f}", kl=f"{row['kl']:.3f}",
                             thr="-" if threshold is None else f"{threshold:.3f}",
                             cut=f"{row['cut_rate']:.2f}", len=f"{row['mean_length']:.0f}")
