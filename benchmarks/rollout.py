@@ -249,7 +249,7 @@ class Mode:
 
 def make_modes(setup: Setup, chunks: list[int], cut_chunk: int, seed: int) -> list[Mode]:
     """post-hoc, lockstep at each C, and an active detector that cuts (calibrated untimed here)."""
-    detector = common.import_kat("detector")
+    detector = common.import_kat("terminators")
     settings = dict(setup.detector, eta=0.3, buffer_size=4096, min_buffer=1, warmup_steps=0)
     idle = detector.TrapDetector(**settings)  # empty buffer: inactive, observes and never cuts
     cutting = detector.TrapDetector(**settings)

@@ -20,9 +20,9 @@ Capped arms are evaluated at the config's full max_new_tokens (Config.eval_max_n
 
 Beyond the paper:
 - KAT gated (`kat_gated`): the detector with the drift gate (gate: drift): a low-KL run counts
-  only after a token the teacher gives a probability below drift_prob (kat.detector.TrapDetector).
+  only after a token the teacher gives a probability below drift_prob (kat.terminators.TrapDetector).
 - Cut after drift (`drift_cut`): the contrast to the gate, cutting right after the first drift
-  token without waiting for low KL (kat.detector.DriftTerminator).
+  token without waiting for low KL (kat.terminators.DriftTerminator).
 - OPD, KAT's normalisation (`opd_norm`): every token in the loss, but each step's loss divided by
   the kept-token count of the seed's KAT run at that step (Config.norm_from). Dropping tokens
   changes both which tokens teach and the normaliser; this control changes the normaliser only.

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kat.detector import TrapDetector
+from kat.terminators import TrapDetector
 from kat.data import render_prompt
 from kat.scorer import reverse_kl
 from kat.toy import TOY_DIR

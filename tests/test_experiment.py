@@ -190,7 +190,7 @@ def test_examples_are_cut_rollouts_of_distinct_prompts_first():
 
 
 def test_shadow_rollouts_record_what_the_detector_decides(tiny_world):
-    from kat.detector import TrapDetector
+    from kat.terminators import TrapDetector
     from kat.evaluate import grade
     from kat.models import load_model
     from kat.toy.world import read_jsonl as toy_rows
@@ -228,7 +228,7 @@ def test_shadow_rollouts_record_what_the_detector_decides(tiny_world):
 def test_shadow_batches_are_the_training_loops_batches(tiny_world, tmp_path):
     """At the same step the shadow loop samples the prompts and tokens, and scores the KL, that
     kat.train.train does (its traces hold the step's rollouts, sampled before the update)."""
-    from kat.detector import TrapDetector
+    from kat.terminators import TrapDetector
     from kat.models import load_model
     from kat.train import train
 

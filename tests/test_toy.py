@@ -235,7 +235,7 @@ def test_shipped_rich_teacher_solves_test_problems_greedily():
 # statistics helpers
 
 def test_window_means_match_a_direct_loop():
-    from kat.detector import window_means  # the one the stats and the plots use
+    from kat.terminators import window_means  # the one the stats and the plots use
 
     g = torch.Generator().manual_seed(0)
     kl = torch.rand(30, generator=g, dtype=torch.float64).float()
@@ -292,7 +292,7 @@ def reference_cuts(rows: list[list[float]], lengths: list[int], *, window: int, 
 def test_stats_cuts_equal_trap_detectors_on_the_same_kl(seed):
     """The stats replay (shadow mode, chunks of 8) cuts where a cutting TrapDetector fed in other
     chunks cuts once its buffer holds the same minima, and where the float64 rules say."""
-    from kat.detector import TrapDetector
+    from kat.terminators import TrapDetector
     from experiments.toy_stats import replay_detector
 
     g = torch.Generator().manual_seed(seed)

@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 
-from kat.detector import RandomTerminator, TrapDetector
+from kat.terminators import RandomTerminator, TrapDetector
 from kat.rollout import STOP_TRAP
 
 from conftest import ROOT

@@ -13,7 +13,7 @@ step (`select_tokens`):
    gradient or dropout, give d_t at every generated position (at TRL's loss temperature, 1 by default).
    The teacher's last hidden states are kept and handed to TRL's loss, which would otherwise
    run the teacher's decoder again for the same tokens;
-2. detect: the `kat.detector.TrapDetector` runs over each completion's d_t. The whole completion
+2. detect: the `kat.terminators.TrapDetector` runs over each completion's d_t. The whole completion
    goes in as one chunk: a row's decisions depend only on its own past d_t and on the threshold,
    which is fixed during a step, so this cuts exactly where feeding it while decoding would;
 3. select: the cut segment and everything after it leave the loss (through TRL's ``tool_mask``,
@@ -56,8 +56,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from kat.detector import TerminatorState, TrapDetector
 from kat.scorer import reverse_kl
+from kat.terminators import TerminatorState, TrapDetector
 
 try:
     import trl
@@ -79,6 +79,12 @@ TEACHER_HIDDEN = "kat_teacher_hidden"  # batch key: the teacher's (B, T, H) hidd
 # Batch keys of vision-language models: the scoring forward passes text only.
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                     "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+# The default detector: the paper's settings (as in configs/qwen3_1.7b.yaml, with the paper's exempt 256);
+# TrapDetector's own defaults are kat.config's, sized for the toy world.
+PAPER_DETECTOR = dict(window=64, stride=64, patience=4, exempt=256, eta=0.3, buffer_size=4096, min_buffer=512,
+                      warmup_steps=50)
+
 
 
 def _completion_logits(model, input_ids: Tensor, attention_mask: Tensor, completion_len: int,
@@ -186,7 +192,7 @@ class KATDistillationTrainer(DistillationTrainer):
         if self.teacher_model is None:
             raise ValueError("KATDistillationTrainer needs teacher_model: KAT's cuts come from the teacher's "
                              "per-token KL; pass a model or a path as teacher_model=")
-        detector = TrapDetector() if detector is None else detector
+        detector = TrapDetector(**PAPER_DETECTOR) if detector is None else detector
         missing = [m for m in ("start", "observe", "end_batch", "state_dict", "load_state_dict")
                    if not callable(getattr(detector, m, None))]
         if missing:

@@ -191,7 +191,8 @@ def extract_answer(completion: str) -> str | None:
 
 
 def grade(completion: str, answer: str) -> bool:
-    """True when the extracted final answer equals ``answer`` as an integer."""
+    """True when the extracted final answer equals ``answer`` as an integer: the ``exact`` grader of
+    kat.evaluate (Config.grader). A completion without a parsable answer is wrong."""
     pred = extract_answer(completion)
     if pred is None:
         return False
