@@ -24,7 +24,7 @@ import yaml
 
 from kat.config import Config, ConfigError
 from kat.models import is_lora
-from kat.rundir import CHECKPOINT_NAME, is_checkpoint
+from kat.rundir import CHECKPOINT_NAME, check_output_dir, check_resume, check_tracker, is_checkpoint
 
 ADAPTER_DIR = "adapter"
 
@@ -135,6 +135,17 @@ def read_progress(path: str) -> dict:
         raise ConfigError(f"resume: {os.path.join(path, 'progress.json')!r} is not a checkpoint's progress "
                           f"(missing or wrong: {', '.join(bad) or 'step'}); {_instead(path)}")
     return progress
+
+
+def check_start(cfg) -> tuple[list[str], str]:
+    """(what overwrite_output_dir removes, the checkpoint to resume or ""), every check made before
+    the models load: the tracker, the output folder, the checkpoint and its config against cfg."""
+    check_tracker(cfg.log_with)
+    overwrite = check_output_dir(cfg)
+    ckpt = find_checkpoint(cfg) or ""
+    if ckpt:
+        check_resume(cfg, ckpt, read_progress(ckpt))
+    return overwrite, ckpt
 
 
 def load_checkpoint(accelerator, path: str, terminator, output_dir: str) -> dict:  # noqa: ARG001
