@@ -100,6 +100,7 @@ def build_terminator(cfg: Config, rank: int = 0):
                                warmup_steps=cfg.warmup_steps, shadow=cfg.shadow)
     if cfg.termination == "random":
         return make_terminator("random", target_length=random_target(cfg), exempt=cfg.exempt,
+                               target_cut_rate=cfg.random_target_cut_rate or None,
                                max_new_tokens=cfg.max_new_tokens,
                                seed=cfg.seed + rank)  # independent cut positions on each process
     return make_terminator("none")
@@ -302,8 +303,8 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
     parameters and buffers would drift apart.
     """
     cfg, acc, terminator = run.cfg, run.accelerator, run.terminator
-    _, prompt_ids, prompt_mask = step_batch(run.tokenizer, run.problems, step, cfg, acc.process_index,
-                                            acc.num_processes, acc.device)
+    batch_rows, prompt_ids, prompt_mask = step_batch(run.tokenizer, run.problems, step, cfg, acc.process_index,
+                                                     acc.num_processes, acc.device)
     rows = prompt_ids.shape[0]
     run.student.eval()
     try:
@@ -321,6 +322,9 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
                                 global_rows=(acc.process_index * rows, acc.num_processes * rows),
                                 score=cfg.loss != "full",
                                 teacher_cache_mb=cfg.teacher_cache_mb if cfg.loss == "full" else 0.0)
+        if cfg.termination == "oracle":  # toy only: the cut at the world's ground truth (kat.toy.oracle)
+            from kat.toy.oracle import oracle_rollout
+            rollout = oracle_rollout(rollout, [p["prompt"] for p in batch_rows], run.tokenizer)
         problem = None
     except FloatingPointError as err:  # non-finite logits or KL: reported with rows and positions
         problem = f"step {step + 1}, process {acc.process_index}: {err}"
