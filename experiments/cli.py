@@ -9,6 +9,7 @@ sweep of the detector's settings, and the gradient mechanism of cutting.
     python -m experiments shadow --config configs/toy.yaml [--seeds 1] [--world ...] [--batches 8]
     python -m experiments sensitivity --config configs/toy.yaml [--seeds 1] [--world ...]
     python -m experiments mechanism --config configs/toy.yaml [--seeds 1] [--world ...]
+    python -m experiments power --config configs/toy.yaml --world rich --seeds 0,1,2 --heldout 1024 [--arms ...]
     python -m experiments lm --config configs/smollm2_shadow.yaml [--batches 8] [--student-layers 28]
 
 --seeds takes a count (seeds seed, seed+1, ... of the config) or a list (--seeds 0,1,2,3,4).
@@ -27,7 +28,7 @@ import torch
 
 from kat.config import ConfigError
 from kat.data import DataError
-from experiments.arms import SENSITIVITY_ARMS, TABLE1_ARMS
+from experiments.arms import SENSITIVITY_ARMS, TABLE1_ARMS, check_arms
 
 DEFAULT_SEEDS = {"table1": 3}  # other experiments: 1
 
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0],
                                 allow_abbrev=False, epilog="Other --key value pairs (e.g. --config FILE, --steps N, "
                                 "--eval_limit N) are Config overrides applied to every arm.")
-    p.add_argument("what", choices=("table1", "shadow", "sensitivity", "mechanism", "lm"), help="which experiment")
+    p.add_argument("what", choices=("table1", "shadow", "sensitivity", "mechanism", "lm", "power"),
+                   help="which experiment")
     p.add_argument("--seeds", default=None, help="a count of seeds (from the config's seed on) or a comma-separated "
                    "list, e.g. 0,1,2,3,4 (default: 3 for table1, 1 otherwise)")
     p.add_argument("--out", default="runs/experiments", help="output directory (default runs/experiments)")
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 8)")
     p.add_argument("--student-layers", type=int, default=28, help="lm: decoder layers the student keeps when it "
                    "is made from the teacher (default 28)")
+    p.add_argument("--heldout", type=int, default=1024, help="power: fresh held-out problems (default 1024)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     return p
@@ -91,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             run_shadow(rest, seeds, args.out, worlds, args.batches, args.dry_run, command)
         elif args.what == "mechanism":
             run_mechanism(rest, seeds, args.out, worlds, args.dry_run, command)
+        elif args.what == "power":
+            from experiments.power import POWER_ARMS, run_power
+            arms = [a.strip() for a in args.arms.split(",") if a.strip()] or list(POWER_ARMS)
+            check_arms(arms)
+            for world in worlds:
+                run_power(rest, seeds, args.out, world, arms, args.heldout, dry_run=args.dry_run, command=command)
         elif args.what == "lm":
             run_lm(rest, args.out, args.batches, args.student_layers, args.dry_run, command)
         else:

@@ -171,7 +171,8 @@ def model_card(cfg: Config, results: dict, command: str, processes: int) -> str:
         f"{after[f'{s}/mean_length']:.1f} |" for s in rows]
     method = {"kat": "KAT (KL Agreement Trap Termination)" + (" with the drift gate" if cfg.gate == "drift" else ""),
               "random": "random termination (length-matched control)", "none": "no termination (plain OPD)",
-              "drift": "a cut right after the first drift token (the drift gate's contrast)"}[cfg.termination]
+              "drift": "a cut right after the first drift token (the drift gate's contrast)",
+              "oracle": "the oracle cut at the toy world's ground-truth first error or loop start"}[cfg.termination]
     lora = f" as a LoRA adapter (r = {cfg.lora_r}, alpha = {cfg.lora_alpha}), merged here" if cfg.lora_r else ""
     return "\n".join([
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",

@@ -105,8 +105,9 @@ class Config:
 
     # --- termination -----------------------------------------------------------------------------
     termination: str = _f("kat", "kat: trap detector; random: length-matched random cuts; none: plain OPD; "
-                          "drift: cut right after the first drift token (see drift_prob)",
-                          choices=("kat", "none", "random", "drift"))
+                          "drift: cut right after the first drift token (see drift_prob); oracle (toy world "
+                          "only): cut one past the world's ground-truth first error or loop start",
+                          choices=("kat", "none", "random", "drift", "oracle"))
     rule: str = _f("quantile", "adaptive threshold: quantile of per-rollout minima, or running mean - kappa*std",
                    choices=("quantile", "zscore"))
     window: int = _f(8, "W: tokens per window mean z", low=1)
@@ -125,6 +126,9 @@ class Config:
     shadow: bool = _f(False, "detect and record would-be cuts without cutting")
     random_target_length: float = _f(0.0, "random termination: target mean rollout length (0: max_new_tokens/2)",
                                      low=0.0)
+    random_target_cut_rate: float = _f(0.0, "random termination: also match this share of cut rollouts "
+                                       "(0: off, the cut rate follows from the hazard)", low=0.0, high=1.0,
+                                       high_open=True)
     gate: str = _f("none", "kat: none (the paper's rule) or drift (a low run counts only after a drift token)",
                    choices=("none", "drift"))
     drift_prob: float = _f(0.02, "a sampled token at or after exempt to which the teacher gives a probability "

@@ -292,8 +292,8 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
     parameters and buffers would drift apart.
     """
     cfg, acc, terminator = run.cfg, run.accelerator, run.terminator
-    _, prompt_ids, prompt_mask = step_batch(run.tokenizer, run.problems, step, cfg, acc.process_index,
-                                            acc.num_processes, acc.device)
+    batch_rows, prompt_ids, prompt_mask = step_batch(run.tokenizer, run.problems, step, cfg, acc.process_index,
+                                                     acc.num_processes, acc.device)
     rows = prompt_ids.shape[0]
     run.student.eval()
     try:
@@ -311,6 +311,9 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
                                 global_rows=(acc.process_index * rows, acc.num_processes * rows),
                                 score=cfg.loss != "full",
                                 teacher_cache_mb=cfg.teacher_cache_mb if cfg.loss == "full" else 0.0)
+        if cfg.termination == "oracle":  # toy only: the cut at the world's ground truth (kat.toy.oracle)
+            from kat.toy.oracle import oracle_rollout
+            rollout = oracle_rollout(rollout, [p["prompt"] for p in batch_rows], run.tokenizer)
         problem = None
     except FloatingPointError as err:  # non-finite logits or KL: reported with rows and positions
         problem = f"step {step + 1}, process {acc.process_index}: {err}"

@@ -27,6 +27,7 @@ def test_the_package_has_no_circle_and_no_upward_arrow():
     assert "kat.terminators.base" in graph["kat.terminators.detector"]
     assert circles(graph) == []
     assert upward_arrows(graph) == []
+    assert ("kat.train", "kat.toy.oracle") in upward_arrows(graph, allowed={})  # the one kept on purpose
 
 
 def test_a_circle_and_upward_arrows_are_found(tmp_path):

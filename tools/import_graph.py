@@ -19,6 +19,11 @@ import sys
 
 LAB = ("experiments", "benchmarks", "tests", "tools")
 ON_TOP = ("kat.toy", "kat.integrations", "kat.__main__")  # built on the core; may import it freely
+# Upward arrows kept on purpose, each with its reason; printed, never hidden.
+ALLOWED = {
+    ("kat.train", "kat.toy.oracle"): "termination: oracle cuts at the toy world's ground truth, which only "
+                                     "the toy world knows (imported only when that arm runs)",
+}
 
 
 def module_name(root: str, path: str) -> str:
@@ -109,7 +114,8 @@ def _within(module: str, prefixes: tuple[str, ...]) -> bool:
     return any(module == p or module.startswith(p + ".") for p in prefixes)
 
 
-def upward_arrows(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+def upward_arrows(graph: dict[str, set[str]], allowed=ALLOWED) -> list[tuple[str, str]]:
+    """Arrows from the product to the lab or from the core to what is built on it, less `allowed`."""
     arrows = []
     for source, targets in sorted(graph.items()):
         for target in sorted(targets):
@@ -117,7 +123,7 @@ def upward_arrows(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
                 arrows.append((source, target))
             elif not _within(source, ON_TOP) and _within(target, ("kat.toy", "kat.integrations")):
                 arrows.append((source, target))
-    return arrows
+    return [arrow for arrow in arrows if arrow not in allowed]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"upward arrows: {len(arrows)}")
     for source, target in arrows:
         print(f"  {source} -> {target}")
+    kept = [arrow for arrow in ALLOWED if arrow[1] in graph.get(arrow[0], ())]
+    print(f"upward arrows kept on purpose: {len(kept)}")
+    for source, target in kept:
+        print(f"  {source} -> {target}: {ALLOWED[(source, target)]}")
     return 1 if found or arrows else 0
 
 

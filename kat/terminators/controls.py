@@ -115,6 +115,11 @@ class RandomTerminator:
     the update undershoots and approaches the target from one side). The initial hazard solves the
     truncated-geometric mean exactly when `max_new_tokens` is given.
 
+    With `target_cut_rate` the share of cut rows is matched too: each row is eligible for a cut with
+    probability p, drawn once per batch with its position, and after each batch
+        p <- p * (target_cut_rate / cut_rate) ** gain          (ratio clamped to [1/4, 4], p <= 1)
+    beside the hazard update, which then matches the kept length of the cut and uncut rows together.
+
     With several processes, lengths are gathered so every process holds the same hazard; give each
     process its own `seed` (e.g. seed + rank) so their cut positions are independent.
     """
@@ -126,7 +131,7 @@ class RandomTerminator:
     active = True
 
     def __init__(self, target_length: float, exempt: int = 0, max_new_tokens: int | None = None,
-                 seed: int = 0, gain: float = 0.5, min_hazard: float = 1e-6):
+                 seed: int = 0, gain: float = 0.5, min_hazard: float = 1e-6, target_cut_rate: float | None = None):
         exempt = check_value("exempt", exempt)
         if max_new_tokens is not None:
             max_new_tokens = check_value("max_new_tokens", max_new_tokens)
@@ -137,6 +142,10 @@ class RandomTerminator:
         self.gain, self.min_hazard = float(gain), float(min_hazard)
         self.generator = torch.Generator().manual_seed(seed)
         self.hazard = self._initial_hazard()
+        if target_cut_rate is not None and not 0.0 < target_cut_rate < 1.0:
+            raise ValueError(f"target_cut_rate must lie in (0, 1), got {target_cut_rate!r}")
+        self.target_cut_rate = target_cut_rate
+        self.p_cut = 1.0 if target_cut_rate is None else float(target_cut_rate)
         self.steps_done = 0
 
     @classmethod
@@ -144,7 +153,7 @@ class RandomTerminator:
         """The length-matched control of a `termination: random` run; each process (`rank`) draws its
         own cut positions."""
         return cls(target_length=random_target(cfg), exempt=cfg.exempt, max_new_tokens=cfg.max_new_tokens,
-                   seed=cfg.seed + rank)
+                   target_cut_rate=cfg.random_target_cut_rate or None, seed=cfg.seed + rank)
 
     def _initial_hazard(self) -> float:
         excess = self.target_length - self.exempt
@@ -167,7 +176,11 @@ class RandomTerminator:
         state.active = True
         u = 1.0 - torch.rand(batch_size, generator=self.generator, dtype=torch.float64)  # (B,) in (0, 1]
         g = torch.floor(torch.log(u) / math.log1p(-min(self.hazard, 1.0 - 1e-12)))  # G = floor(log U / log(1-h))
-        state._planned = (self.exempt + g.clamp(max=2**40)).long().to(device)  # (B,)
+        planned = self.exempt + g.clamp(max=2**40)
+        if self.target_cut_rate is not None:  # ineligible rows: planned past any length
+            eligible = torch.rand(batch_size, generator=self.generator, dtype=torch.float64) < self.p_cut
+            planned = torch.where(eligible, planned, torch.full_like(planned, 2.0**40))
+        state._planned = planned.long().to(device)  # (B,)
         state._length = torch.zeros(batch_size, dtype=torch.long, device=device)
         return state
 
@@ -196,6 +209,10 @@ class RandomTerminator:
         ratio = (mean_length - self.exempt) / (self.target_length - self.exempt)
         ratio = min(max(ratio, 0.25), 4.0)
         self.hazard = min(max(self.hazard * ratio**self.gain, self.min_hazard), 1.0)
+        if self.target_cut_rate is not None:
+            rate = all_gather_cat(state.fired.double()).mean().item()
+            ratio = min(max(self.target_cut_rate / max(rate, 1e-12), 0.25), 4.0)
+            self.p_cut = min(max(self.p_cut * ratio**self.gain, 1e-6), 1.0)
         self.steps_done = step + 1
 
     def summary(self, state: TerminatorState) -> dict[str, float]:
@@ -203,11 +220,12 @@ class RandomTerminator:
                 "mean_length": self.lengths(state).float().mean().item(), "hazard": self.hazard}
 
     def state_dict(self) -> dict:
-        return {"hazard": self.hazard, "steps_done": self.steps_done,
+        return {"hazard": self.hazard, "steps_done": self.steps_done, "p_cut": self.p_cut,
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, d: dict) -> None:
         self.hazard, self.steps_done = float(d["hazard"]), int(d["steps_done"])
+        self.p_cut = float(d.get("p_cut", self.p_cut))
         self.generator.set_state(d["generator"])
 
 

@@ -1,4 +1,7 @@
-"""Terminators by their config name (``termination``): 'kat' | 'drift' | 'random' | 'none'."""
+"""Terminators by their config name (``termination``): 'kat' | 'drift' | 'random' | 'none' | 'oracle'.
+
+'oracle' decides nothing while decoding: kat.train cuts its finished rollouts at the toy world's ground
+truth (kat.toy.oracle), so online it is the terminator that never stops a row."""
 
 from __future__ import annotations
 
@@ -8,11 +11,12 @@ from kat.config import Config
 from kat.terminators.controls import DriftTerminator, NoTerminator, RandomTerminator
 from kat.terminators.detector import TrapDetector
 
-TERMINATORS = {"kat": TrapDetector, "drift": DriftTerminator, "random": RandomTerminator, "none": NoTerminator}
+TERMINATORS = {"kat": TrapDetector, "drift": DriftTerminator, "random": RandomTerminator, "none": NoTerminator,
+               "oracle": NoTerminator}
 
 
 def terminators() -> dict:
-    """Config name -> terminator class: 'kat' | 'drift' | 'random' | 'none'."""
+    """Config name -> terminator class: 'kat' | 'drift' | 'random' | 'none' | 'oracle'."""
     return dict(TERMINATORS)
 
 
