@@ -108,6 +108,13 @@ def evaluate_heldout(run_dir: str, problems: list[dict], k: int, max_new_tokens:
     return out
 
 
+def problem_scores(correct: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per problem avg@k (share of the k samples correct) and pass@k (any sample correct), from the
+    correct counts of evaluate_heldout."""
+    c = np.asarray(correct, dtype=np.float64)
+    return c / k, (c > 0).astype(np.float64)
+
+
 def run_power(argv: list[str], seeds, out: str, world: str | None, arms: list[str], n_heldout: int,
               heldout_seed: int = 7_000_003, dry_run: bool = False, command: str = "", log=print) -> dict:
     """Train (or reuse) every arm x seed, evaluate all on the same held-out problems, bootstrap."""
@@ -123,15 +130,18 @@ def run_power(argv: list[str], seeds, out: str, world: str | None, arms: list[st
     t0 = time.perf_counter()
     summaries, _, matching = run_arms(order, base, seeds, out, label, teacher=False, log=log)
     t_train = time.perf_counter() - t0
-    scores = {}  # arm -> (S, P) avg@k per problem
+    scores, passes, lengths = {}, {}, {}  # arm -> (S, P) avg@k and pass@k per problem; held-out mean length per seed
     for arm in order:
-        rows = []
+        rows, prow, lrow = [], [], []
         for seed, summary in zip(seeds, summaries[arm]):
             res = evaluate_heldout(summary["run_dir"], problems, base.eval_k, base.eval_max_new_tokens or
                                    base.max_new_tokens, eval_seed=1_000 + seed, tag=f"{n_heldout}_{heldout_seed}",
                                    log=log)
-            rows.append(np.asarray(res["correct"], dtype=np.float64) / base.eval_k)
-        scores[arm] = np.stack(rows)
+            avg, pas = problem_scores(res["correct"], base.eval_k)
+            rows.append(avg)
+            prow.append(pas)
+            lrow.append(res["mean_length"])
+        scores[arm], passes[arm], lengths[arm] = np.stack(rows), np.stack(prow), lrow
     result = {"command": command, "commit": git_commit(), "world": label, "seeds": seeds,
               "heldout": {"n": n_heldout, "seed": heldout_seed, "excluded": files}, "config": base.to_dict(),
               "train_minutes": t_train / 60, "minutes": (time.perf_counter() - t0) / 60, "arms": {},
@@ -139,6 +149,7 @@ def run_power(argv: list[str], seeds, out: str, world: str | None, arms: list[st
     for arm in order:
         s = summaries[arm]
         entry = {"avg@k": 100 * float(scores[arm].mean()), "per_seed": [100 * float(x) for x in scores[arm].mean(1)],
+                 "pass@k": 100 * float(passes[arm].mean()), "heldout_length": float(np.mean(lengths[arm])),
                  "kept_length": float(np.mean([x["kept_length"] for x in s])),
                  "mean_length": float(np.mean([x["mean_length"] for x in s])),
                  "cut_rate": float(np.mean([x["cut_rate"] for x in s])),
@@ -159,11 +170,12 @@ def power_markdown(result: dict, k: int) -> list[str]:
     md = [f"# power, {result['world']} world", "", f"`{result['command']}` at commit {result['commit']}", "",
           f"seeds {result['seeds']}; {result['heldout']['n']} held-out problems x k = {k}; "
           f"{result['minutes']:.1f} min", "",
-          f"| arm | avg@{k} | per seed | kept / rollout | cut rate | avg@{k} - OPD [95% CI] | SE | "
-          "SE +1 seed | SE 2x problems |", "|---|---|---|---|---|---|---|---|---|"]
+          f"| arm | avg@{k} | pass@{k} | per seed | held-out length | generated / rollout | kept / rollout | cut rate "
+          f"| avg@{k} - OPD [95% CI] | SE | SE +1 seed | SE 2x problems |", "|---" * 12 + "|"]
     for arm, e in result["arms"].items():
         per = ", ".join(f"{x:.1f}" for x in e["per_seed"])
-        row = f"| {LABELS.get(arm, arm)} | {e['avg@k']:.1f} | {per} | {e['kept_length']:.1f} | {e['cut_rate']:.1%} |"
+        row = (f"| {LABELS.get(arm, arm)} | {e['avg@k']:.1f} | {e['pass@k']:.1f} | {per} | {e['heldout_length']:.1f} "
+               f"| {e['mean_length']:.1f} | {e['kept_length']:.1f} | {e['cut_rate']:.1%} |")
         if "vs_opd" in e:
             v = e["vs_opd"]
             row += (f" {v['mean']:+.2f} [{v['lo']:+.2f}, {v['hi']:+.2f}] | {v['se']:.2f} | {v['se_plus_seed']:.2f} |"

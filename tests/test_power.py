@@ -5,7 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from experiments.power import bootstrap_means, heldout_problems, paired_bootstrap, predicted_se, variance_parts
+from experiments.power import (bootstrap_means, heldout_problems, paired_bootstrap, predicted_se, problem_scores,
+                               variance_parts)
 from kat.toy.world import parse_prompt, write_jsonl
 
 
@@ -55,3 +56,14 @@ def test_variance_parts_recover_the_simulated_components():
     assert parts["v_seed"] == pytest.approx(4.0, rel=0.25)
     assert parts["v_within"] == pytest.approx(25.0, rel=0.02)
     assert predicted_se(parts, 4, 100) == pytest.approx(np.sqrt(parts["v_seed"] / 4 + parts["v_within"] / 400))
+
+
+def test_problem_scores_agree_with_the_evaluator():
+    from kat.evaluate import avg_at_k, mean_pass_at_k
+
+    rng = np.random.default_rng(5)
+    table = rng.random((40, 4)) < np.linspace(0, 1, 40)[:, None]  # some problems never, some always solved
+    avg, pas = problem_scores([int(r.sum()) for r in table], 4)
+    assert avg.mean() == pytest.approx(avg_at_k(table.tolist()), abs=1e-15)
+    assert pas.mean() == pytest.approx(mean_pass_at_k(table.tolist(), 4), abs=1e-15)
+    assert set(pas.tolist()) == {0.0, 1.0} and pas.sum() == sum(bool(r.any()) for r in table)
