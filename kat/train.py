@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from kat.checkpoint import find_checkpoint, load_checkpoint, model_card, save_checkpoint, save_student
 from kat.config import Config, ConfigError, help_text, load_config, random_target, render_kw
 from kat.controls import learner_accelerator
+from kat.engine import decode_row
 from kat.data import DataError, filter_long_prompts, load_eval_sets, load_problems, step_batch, step_generator
 from kat.detector import make_terminator, window_means
 from kat.evaluate import run_eval
@@ -259,6 +260,7 @@ def rollout_metrics(r: Rollout) -> dict:
     }
     if r.shadow_cut is not None:
         out["shadow_rows"] = float((r.shadow_cut >= 0).sum())
+    out.update(r.engine or {})  # decode_steps, slot_steps (kat.engine.decode_row)
     return out
 
 
@@ -320,7 +322,8 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
                                 generator=step_generator(cfg.seed, step, acc.device),
                                 global_rows=(acc.process_index * rows, acc.num_processes * rows),
                                 score=cfg.loss != "full",
-                                teacher_cache_mb=cfg.teacher_cache_mb if cfg.loss == "full" else 0.0)
+                                teacher_cache_mb=cfg.teacher_cache_mb if cfg.loss == "full" else 0.0,
+                                slots=cfg.rollout_slots, decode=cfg.decode)
         problem = None
     except FloatingPointError as err:  # non-finite logits or KL: reported with rows and positions
         problem = f"step {step + 1}, process {acc.process_index}: {err}"
@@ -349,7 +352,7 @@ def learn_step(run: Run, step: int, rollout: Rollout) -> tuple[dict, Rollout] | 
         return None
     run.counters["bad_in_a_row"] = 0
     if not rollout.scored:
-        rollout = replace(rollout, kl=stats["token_kl"].to(rollout.kl.device))
+        rollout = rollout.with_kl(stats["token_kl"].to(rollout.kl.device))
     return stats, rollout
 
 
@@ -381,6 +384,7 @@ def log_step(run: Run, step: int, rollout: Rollout, stats: dict, threshold: floa
     }
     if "shadow_rows" in sums:
         row["shadow_rate"] = sums["shadow_rows"] / sums["rows"]
+    row.update(decode_row(sums, run.accelerator.num_processes))
     log_row(run, row)
     return row
 

@@ -98,3 +98,94 @@ def test_slot_cache_chunk_forward_matches_token_by_token():
         torch.testing.assert_close(whole[valid[:, j], j], one[valid[:, j], 0], atol=1e-5, rtol=0)
     torch.testing.assert_close(caches[0].valid, caches[1].valid)
     torch.testing.assert_close(caches[0].length, torch.full((S,), P + C))
+
+
+# --- the slot engine against the DynamicCache loop --------------------------------------------
+
+V, EOS, PAD, MAX_NEW, N = 24, 1, 0, 22, 8
+
+
+def _tiny(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, initializer_range=0.2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.set_num_threads(1)
+    lengths = torch.tensor([7, 3, 5, 1, 6, 2, 4, 7])
+    ids = torch.randint(4, V, (N, 7), generator=torch.Generator().manual_seed(123))
+    mask = torch.arange(7)[None, :] >= 7 - lengths[:, None]
+    return _tiny(0), _tiny(1), ids.masked_fill(~mask, PAD), mask
+
+
+def make_terminator(name: str):
+    from kat.controls import RandomTerminator
+    from kat.detector import TrapDetector
+
+    if name == "none":
+        return None
+    if name == "random":
+        return RandomTerminator(target_length=8, exempt=2, max_new_tokens=MAX_NEW, seed=0)
+    gate = {"kat": "none", "gated": "drift"}[name]
+    return TrapDetector(window=4, stride=2, patience=1, exempt=2, eta=0.5, min_buffer=1, warmup_steps=1,
+                        gate=gate, drift_prob=0.2)
+
+
+def run_steps(models, name: str, steps: int = 2, **kw):
+    """`steps` sampling steps of one terminator (end_batch between them); the rollouts and thresholds."""
+    student, teacher, ids, mask = models
+    term, out = make_terminator(name), []
+    for step in range(steps):
+        rollout, state = sample(student, teacher, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=EOS,
+                                pad_token_id=PAD, chunk=4, terminator=term,
+                                generator=torch.Generator().manual_seed(7 + step), **kw)
+        if term is not None:
+            term.end_batch(state, step)
+        out.append((rollout, getattr(term, "threshold", None), getattr(term, "hazard", None)))
+    return out
+
+
+def assert_same_rollouts(got, ref):
+    for (r, thr, haz), (r0, thr0, haz0) in zip(got, ref):
+        assert torch.equal(r.completion_ids, r0.completion_ids)
+        assert torch.equal(r.completion_mask, r0.completion_mask)
+        assert torch.equal(r.stop, r0.stop) and torch.equal(r.cut, r0.cut)
+        torch.testing.assert_close(r.kl, r0.kl, atol=1e-5, rtol=0, equal_nan=True)
+        torch.testing.assert_close(r.student_logp, r0.student_logp, atol=1e-5, rtol=0, equal_nan=True)
+        assert (thr is None) == (thr0 is None) and (thr is None or abs(thr - thr0) < 1e-5)
+        assert (haz is None and haz0 is None) or abs(haz - haz0) < 1e-9
+
+
+from kat.sampler import sample  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["none", "kat", "gated", "random"])
+def test_slots_give_the_dynamic_loops_tokens_cuts_and_kl(pair, name):
+    ref = run_steps(pair, name)
+    if name != "none":  # the setup cuts rows in the active step, and not every row
+        assert 0 < int((ref[1][0].stop >= 2).sum()) < N
+    for S in (N, N // 2, N // 4, N // 8):
+        assert_same_rollouts(run_steps(pair, name, slots=S), ref)
+    assert_same_rollouts(run_steps(pair, name, decode="static"), ref)  # S = B through the slot caches
+
+
+@pytest.mark.parametrize("score", [True, False])
+def test_slots_posthoc_and_unscored_match(pair, score):
+    ref = run_steps(pair, "none", steps=1, score=score)
+    assert_same_rollouts(run_steps(pair, "none", steps=1, score=score, slots=3), ref)
+    if not score:
+        assert ref[0][0].kl.isnan().all()
+
+
+def test_refill_counts_fewer_slot_steps_than_rows_times_longest(pair):
+    """With S < N the slot steps follow the tokens: every slot-step of a busy slot ends in a token
+    or in the tail of the chunk where its row ended."""
+    (r, _, _), = run_steps(pair, "none", steps=1, slots=2)
+    tokens, C = int(r.completion_mask.sum()), 4
+    assert r.engine["slot_steps"] == 2 * r.engine["decode_steps"]
+    assert r.engine["slot_steps"] <= tokens + N * (C - 1) + 2 * C  # chunk tails and the last, half-empty chunk
