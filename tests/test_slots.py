@@ -189,3 +189,81 @@ def test_refill_counts_fewer_slot_steps_than_rows_times_longest(pair):
     tokens, C = int(r.completion_mask.sum()), 4
     assert r.engine["slot_steps"] == 2 * r.engine["decode_steps"]
     assert r.engine["slot_steps"] <= tokens + N * (C - 1) + 2 * C  # chunk tails and the last, half-empty chunk
+
+
+TWO_PROCESSES = r"""
+import json, sys
+import torch, torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from kat.detector import TrapDetector
+from kat.sampler import sample
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+student_dir, teacher_dir, prompts_path, out = sys.argv[1:5]
+student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+calls = {"student": 0, "teacher": 0}
+for name, model in (("student", student), ("teacher", teacher)):
+    model.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+ids, mask = torch.load(prompts_path)
+half = ids.shape[0] // 2
+ids, mask = ids[half * rank: half * (rank + 1)], mask[half * rank: half * (rank + 1)]
+result = {}
+for case in ("none", "kat", "uneven"):
+    term = None
+    if case == "kat":
+        term = TrapDetector(window=4, stride=2, patience=1, exempt=2, eta=0.5, min_buffer=1, warmup_steps=0)
+        term.buffer = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)  # active, one threshold everywhere
+    # uneven: process 0's rows end at their first token, process 1's run on
+    eos = (list(range(student.config.vocab_size)) if rank == 0 else [1]) if case == "uneven" else 1
+    calls.update(student=0, teacher=0)
+    rollout, _ = sample(student, teacher, ids, mask, max_new_tokens=22, eos_token_id=eos, pad_token_id=0, chunk=4,
+                        terminator=term, generator=torch.Generator().manual_seed(7),
+                        global_rows=(half * rank, 2 * half), slots=int(sys.argv[5]))
+    torch.save(rollout, f"{out}/{case}_{rank}.pt")
+    result[case] = dict(calls)
+json.dump(result, open(f"{out}/calls_{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_two_processes_run_the_same_forwards_and_sample_the_one_process_tokens(pair, tmp_path, slots):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from kat.detector import TrapDetector
+    from tests.conftest import ROOT
+
+    student, teacher, ids, mask = pair
+    student.save_pretrained(tmp_path / "student")
+    teacher.save_pretrained(tmp_path / "teacher")
+    torch.save((ids, mask), tmp_path / "prompts.pt")
+    (tmp_path / "run.py").write_text(TWO_PROCESSES)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "run.py"), str(tmp_path / "student"), str(tmp_path / "teacher"), str(tmp_path / "prompts.pt"),
+           str(tmp_path), str(slots)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = [json.loads((tmp_path / f"calls_{r}.json").read_text()) for r in (0, 1)]
+    assert calls[0] == calls[1]  # every forward is a collective under FSDP
+    for case in ("none", "kat"):
+        term = None
+        if case == "kat":
+            term = TrapDetector(window=4, stride=2, patience=1, exempt=2, eta=0.5, min_buffer=1, warmup_steps=0)
+            term.buffer = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+        ref, _ = sample(student, teacher, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=EOS, pad_token_id=PAD,
+                        chunk=4, terminator=term, generator=torch.Generator().manual_seed(7))
+        parts = [torch.load(tmp_path / f"{case}_{r}.pt", weights_only=False) for r in (0, 1)]
+        T = ref.completion_ids.shape[1]
+        got = torch.cat([torch.nn.functional.pad(p.completion_ids, (0, T - p.completion_ids.shape[1])) for p in parts])
+        assert torch.equal(got, ref.completion_ids)
+        assert torch.equal(torch.cat([p.cut for p in parts]), ref.cut)
+        assert torch.equal(torch.cat([p.stop for p in parts]), ref.stop)
+    assert int((ref.stop >= 2).sum()) > 0  # the kat case cuts
+    uneven = [torch.load(tmp_path / f"uneven_{r}.pt", weights_only=False) for r in (0, 1)]
+    assert uneven[0].completion_mask.sum(-1).tolist() == [1] * (N // 2) and uneven[1].lengths.max() > 4
