@@ -212,7 +212,7 @@ class _Active:
     t_cache: object = None
     pad: bool = False  # every row has ended; the one row left only feeds pad forwards (`_pad_chunk`)
     decode_steps: int = 0  # student decode forwards so far
-    row_steps: int = 0  # rows those forwards covered, summed
+    row_steps: int = 0  # rows sampled at each position, summed (the slot engine's slot_steps)
     error: FloatingPointError | None = None  # the first non-finite chunk, raised once decoding has ended
 
     def keep(self, live: Tensor) -> None:
@@ -276,7 +276,8 @@ def _student_chunk(student, act: _Active, c: int, t: int, *, max_new_tokens: int
             s_last, act.s_cache = _forward(student, tokens[:, j : j + 1], attn[:, : L + j + 1], positions[:, j : j + 1],
                                            act.s_cache, True)
             act.s_last = s_last[:, -1]  # (A, V)
-            act.decode_steps, act.row_steps = act.decode_steps + 1, act.row_steps + A
+            act.decode_steps += 1
+        act.row_steps += A
     act.attn = attn  # (A, L + c)
     return tokens, valid, alive, s_chunk
 
@@ -457,7 +458,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
     Returns:
         (rollout, state): the `Rollout` (T = longest completion) and the terminator state to pass
         to `terminator.end_batch` (None without a terminator). `rollout.engine` holds the counts
-        (decode_steps: student decode forwards; slot_steps: rows those forwards covered).
+        (decode_steps: student decode forwards; slot_steps: rows (slots) sampled, summed over positions).
     """
     _check_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, chunk, topk, score, teacher_cache_mb)
     if decode not in DECODES or not isinstance(slots, int) or slots < 0:

@@ -267,3 +267,26 @@ def test_two_processes_run_the_same_forwards_and_sample_the_one_process_tokens(p
     assert int((ref.stop >= 2).sum()) > 0  # the kat case cuts
     uneven = [torch.load(tmp_path / f"uneven_{r}.pt", weights_only=False) for r in (0, 1)]
     assert uneven[0].completion_mask.sum(-1).tolist() == [1] * (N // 2) and uneven[1].lengths.max() > 4
+
+
+def test_training_with_slots_logs_decode_steps_and_matches_every_row_at_once(tiny_world, tmp_path, one_thread):
+    """Two steps of KAT training: rollout_slots 2 logs the same losses, lengths and cuts as 0, with
+    decode_steps and slot_occupancy in every metrics row."""
+    import json
+
+    from kat.config import Config
+    from kat.train import train
+    from tests.conftest import tiny_args
+
+    rows = {}
+    for S in (0, 2):
+        out = tmp_path / f"s{S}"
+        train(Config(**tiny_args(tiny_world, out, steps=2, rollout_slots=S, teacher_cache_mb=0, n_traces=0)))
+        rows[S] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows[S] = [r for r in rows[S] if "loss" in r]
+    assert len(rows[0]) == len(rows[2]) == 2
+    for a, b in zip(rows[0], rows[2]):
+        for key in ("loss", "kl", "cut_rate", "mean_length", "tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+        assert b["decode_steps"] >= a["decode_steps"] > 0  # 4 rows through 2 slots take more forwards
+        assert 0 < b["slot_occupancy"] <= 1 and 0 < a["slot_occupancy"] <= 1
