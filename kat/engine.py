@@ -108,17 +108,32 @@ def decode_step(student, cache: SlotCache, s_last: Tensor, u: Tensor | None, ali
     return token, valid, alive, logits[:, -1]
 
 
-_COMPILED: dict[int, object] = {}
+_COMPILED: dict[tuple, object] = {}
 
 
-def decode_step_fn(student, compiled: bool):
-    """`decode_step`, through torch.compile(mode="reduce-overhead") (CUDA graphs) for a CUDA student
-    when `compiled`; eager otherwise. One compiled function per student object."""
+def _graphed(fn):
+    """A CUDA-graph step: each call is a new graph step, and what outlives the call is cloned
+    (a replay overwrites the graph's output buffers)."""
+    def step(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return tuple(x.clone() for x in fn(*args))
+    return step
+
+
+def decode_step_fn(student, compiled: bool, backend: str | None = None):
+    """`decode_step` as run: through torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs)
+    for a CUDA student when `compiled`, eager otherwise; `backend` compiles it with that backend on
+    any device (the CPU tests: the step traces as one graph). One compiled function per student."""
+    if backend is not None:
+        key = (id(student), backend)
+        if key not in _COMPILED:
+            _COMPILED[key] = torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False)
+        return _COMPILED[key]
     if not (compiled and student.device.type == "cuda"):
         return decode_step
-    key = id(student)
+    key = (id(student), "cudagraphs")
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(decode_step, mode="reduce-overhead", dynamic=False)
+        _COMPILED[key] = _graphed(torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False))
     return _COMPILED[key]
 
 
@@ -299,7 +314,8 @@ def _free(sl: _Slots) -> None:
 def run_slots(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, slots: int, lockstep: bool,
               keep_logits: bool, buf: RolloutBuffer, stop: Tensor, cut: Tensor, terminator, state,
               max_new_tokens: int, eos: Tensor, pad_token_id: int, temperature: float, top_p: float,
-              chunk: int, topk: int, generator, first: int, n_draw: int, compiled: bool = False) -> dict:
+              chunk: int, topk: int, generator, first: int, n_draw: int, compiled: bool = False,
+              backend: str | None = None) -> dict:
     """Decode the B prompts through min(slots, B) slots into `buf`, `stop` and `cut` (see the module
     docstring). Returns the post-hoc held logits, the first non-finite error and the counts
     (decode_steps: student decode forwards; slot_steps: slots x decode forwards; tokens generated)."""
@@ -307,7 +323,7 @@ def run_slots(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, slot
     S = min(slots, B) if slots > 0 else B
     sl = _Slots(student, teacher, S, P + max_new_tokens + chunk, lockstep, prompt_ids.device)
     table = UniformTable(max_new_tokens + chunk, n_draw, generator, prompt_ids.device)
-    step_fn = decode_step_fn(student, compiled)
+    step_fn = decode_step_fn(student, compiled, backend)
     counts = {"decode_steps": 0, "prefills": 0}
     ctx = {"buf": buf, "terminator": terminator, "state": state, "stop": stop, "cut": cut, "held": [],
            "error": None, "max_new_tokens": max_new_tokens, "topk": topk, "tokens": 0}

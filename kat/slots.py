@@ -91,6 +91,9 @@ class SlotCache(Cache):
         self.slots, self.capacity = slots, capacity
         self.length = torch.zeros(slots, dtype=torch.long, device=device)
         self.valid = torch.zeros(slots, capacity, dtype=torch.bool, device=device)
+        if not torch.compiler.is_compiling():  # mutated inside a compiled decode step: fixed addresses
+            torch._dynamo.mark_static_address(self.length)
+            torch._dynamo.mark_static_address(self.valid)
 
     @classmethod
     def for_model(cls, model, slots: int, capacity: int) -> SlotCache:

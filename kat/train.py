@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from kat.checkpoint import find_checkpoint, load_checkpoint, model_card, save_checkpoint, save_student
 from kat.config import Config, ConfigError, help_text, load_config, random_target, render_kw
 from kat.controls import learner_accelerator
+from kat.decode_copy import decode_model
 from kat.engine import decode_row
 from kat.data import DataError, filter_long_prompts, load_eval_sets, load_problems, step_batch, step_generator
 from kat.detector import make_terminator, window_means
@@ -314,7 +315,7 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
         # score=False with the `full` loss: unless the terminator reads the KL while decoding,
         # the learner's teacher pass gives it (kat.sampler's unscored mode); when it does, lockstep
         # keeps the teacher's logits for the learner (teacher_cache_mb) so the teacher runs once
-        rollout, state = sample(acc.unwrap_model(run.student), run.teacher, prompt_ids, prompt_mask,
+        rollout, state = sample(decode_model(run), run.teacher, prompt_ids, prompt_mask,
                                 max_new_tokens=cfg.max_new_tokens, eos_token_id=run.eos,
                                 pad_token_id=run.tokenizer.pad_token_id, temperature=cfg.temperature,
                                 top_p=cfg.top_p, chunk=cfg.chunk, terminator=terminator,

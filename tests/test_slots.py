@@ -290,3 +290,40 @@ def test_training_with_slots_logs_decode_steps_and_matches_every_row_at_once(tin
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
         assert b["decode_steps"] >= a["decode_steps"] > 0  # 4 rows through 2 slots take more forwards
         assert 0 < b["slot_occupancy"] <= 1 and 0 < a["slot_occupancy"] <= 1
+
+
+def test_the_bf16_decode_copy_is_never_stale():
+    """After every optimiser step the copy holds the master weights cast to bf16, and a copy that
+    missed a step is refused rather than handed out."""
+    from kat.decode_copy import DecodeCopy, wants_copy
+
+    student = _tiny(3)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    held = DecodeCopy(student, opt)
+    ids = torch.randint(2, V, (2, 6), generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        student.train()
+        student(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        model = held.current()
+        assert held.version == held.steps == step + 1
+        for (name, p), q in zip(student.named_parameters(), model.parameters()):
+            assert q.dtype == torch.bfloat16 and torch.equal(q, p.detach().to(torch.bfloat16)), name
+    held.steps += 1  # as if a step ran without the hook
+    with pytest.raises(RuntimeError, match="version 3 but the optimiser took 4"):
+        held.current()
+    held.close()
+    assert not wants_copy(student, "static")  # CPU: decoding reads the student as it is
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_the_compiled_decode_step_is_one_graph_and_samples_the_same_tokens(pair, monkeypatch, backend):
+    """The decode step (student forward + sampling + cache writes) traces as ONE graph
+    (fullgraph=True: no graph break, which CUDA graphs need) and gives the eager step's rollout."""
+    import kat.engine as engine
+
+    ref = run_steps(pair, "kat", steps=1, slots=3)
+    orig = engine.decode_step_fn
+    monkeypatch.setattr(engine, "decode_step_fn", lambda student, compiled, backend_=None: orig(student, True, backend))
+    assert_same_rollouts(run_steps(pair, "kat", steps=1, slots=3), ref)
