@@ -118,7 +118,7 @@ CHOICES = {"loss": ("full", "topk"), "termination": ("kat", "none", "random"), "
            "gate": ("none", "drift"), "grader": ("exact", "math"), "dtype": ("auto", "float32", "bfloat16", "float16")}
 PACKAGE_ONLY = ("kappa", "ema", "max_bad_steps", "save_every", "keep_last", "resume", "log_with", "project_name",
                 "n_traces", "plot", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "teacher_cache_mb",
-                "norm_from")  # fields of kat/config.py that kat.py accepts and does not use
+                "norm_from", "overwrite_output_dir", "rollout_slots", "decode")  # kat/config.py's, unused here
 
 def parse_config(argv: list[str]) -> Config:
     """`--config FILE` (YAML) then `--field value` / `--field=value` pairs; `--help` lists the fields."""

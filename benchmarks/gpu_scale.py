@@ -156,7 +156,7 @@ class RandomCuts:
 
     def __init__(self, rate: float, exempt: int, max_new_tokens: int, seed: int, window: int = 64):
         self.rate, self.exempt, self.max_new_tokens, self.seed = rate, exempt, max_new_tokens, seed
-        detector = common.import_kat("detector")
+        detector = common.import_kat("terminators")
         self.stop_code = common.import_kat("rollout").STOP_TRAP
         self.detector = detector.TrapDetector(window=window, stride=window, exempt=exempt)  # never active
 
@@ -294,7 +294,7 @@ def compiled_section(run: Run, student, ids, mask) -> None:
 # 2. Teacher in lockstep vs post-hoc
 
 def teacher_section(run: Run, student, teacher, ids, mask, chunks: list[int]) -> None:
-    sampler, detector = common.import_kat("sampler"), common.import_kat("detector")
+    sampler, detector = common.import_kat("sampler"), common.import_kat("terminators")
     s, dev = run.shape, run.device
     timer = ForwardTimer(teacher, dev)
     modes = [("post-hoc (baseline)", None)] + [(f"lockstep, chunk {c}", c) for c in chunks]
@@ -377,7 +377,7 @@ class PhaseClock:
 def phases_section(run: Run, student, teacher, ids, mask) -> None:
     """Where one rollout's wall time goes, post-hoc against lockstep (chunk 64): the same tokens,
     timed phase by phase (each phase synchronises, so the sum exceeds an untimed call a little)."""
-    sampler, detector = common.import_kat("sampler"), common.import_kat("detector")
+    sampler, detector = common.import_kat("sampler"), common.import_kat("terminators")
     s, dev = run.shape, run.device
     modes = [("post-hoc", False, False), (f"lockstep, chunk {s.chunk}", True, False)]
     if dev.type == "cuda":
@@ -431,7 +431,7 @@ def profile_section(run: Run, student, teacher, ids, mask, tokens: int) -> None:
     the whole call, and the operators that take the most time."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    sampler, detector = common.import_kat("sampler"), common.import_kat("detector")
+    sampler, detector = common.import_kat("sampler"), common.import_kat("terminators")
     s, dev = run.shape, run.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     term = detector.TrapDetector(window=min(64, tokens), stride=min(64, tokens), exempt=0)  # inactive

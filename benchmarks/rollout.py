@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 TOY_DIR = common.ROOT / "kat" / "toy" / "rich"
-# Shapes of kat/toy/build.py's TEACHER and STUDENT recipes, for the random stand-ins.
+# Shapes of experiments/toy_build.py's TEACHER and STUDENT recipes, for the random stand-ins.
 TOY_SHAPES = {"teacher": dict(layers=6, hidden=128, ffn=384, heads=4),
               "student": dict(layers=2, hidden=64, ffn=256, heads=4)}
 RANDOM_LLM_SHAPES = {"teacher": dict(layers=12, hidden=768, ffn=2048, heads=12),
@@ -257,7 +257,7 @@ class Mode:
 
 def make_modes(setup: Setup, chunks: list[int], cut_chunk: int, seed: int) -> list[Mode]:
     """post-hoc, lockstep at each C, and an active detector that cuts (calibrated untimed here)."""
-    detector = common.import_kat("detector")
+    detector = common.import_kat("terminators")
     settings = dict(setup.detector, eta=0.3, buffer_size=4096, min_buffer=1, warmup_steps=0)
     idle = detector.TrapDetector(**settings)  # empty buffer: inactive, observes and never cuts
     cutting = detector.TrapDetector(**settings)

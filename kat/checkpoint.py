@@ -24,6 +24,7 @@ import yaml
 
 from kat.config import Config, ConfigError
 from kat.models import is_lora
+from kat.rundir import CHECKPOINT_NAME, check_output_dir, check_resume, check_tracker, is_checkpoint
 
 ADAPTER_DIR = "adapter"
 
@@ -59,11 +60,15 @@ def save_student(accelerator, student, tokenizer, where: str, *, merge: bool = F
             fh.write(card)
 
 
-def checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoint directories in `output_dir`, oldest first."""
+def checkpoints(output_dir: str, complete: bool = False) -> list[str]:
+    """Checkpoint folders in `output_dir` (named exactly checkpoint-NNNNNN), oldest first; with
+    `complete` only those holding their progress.json (kat.rundir.is_checkpoint). A user's
+    `checkpoint-important/` or `checkpoint-0.txt` is neither."""
     if not os.path.isdir(output_dir):
         return []
-    return sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
+    found = sorted(d for d in os.listdir(output_dir)
+                   if CHECKPOINT_NAME.fullmatch(d) and os.path.isdir(os.path.join(output_dir, d)))
+    return [d for d in found if is_checkpoint(os.path.join(output_dir, d))] if complete else found
 
 
 def save_checkpoint(accelerator, cfg: Config, step: int, terminator, counters: dict, student=None,
@@ -85,10 +90,19 @@ def save_checkpoint(accelerator, cfg: Config, step: int, terminator, counters: d
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)  # a checkpoint directory exists only once it is complete
-        for old in checkpoints(cfg.output_dir)[:-cfg.keep_last]:
+        for old in checkpoints(cfg.output_dir, complete=True)[:-cfg.keep_last]:  # only what a run wrote
             shutil.rmtree(os.path.join(cfg.output_dir, old))
     accelerator.wait_for_everyone()
     return final
+
+
+def _instead(path: str) -> str:
+    """Which checkpoint to resume from when `path` cannot be used: the newest complete one before it."""
+    where, name = os.path.split(os.path.normpath(path))
+    older = [d for d in checkpoints(where, complete=True) if d < name]
+    if older:
+        return f"resume from the one before it with --resume {os.path.join(where, older[-1])}"
+    return f"no complete checkpoint precedes it in {where!r}; start a new run"
 
 
 def find_checkpoint(cfg: Config) -> str | None:
@@ -104,20 +118,45 @@ def find_checkpoint(cfg: Config) -> str | None:
         path = os.path.join(cfg.output_dir, done[-1])
     if not os.path.isfile(os.path.join(path, "progress.json")):
         raise ConfigError(f"resume: {path!r} is not a complete checkpoint (progress.json missing); "
-                          "it may be partial from an interrupted save. Pick another checkpoint")
+                          f"it may be partial from an interrupted save; {_instead(path)}")
     return path
 
 
-def load_checkpoint(accelerator, path: str, terminator, output_dir: str) -> dict:
+def read_progress(path: str) -> dict:
+    """A checkpoint's progress.json: the step, the counters and the config it was written with."""
+    try:
+        with open(os.path.join(path, "progress.json")) as fh:
+            progress = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"resume: {path!r} has an unreadable progress.json ({err}); {_instead(path)}") from None
+    need = {"step": int, "tokens_total": (int, float), "bad_in_a_row": int, "config": dict}
+    bad = [k for k, kind in need.items() if not isinstance(progress, dict) or not isinstance(progress.get(k), kind)]
+    if bad or isinstance(progress["step"], bool) or progress["step"] < 0:
+        raise ConfigError(f"resume: {os.path.join(path, 'progress.json')!r} is not a checkpoint's progress "
+                          f"(missing or wrong: {', '.join(bad) or 'step'}); {_instead(path)}")
+    return progress
+
+
+def check_start(cfg) -> tuple[list[str], str]:
+    """(what overwrite_output_dir removes, the checkpoint to resume or ""), every check made before
+    the models load: the tracker, the output folder, the checkpoint and its config against cfg."""
+    check_tracker(cfg.log_with)
+    overwrite = check_output_dir(cfg)
+    ckpt = find_checkpoint(cfg) or ""
+    if ckpt:
+        check_resume(cfg, ckpt, read_progress(ckpt))
+    return overwrite, ckpt
+
+
+def load_checkpoint(accelerator, path: str, terminator, output_dir: str) -> dict:  # noqa: ARG001
     """Restore a checkpoint's states into the prepared objects and the terminator; returns its progress."""
     try:
         accelerator.load_state(path)
         terminator.load_state_dict(torch.load(os.path.join(path, "terminator.pt"), weights_only=False))
-        with open(os.path.join(path, "progress.json")) as fh:
-            return json.load(fh)
     except Exception as err:  # noqa: BLE001 - any unreadable piece means the same thing
         raise ConfigError(f"resume: checkpoint {path!r} is corrupt or incomplete ({type(err).__name__}: "
-                          f"{err}); resume from an older checkpoint in {output_dir!r}") from None
+                          f"{err}); {_instead(path)}") from None
+    return read_progress(path)
 
 
 def model_card(cfg: Config, results: dict, command: str, processes: int) -> str:

@@ -13,6 +13,7 @@ so a value that passes here is never rejected later by a class (and the reverse)
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
@@ -28,7 +29,9 @@ class ConfigError(ValueError):
 def _f(default: Any, help: str, choices: tuple | None = None, low: float | None = None,
        high: float | None = None, low_open: bool = False, high_open: bool = False) -> Any:
     """A dataclass field with its `--help` text and validation rule (`check_value` reads the rule).
-    A dict default (a mapping-valued field) becomes a factory, so no two configs share one dict."""
+    A float field is finite unless a closed bound is infinite (``high=math.inf``: inf is allowed);
+    NaN is never allowed. A dict default (a mapping-valued field) becomes a factory, so no two
+    configs share one dict."""
     meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open,
             "high_open": high_open}
     if isinstance(default, dict):
@@ -92,7 +95,8 @@ class Config:
     warmup_ratio: float = _f(0.03, "share of steps with linear learning-rate warm-up", low=0.0, high=1.0,
                              high_open=True)
     weight_decay: float = _f(0.0, "AdamW weight decay", low=0.0)
-    max_grad_norm: float = _f(1.0, "gradient clipping norm", low=0.0, low_open=True)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (inf: no clipping)", low=0.0, low_open=True,
+                              high=math.inf)
     gradient_checkpointing: bool = _f(False, "recompute the student's activations in the backward pass "
                                       "(less memory, more compute; same gradients)")
     lora_r: int = _f(0, "rank of a LoRA student through peft (0: train every weight)", low=0)
@@ -103,7 +107,8 @@ class Config:
     max_bad_steps: int = _f(3, "stop after this many consecutive steps with a non-finite loss", low=1)
     teacher_cache_mb: float = _f(1024.0, "loss full with a terminator that reads the KL: keep the lockstep "
                                  "teacher's logits of the generated tokens while they fit in this many MiB per "
-                                 "process, so the learner does not run the teacher again (0: off)", low=0.0)
+                                 "process, so the learner does not run the teacher again (0: off, inf: no limit)",
+                                 low=0.0, high=math.inf)
 
     # --- termination -----------------------------------------------------------------------------
     termination: str = _f("kat", "kat: trap detector; random: length-matched random cuts; none: plain OPD; "
@@ -146,12 +151,14 @@ class Config:
     keep_last: int = _f(2, "resumable checkpoints kept on disk", low=1)
     output_dir: str = _f("runs/toy", "where metrics, traces, plots, checkpoints and the student go")
     resume: str = _f("", "checkpoint directory to continue from, or `latest` in output_dir")
+    overwrite_output_dir: bool = _f(False, "a new run into an output_dir that holds a run: remove the files and "
+                                    "folders a run writes there (other files stay); without it the run is refused")
     log_with: str = _f("", "extra tracker through Accelerate (its package must be installed); empty: none",
                        choices=("", *TRACKERS))
     project_name: str = _f("kat", "the trackers' project (wandb project; tensorboard: output_dir/project_name)")
     n_traces: int = _f(8, "KL traces written per evaluation (tokens, d, z, threshold, cut)", low=0)
     plot: bool = _f(True, "render kl_traces.png and curves.png at the end")
-    seed: int = _f(0, "random seed")
+    seed: int = _f(0, "random seed (numpy's seeding takes 0 .. 2**32 - 1)", low=0, high=2**32 - 1)
     dtype: str = _f("auto", "teacher compute dtype and student mixed precision (auto: bf16 on CUDA, fp32 on CPU)",
                     choices=("auto", "float32", "bfloat16", "float16"))
 
@@ -239,12 +246,30 @@ def check_value(name: str, value: Any) -> Any:
     if m["choices"] is not None and value not in m["choices"]:
         allowed = ", ".join(repr(c) for c in m["choices"])
         raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {allowed}")
+    if isinstance(value, float):
+        _check_finite(name, value, m)
     low, high = m["low"], m["high"]
     if low is not None and (value < low or (m["low_open"] and value == low)):
         raise ConfigError(f"{name}: {value!r} is out of range; it must be {'>' if m['low_open'] else '>='} {low}")
     if high is not None and (value > high or (m["high_open"] and value == high)):
         raise ConfigError(f"{name}: {value!r} is out of range; it must be {'<' if m['high_open'] else '<='} {high}")
     return value
+
+
+def _check_finite(name: str, value: float, m: dict) -> None:
+    """NaN is never a setting (it passes every comparison); +-inf only where a closed bound is infinite.
+    Without this, `value < low` is False for NaN and the value would slip through the range checks."""
+    if math.isfinite(value) or (math.isinf(value) and value in (m["low"], m["high"]) and
+                                not (m["low_open"] if value == m["low"] else m["high_open"])):
+        return
+    what = "is not a number" if math.isnan(value) else "is out of range"
+    if m["low"] is None:
+        allowed = "a finite number"
+    elif m["high"] is None:
+        allowed = f"a finite number {_range_text(m)}"
+    else:
+        allowed = f"a number in {_range_text(m)}"
+    raise ConfigError(f"{name}: {value!r} {what}; it must be {allowed}")
 
 
 # Rules between fields, each a function so that the classes holding both settings apply the same rule.
@@ -262,7 +287,8 @@ def check_min_buffer(min_buffer: int, buffer_size: int) -> None:
 
 
 def check_random_target(target_length: float, exempt: int, max_new_tokens: int | None) -> None:
-    """A length-matched random cut needs exempt < target_length < max_new_tokens."""
+    """A length-matched random cut needs exempt < target_length < max_new_tokens (and a finite target)."""
+    target_length = check_value("random_target_length", target_length)
     if not target_length > exempt:
         raise ConfigError(f"random_target_length: {target_length} does not exceed exempt ({exempt}), and no "
                           "row is cut before position exempt; use a target above exempt (0 means "
@@ -301,17 +327,27 @@ def suggest(name: str) -> str:
 def _check_keys(keys, where: str) -> None:
     for key in keys:
         if key not in _FIELDS:
-            raise ConfigError(f"unknown field {key!r} in {where}{suggest(key)}")
+            raise ConfigError(f"unknown field {key!r} in {where}{suggest(str(key))}")
 
 
 def read_yaml(path: str) -> dict:
+    """The mapping in YAML file `path`; a missing, unreadable, binary or malformed file, or one that
+    holds anything but field: value pairs, raises ConfigError naming the file."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory; pass a YAML file to --config")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist; pass an existing YAML file to --config")
-    with open(path) as fh:
-        try:
+    try:
+        with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (a binary file?); pass a YAML file "
+                          "to --config") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path!r} cannot be read ({err.strerror or err}); check its "
+                          "permissions") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of field: value, got {type(data).__name__}")
     _check_keys(data, path)
@@ -366,7 +402,7 @@ def render_kw(cfg: Config) -> dict:
 def load_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     """Defaults, then the YAML file given by --config, then --key value pairs, then **overrides."""
     path, cli = parse_overrides(list(argv or []))
-    values = read_yaml(path) if path else {}
+    values = read_yaml(path) if path is not None else {}
     values.update(cli)
     _check_keys(overrides, "keyword arguments")
     values.update(overrides)

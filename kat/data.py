@@ -183,7 +183,14 @@ def _open(spec: DataSpec):
             raise DataError(f"data file {source!r} does not exist; check the path (train_data / eval_data)")
         if os.path.getsize(source) == 0 or (ext != ".parquet" and _blank(source)):
             raise DataError(f"{source!r} holds no rows; give a file with at least one problem")
-        return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files=source, split="train")
+        level = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse error would be a second report
+        try:
+            return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files=source, split="train")
+        except datasets.exceptions.DatasetGenerationError as err:  # the cause says little; find the line
+            raise DataError(_unreadable(source, ext, err)) from None
+        finally:
+            datasets.logging.set_verbosity(level)
     if os.path.isdir(source) and any(os.path.isfile(os.path.join(source, f))
                                      for f in ("state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(source)  # written by Dataset.save_to_disk
@@ -212,13 +219,18 @@ def _lookup(row_value: Any, path: list[str], spec: DataSpec, what: str) -> Any:
 
 
 def prompt_text(value: Any) -> str | None:
-    """A prompt as text: strings as they are, a chat (list of {role, content}) as its user turns."""
+    """A prompt as text: strings as they are, a chat (list of {role, content}) as its user turns.
+    Anything else (a number, a mapping) is not a prompt: TypeError, which `load_spec` reports."""
     if value is None:
         return None
     if isinstance(value, list):
         turns = [m.get("content", "") for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        if not all(isinstance(t, str) for t in turns):
+            raise TypeError("a chat whose user content is not text")
         return "\n".join(turns) if turns else None
-    return str(value)
+    if not isinstance(value, str):
+        raise TypeError(f"{type(value).__name__} {str(value)[:60]}")
+    return value
 
 
 def answer_text(value: Any) -> str | None:
@@ -267,12 +279,18 @@ def load_spec(spec: DataSpec, *, dedupe: bool = True) -> list[dict]:
         raise DataError(f"{spec.source!r} holds no rows; give a dataset with at least one problem")
 
     problems, seen = [], set()
-    missing = duplicates = unwrapped = 0
+    missing = duplicates = unwrapped = row = 0
     roots = sorted({root for root, _ in columns.values()})
     for batch in ds.select_columns(roots).iter(batch_size=4096):
         (p_root, p_path), (a_root, a_path) = columns["prompt"], columns["answer"]
         for p, a in zip(batch[p_root], batch[a_root]):
-            prompt = prompt_text(_lookup(p, p_path, spec, p_root))
+            try:
+                prompt = prompt_text(_lookup(p, p_path, spec, p_root))
+            except TypeError as err:
+                raise DataError(f"{spec.source!r}, row {row + 1}: the prompt field {spec.prompt_field!r} holds "
+                                f"{err}, not text; point the prompt field at a text column (a dotted name reaches "
+                                "into a mapping, e.g. prompt=question.text)") from None
+            row += 1
             answer = answer_text(_lookup(a, a_path, spec, a_root))
             if not prompt or answer is None:
                 missing += 1
@@ -446,7 +464,31 @@ def word_problems(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def _unreadable(source: str, ext: str, err: Exception) -> str:
+    """Why `datasets` could not read a local file: the first line that is not JSON, or the cause."""
+    if ext != ".parquet":
+        import json
+
+        try:
+            with open(source, encoding="utf-8") as fh:
+                text = fh.read()
+            json.loads(text)  # one JSON document (a list of rows): its own error names the line
+        except UnicodeDecodeError:
+            return f"{source!r} is not a text file (not UTF-8); give JSON lines, a JSON list of rows or parquet"
+        except json.JSONDecodeError as whole:
+            for n, line in enumerate(text.splitlines(), 1):
+                try:
+                    line.strip() and json.loads(line)
+                except json.JSONDecodeError as bad:
+                    where = whole if text.lstrip().startswith("[") else bad
+                    line_no = whole.lineno if where is whole else n
+                    return (f"{source!r}, line {line_no}: not valid JSON ({where.msg}); each line of a .jsonl "
+                            "file must be one JSON object (a .json file: one list of objects, or JSON lines)")
+    cause = err.__cause__ or err
+    return f"cannot read {source!r}: {type(cause).__name__}: {cause}; check that it is a valid {ext[1:]} file"
+
+
 def _blank(path: str) -> bool:
     """A text file holding only whitespace (datasets fails on it with a bare StopIteration)."""
-    with open(path) as fh:
+    with open(path, "rb") as fh:
         return not fh.read(4096).strip()

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from kat.distributed import any_process
+from kat.draw import positions, sample_token, uniforms
 from kat.rollout import STOP_EOS, RolloutBuffer
 from kat.scorer import check_finite, score_chunk
 from kat.slots import SlotCache
@@ -49,10 +50,8 @@ class UniformTable:
 
     def extend(self, upto: int) -> None:
         """Draw positions up to `upto` (exclusive), one call per position as the sampler's loop does."""
-        from kat.sampler import _uniforms
-
         while self.drawn < min(upto, self.table.shape[0]):
-            self.table[self.drawn] = _uniforms(self.n_draw, self.generator, self.device)
+            self.table[self.drawn] = uniforms(self.n_draw, self.generator, self.device)
             self.drawn += 1
 
 
@@ -97,8 +96,6 @@ def decode_step(student, cache: SlotCache, s_last: Tensor, u: Tensor | None, ali
     alive (S,): rows not ended; room (S,): the position still within max_new_tokens. Returns
     (token (S,), valid (S,), alive (S,), next logits (S, V)). Shapes never change, no host sync.
     """
-    from kat.sampler import sample_token
-
     token = sample_token(s_last, u, temperature, top_p)  # (S,)
     valid = alive & room  # (S,)
     token = torch.where(valid, token, pad_token_id)
@@ -160,11 +157,9 @@ class _Slots:
 def _prefill_slots(model, cache: SlotCache, slots: Tensor, ids: Tensor, mask: Tensor, last: Tensor | None) -> Tensor:
     """Empty `slots` and run `model` over their new prompts (k, P); the last position's logits go
     into `last` (S, V) at those slots (allocated on first use). Returns `last`."""
-    from kat.sampler import _positions
-
     cache.reset(slots)
     attn = cache.plan(slots, mask, model.dtype)  # (k, 1, P, capacity)
-    logits = _forward(model, ids, attn, _positions(mask.long()), cache, keep=1)[:, -1]  # (k, V)
+    logits = _forward(model, ids, attn, positions(mask.long()), cache, keep=1)[:, -1]  # (k, V)
     if last is None:
         last = logits.new_zeros(cache.slots, logits.shape[-1])
     last[slots] = logits

@@ -5,9 +5,10 @@ For each problem the model samples k completions; c of them are correct.
     avg@k  = mean over problems of c / k
     pass@k = mean over problems of 1 - C(n - c, k) / C(n, k)      (here n = k samples)
 
-Graders:
-- ``exact``: the toy world's final ``A=<int>``, compared as integers (as strings when the
-  reference is not an integer). A completion without a parsable answer is wrong, and counted.
+Graders, by the config's name for them (`GRADER_FUNCTIONS`: where each one's answer extraction
+and grading live, imported on first use, so this module depends on no task):
+- ``exact``: the toy world's (kat.toy.world): the final ``A=<int>``, compared as integers. A
+  completion without a parsable answer is wrong, and counted.
 - ``math``: math-verify's parse + verify (``\\boxed{}``, LaTeX, plain numbers, symbolic
   equivalence). Its default timeouts use ``signal.alarm``, which only works in the main thread,
   so outside the main thread the grader runs without them.
@@ -26,7 +27,9 @@ read by `kat.data`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
 import threading
 import time
@@ -38,6 +41,9 @@ import torch
 from kat.config import allowed
 
 GRADERS = allowed("grader")  # ("exact", "math")
+# name -> (module, its answer extractor, its grader): extract(completion) -> str | None, grade(completion, answer)
+GRADER_FUNCTIONS = {"exact": ("kat.toy.world", "extract_answer", "grade"),
+                    "math": ("kat.evaluate", "_math_answer", "_math_grade")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,16 +85,16 @@ def mean_pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # Graders
 
+def _grader_function(grader: str, which: int):
+    if grader not in GRADER_FUNCTIONS:
+        raise ValueError(f"unknown grader {grader!r}; choose one of {GRADERS}")
+    module, *names = GRADER_FUNCTIONS[grader]
+    return getattr(importlib.import_module(module), names[which])
+
+
 def extract_answer(completion: str, grader: str = "exact") -> str | None:
     """The final answer a grader would read from ``completion``, or None if there is none."""
-    if grader == "exact":
-        from kat.toy.world import extract_answer as toy_answer
-
-        return toy_answer(completion)
-    if grader == "math":
-        parsed = _math_parse(completion)
-        return str(parsed[-1]) if parsed else None
-    raise ValueError(f"unknown grader {grader!r}; choose one of {GRADERS}")
+    return _grader_function(grader, 0)(completion)
 
 
 def grade(completion: str, answer: str, grader: str = "exact") -> bool:
@@ -96,18 +102,7 @@ def grade(completion: str, answer: str, grader: str = "exact") -> bool:
 
     Never raises on a malformed completion: an answer that cannot be read is wrong.
     """
-    if grader == "exact":
-        pred = extract_answer(completion, "exact")
-        if pred is None:
-            return False
-        ref = str(answer).strip()
-        try:
-            return int(pred) == int(ref)
-        except ValueError:
-            return pred == ref
-    if grader == "math":
-        return _math_grade(completion, str(answer))
-    raise ValueError(f"unknown grader {grader!r}; choose one of {GRADERS}")
+    return _grader_function(grader, 1)(completion, str(answer))
 
 
 # Seconds math-verify may spend parsing or comparing one answer. Generous on purpose: the first
@@ -129,6 +124,11 @@ def _math_parse(text: str) -> list:
                      parsing_timeout=_timeout_s())
     except Exception:  # a parser failure on model output is a wrong answer, not a crash
         return []
+
+
+def _math_answer(completion: str) -> str | None:
+    parsed = _math_parse(completion)
+    return str(parsed[-1]) if parsed else None
 
 
 def _math_grade(completion: str, answer: str) -> bool:
@@ -332,6 +332,32 @@ def _print_table(name: str, res: dict, k: int) -> None:
         print(f"{name:<{width}}  {value}")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ConfigError for a value `kat eval` cannot use, before any model loads or sample is drawn."""
+    from kat.config import ConfigError, check_value
+
+    for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--batch-size", args.batch_size, 1),
+                             ("-k", args.k, 1), ("--limit", args.limit, 0)):
+        if value < low:
+            raise ConfigError(f"{flag}: {value} is out of range; it must be >= {low}")
+    for name in ("temperature", "top_p"):
+        try:
+            check_value(name, getattr(args, name))
+        except ConfigError as err:
+            raise ConfigError(f"--{name.replace('_', '-')}{str(err)[len(name):]}") from None
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise ConfigError(f"--out: {args.out!r} is a folder; give the path of the JSON file to write")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--out: cannot create the folder of {args.out!r} ({err.strerror or err}); give a "
+                              "path you can write to") from None
+        if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+            raise ConfigError(f"--out: {args.out!r} is not writable; give a path you can write to")
+
+
 def main(argv: Sequence[str] | None = None) -> dict | int:
     """``python -m kat eval``: a results table per evaluation set; with --out also the JSON.
 
@@ -347,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
+        check_args(args)
         template_kw = check_value("chat_template_kwargs", args.chat_template_kwargs)
         eval_sets = load_eval_sets(args.data, split=args.split, prompt_field=args.prompt_field,
                                    answer_field=args.answer_field, k=args.k, limit=args.limit)

@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from kat.config import ConfigError
 
@@ -86,6 +87,9 @@ def load_model(path: str, gguf_file: str, dtype: torch.dtype, role: str):
     except (OSError, ValueError) as err:
         raise ConfigError(f"{role}: cannot load a model from {path!r}"
                           f"{f' (gguf_file {gguf_file!r})' if gguf_file else ''}: {err}") from None
+    except SafetensorError as err:  # e.g. a model.safetensors cut short by an interrupted copy
+        raise ConfigError(f"{role}: the weights in {path!r} cannot be read ({err}); the file is damaged or "
+                          "incomplete: copy or download the model again") from None
 
 
 def load_tokenizer(path: str, gguf_file: str = "", role: str = "student"):
@@ -211,6 +215,40 @@ def align_vocab(student, teacher, tokenizer) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Positions: a prompt and its completion must fit the models' position embeddings
+
+def positions(*models) -> int | None:
+    """The fewest positions any of `models` takes (config.max_position_embeddings); None if none says."""
+    known = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m in models]
+    known = [int(n) for n in known if isinstance(n, int) and n > 0]
+    return min(known) if known else None
+
+
+def check_positions(tokenizer, problems: list[dict], eval_sets: dict, cfg, *models) -> None:
+    """Raise ConfigError when a training or evaluation prompt plus its completion budget would run past
+    the models' positions (their outputs there are meaningless, and nothing else would say so)."""
+    from kat.config import render_kw
+    from kat.data import prompt_lengths
+
+    limit = positions(*models)
+    if limit is None:
+        return
+    sets = [("train_data", problems, "max_new_tokens", cfg.max_new_tokens)]
+    sets += [(f"eval_data {name!r}", s.problems, "eval_max_new_tokens", cfg.eval_max_new_tokens or cfg.max_new_tokens)
+             for name, s in eval_sets.items()]
+    for name, rows, field, new in sets:
+        lengths = prompt_lengths(tokenizer, rows, render_kw=render_kw(cfg))
+        room = limit - new
+        over = sum(n > room for n in lengths)
+        fix = (f"lower max_prompt_length to {max(room, 1)} (longer prompts are then skipped with a warning)"
+               if field == "max_new_tokens" else "leave those problems out of the set")
+        if over:
+            raise ConfigError(f"{name}: {over} of {len(rows)} prompts are longer than {max(room, 0)} tokens (longest: "
+                              f"{max(lengths)}), so with {field}={new} they would run past the models' {limit} "
+                              f"positions (max_position_embeddings); {fix}, or lower {field}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Stop tokens
 
 def end_of_turn_id(tokenizer) -> int | None:
@@ -286,6 +324,25 @@ def prune_layers(model, keep: Sequence[int]):
     return pruned.eval()
 
 
+def check_out(out: str, model: str, overwrite: bool = False) -> None:
+    """Refuse an --out that is a file, or (without `overwrite`) that is or lies inside --model, holds
+    --model, or already holds a model: writing there would replace a model."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out: {out!r} is a file; give the folder to write the pruned model to")
+    source = resolve_path(model)
+    if overwrite or not os.path.isdir(source) and not os.path.isdir(out):
+        return
+    o, m = os.path.realpath(out), os.path.realpath(source)
+    if os.path.isdir(source) and (o == m or o.startswith(m + os.sep) or m.startswith(o + os.sep)):
+        raise ConfigError(f"--out: {out!r} is, or lies inside or around, the --model folder {model!r}; writing "
+                          "there would replace the model being pruned. Give another --out (or --overwrite)")
+    held = [f for f in ("config.json", "model.safetensors", "pytorch_model.bin", ADAPTER_CONFIG)
+            if os.path.isfile(os.path.join(out, f))]
+    if held:
+        raise ConfigError(f"--out: {out!r} already holds a model ({', '.join(held)}); give another --out, or "
+                          "--overwrite to replace it")
+
+
 def main(argv: Sequence[str] | None = None) -> str | int:
     """``kat models prune``: save a layer-pruned copy of a model with its tokenizer.
 
@@ -298,8 +355,11 @@ def main(argv: Sequence[str] | None = None) -> str | int:
     pr.add_argument("--gguf", default="", help="GGUF file inside --model (de-quantised to float32)")
     pr.add_argument("--layers", type=int, required=True, help="decoder layers to keep, evenly spaced")
     pr.add_argument("--out", required=True, help="directory to write the pruned model and tokenizer to")
+    pr.add_argument("--overwrite", action="store_true", help="write into an --out that already holds a model "
+                    "(--model itself included)")
     args = p.parse_args(argv)
     try:
+        check_out(args.out, args.model, args.overwrite)
         model = load_model(args.model, args.gguf, torch.float32, "model")
         tokenizer = load_tokenizer(args.model, args.gguf, "model")
         keep = evenly_spaced(model.config.num_hidden_layers, args.layers)
@@ -309,6 +369,9 @@ def main(argv: Sequence[str] | None = None) -> str | int:
     pruned = prune_layers(model, keep)
     pruned.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
+    if not os.path.isfile(os.path.join(args.out, "config.json")):  # save_pretrained only logs some failures
+        print(f"error: --out: nothing was written to {args.out!r}; give a folder you can write to", file=sys.stderr)
+        return 2
     print(f"kept layers {keep} of {model.config.num_hidden_layers}; wrote {args.out}")
     return args.out
 

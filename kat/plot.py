@@ -19,6 +19,7 @@ import json
 import math
 import os
 import statistics
+import sys
 
 from kat.rollout import STOP_NAMES
 
@@ -29,10 +30,24 @@ ARM_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ("-", "v"), ("--
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSON-lines file ([] when it does not exist); ValueError naming the file and the
+    line that is not one JSON object (e.g. a row cut short when a run was killed while writing it)."""
     if not os.path.isfile(path):
         return []
+    rows = []
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {n}: not a JSON row ({err.msg}); it may be cut short by a run "
+                                 "stopped while writing it: delete that line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {n}: a {type(row).__name__}, not a JSON object; delete that line")
+            rows.append(row)
+    return rows
 
 
 def _pyplot():
@@ -373,9 +388,18 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, KeyError, TypeError) as err:
             parser.error(str(err) if isinstance(err, ValueError) else f"{args.target}: malformed picture data ({err})")
         return 0
-    if not os.path.isfile(os.path.join(args.target, "metrics.jsonl")):
+    metrics = os.path.join(args.target, "metrics.jsonl")
+    if not os.path.isfile(metrics):
         parser.error(f"{args.target!r} holds no metrics.jsonl; give the output_dir of a training run or a "
                      "picture's .json data file")
-    for p in plot_run(args.target):
+    try:
+        if not read_jsonl(metrics):
+            raise ValueError(f"{metrics} holds no rows yet, so there is nothing to plot; plot the run once it "
+                             "has logged a step")
+        made = plot_run(args.target)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for p in made:
         print(p)
     return 0

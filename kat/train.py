@@ -8,6 +8,7 @@
         learn_step(run, step, rollout)    one optimiser step on the kept tokens
         log_step(...)                     one metrics row, sums reduced over processes
         after_step(...)                   periodic evaluation, KL traces, checkpoint
+    (hooks, kat.hooks: called after sampling and after learning, to look inside a step)
     finish(run, results)                  evaluate after training, save the student, plot
 
     python -m kat train --config configs/toy.yaml [--key value ...]
@@ -25,6 +26,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,19 +36,20 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from kat.checkpoint import find_checkpoint, load_checkpoint, model_card, save_checkpoint, save_student
-from kat.config import Config, ConfigError, help_text, load_config, random_target, render_kw
-from kat.controls import learner_accelerator
+from kat.checkpoint import check_start, load_checkpoint, model_card, save_checkpoint, save_student
+from kat.config import Config, ConfigError, help_text, load_config, render_kw
+from kat.data import DataError, filter_long_prompts, load_eval_sets, load_problems, step_batch, step_generator
 from kat.decode_copy import decode_model
 from kat.engine import decode_row
-from kat.data import DataError, filter_long_prompts, load_eval_sets, load_problems, step_batch, step_generator
-from kat.detector import make_terminator, window_means
 from kat.evaluate import run_eval
-from kat.learner import build_optimizer, learn
-from kat.models import (align_vocab, check_tokenizers, eos_ids, load_model, load_tokenizer, prepare_student,
-                        torch_dtype)
+from kat.hooks import Hook, StepContext, call_hooks
+from kat.learner import KeptTokenNormaliser, build_optimizer, learn
+from kat.models import (align_vocab, check_positions, check_tokenizers, eos_ids, load_model, load_tokenizer,
+                        prepare_student, torch_dtype)
 from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
+from kat.rundir import clear_run, trim_logs
 from kat.sampler import sample
+from kat.terminators import terminator_from_config, window_means
 
 
 class TrainingError(RuntimeError):
@@ -68,9 +71,11 @@ class Run:
     optimizer: Any
     scheduler: Any
     terminator: Any
+    normaliser: KeptTokenNormaliser | None = None  # the normalisation control (cfg.norm_from), else None
     start: int = 0  # steps already done (resumed runs)
     counters: dict = field(default_factory=lambda: {"tokens_total": 0.0, "bad_in_a_row": 0})
     command: str = ""  # how the run was started, for the model card
+    checkpoint: str = ""  # the checkpoint to resume from (checked against cfg before the models loaded)
 
     @property
     def metrics_path(self) -> str:
@@ -91,20 +96,8 @@ def mixed_precision(cfg: Config) -> str:
 
 
 def build_terminator(cfg: Config, rank: int = 0):
-    if cfg.termination == "kat":
-        return make_terminator("kat", rule=cfg.rule, window=cfg.window, stride=cfg.stride,
-                               patience=cfg.patience, exempt=cfg.exempt, eta=cfg.eta,
-                               buffer_size=cfg.buffer_size, min_buffer=cfg.min_buffer,
-                               warmup_steps=cfg.warmup_steps, kappa=cfg.kappa, ema=cfg.ema, shadow=cfg.shadow,
-                               gate=cfg.gate, drift_prob=cfg.drift_prob)
-    if cfg.termination == "drift":
-        return make_terminator("drift", exempt=cfg.exempt, drift_prob=cfg.drift_prob,
-                               warmup_steps=cfg.warmup_steps, shadow=cfg.shadow)
-    if cfg.termination == "random":
-        return make_terminator("random", target_length=random_target(cfg), exempt=cfg.exempt,
-                               max_new_tokens=cfg.max_new_tokens,
-                               seed=cfg.seed + rank)  # independent cut positions on each process
-    return make_terminator("none")
+    """The run's terminator (kat.terminators): a random control draws its own cuts on each process."""
+    return terminator_from_config(cfg, rank)
 
 
 def load_models(cfg: Config, device: torch.device):
@@ -146,18 +139,8 @@ def load_data(cfg: Config) -> tuple[list[dict], dict]:
     return problems, eval_sets
 
 
-def check_tracker(name: str) -> None:
-    """Accelerate skips a tracker whose package is missing without a word; say so instead."""
-    from accelerate.tracking import get_available_trackers
-
-    if name and name != "all" and name not in {str(t) for t in get_available_trackers()}:
-        package = {"comet_ml": "comet-ml"}.get(name, name)
-        raise ConfigError(f"log_with: {name!r} needs its package, which is not installed; pip install {package}, "
-                          "or leave log_with empty")
-
-
 def setup(cfg: Config) -> Run:
-    check_tracker(cfg.log_with)
+    overwrite, ckpt = check_start(cfg)  # trackers, the run folder, the checkpoint to resume: before anything loads
     # step_scheduler_with_optimizer=False: Accelerate would otherwise advance the schedule once per
     # process at every step (it assumes each process's batch is a shard of one data loader)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with=cfg.log_with or None,
@@ -165,29 +148,36 @@ def setup(cfg: Config) -> Run:
     if cfg.lora_r and accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError("lora_r: a LoRA student is not sharded here (its merged save needs the full weights "
                           "on one process); launch it with DDP, where only the small adapter is trained")
+    if overwrite and accelerator.is_main_process:  # every process has checked the folder before this
+        clear_run(cfg.output_dir, overwrite)
+    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    normaliser = KeptTokenNormaliser(cfg.norm_from, cfg.steps) if cfg.norm_from else None  # read once
     problems, eval_sets = load_data(cfg)
     tokenizer, student, teacher, eos = load_models(cfg, accelerator.device)
     problems = filter_long_prompts(tokenizer, problems, cfg.max_prompt_length, render_kw=render_kw(cfg),
                                    name="train_data")
+    check_positions(tokenizer, problems, eval_sets, cfg, student, teacher)  # prompt + completion fit the models
     optimizer, scheduler = build_optimizer(student, cfg.lr, cfg.steps, cfg.warmup_ratio, cfg.weight_decay)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     return Run(cfg, accelerator, tokenizer, student, teacher, eos, problems, eval_sets, optimizer, scheduler,
-               build_terminator(cfg, accelerator.process_index))
+               build_terminator(cfg, accelerator.process_index), normaliser, checkpoint=ckpt)
 
 
 # --- Checkpoints (kat.checkpoint): atomic, resumable, the last `keep_last` kept --------------------
 
 def resume(run: Run) -> None:
     """Load the checkpoint cfg.resume names (if any): model, optimiser, schedule and RNG states,
-    the terminator's statistics, the step and the counters."""
-    ckpt = find_checkpoint(run.cfg)
+    the terminator's statistics, the step and the counters. Log rows written after it are dropped."""
+    ckpt = run.checkpoint
     if not ckpt:
         return
     progress = load_checkpoint(run.accelerator, ckpt, run.terminator, run.cfg.output_dir)
     run.start = progress["step"]
     run.counters = {k: progress[k] for k in run.counters}
+    if run.accelerator.is_main_process and (dropped := trim_logs(run.cfg.output_dir, run.start)):
+        print(f"dropped {dropped} log rows written after step {run.start}")
+    run.accelerator.wait_for_everyone()
     run.accelerator.print(f"resumed from {ckpt} at step {run.start}")
 
 
@@ -342,7 +332,7 @@ def learn_step(run: Run, step: int, rollout: Rollout) -> tuple[dict, Rollout] | 
     """One optimiser step on the loss-masked tokens, globally normalised. Returns the learner's
     stats and the rollout with its KL filled in (an unscored rollout takes the learner's d_t),
     or None when the step was skipped for a non-finite loss."""
-    accelerator = learner_accelerator(run.accelerator, run.cfg.norm_from, step, rollout)  # cfg.norm_from: control
+    accelerator = run.normaliser.accelerator(run.accelerator, step, rollout) if run.normaliser else run.accelerator
     stats = learn(run.student, rollout, run.optimizer, run.scheduler, accelerator,
                   kind=run.cfg.loss, micro_batch_size=run.cfg.micro_batch_size, teacher=run.teacher,
                   max_grad_norm=run.cfg.max_grad_norm)
@@ -431,8 +421,9 @@ def close(run: Run) -> None:
 
 # --- The loop -------------------------------------------------------------------------------------
 
-def train(cfg: Config, command: str = "") -> dict:
-    """Run the loop; `command` (how it was launched) goes into the saved student's model card."""
+def train(cfg: Config, command: str = "", hooks: Sequence[Hook] = ()) -> dict:
+    """Run the loop; `command` (how it was launched) goes into the saved student's model card, and
+    each of `hooks` is called after sampling and after learning of every step (kat.hooks)."""
     run = setup(cfg)
     run.command = command
     resume(run)
@@ -451,12 +442,14 @@ def train(cfg: Config, command: str = "") -> dict:
                 continue
             rollout, threshold, active = sampled
             t1 = time.perf_counter()
+            hooked = call_hooks(hooks, StepContext("sampled", run, step, rollout, threshold, active))
             learned = learn_step(run, step, rollout)  # 2. one optimiser step
             t2 = time.perf_counter()
             if learned is None:
                 continue
             stats, rollout = learned
-            row = log_step(run, step, rollout, stats, threshold, active, (t1 - t0, t2 - t1))  # 3. log
+            row = log_step(run, step, rollout, stats, threshold, active, (t1 - t0, t2 - t1 - hooked))  # 3. log
+            call_hooks(hooks, StepContext("learned", run, step, rollout, threshold, active, stats, row))
             bar.set_postfix(loss=f"{row['loss']:.3f}", kl=f"{row['kl']:.3f}",
                             thr="-" if threshold is None else f"{threshold:.3f}",
                             cut=f"{row['cut_rate']:.2f}", len=f"{row['mean_length']:.0f}")
@@ -469,8 +462,12 @@ def train(cfg: Config, command: str = "") -> dict:
     return finish(run, results)  # 5. final evaluation and the trained student
 
 
+STOPPED = 128 + signal.SIGTERM  # 143: the shell's status for a process ended by SIGTERM
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kat train`: 0 on success; a user error prints one line `error: ...` and returns 2."""
+    """`python -m kat train`: 0 when the run is done; a user error prints one line `error: ...` and
+    returns 2; a run stopped by SIGTERM or Ctrl-C (checkpoint written) returns 143."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
@@ -478,11 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         launcher = f"# on {world} processes (accelerate launch / torchrun)\n" if world > 1 else ""
-        train(load_config(argv), command=f"{launcher}python -m kat train {shlex.join(argv)}".strip())
+        result = train(load_config(argv), command=f"{launcher}python -m kat train {shlex.join(argv)}".strip())
     except (ConfigError, DataError, TrainingError) as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, whatever the message held
+        if os.environ.get("RANK", "0") == "0":  # one line per launch, not one per process
+            print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, whatever the message held
         return 2
-    return 0
+    return STOPPED if "stopped_at" in result else 0
 
 
 if __name__ == "__main__":

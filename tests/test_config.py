@@ -1,5 +1,6 @@
 """Config: defaults < YAML < command line, and errors that name the field and what is allowed."""
 
+import math
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ from dataclasses import fields
 
 import pytest
 
-from kat.config import Config, ConfigError, load_config, parse_overrides
+from kat.config import Config, ConfigError, help_text, load_config, parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,21 +77,23 @@ def test_shipped_configs_are_valid():
 # the same settings
 
 RANGED = [f for f in fields(Config) if f.metadata["choices"] or f.metadata["low"] is not None]
+_FIELDS_BY_NAME = {f.name: f for f in fields(Config)}
 
 
 def out_of_range(f) -> list:
-    """Values just outside field f's choices and range (an open bound itself is outside)."""
+    """Values just outside field f's choices and range (an open bound itself is outside; nothing
+    lies beyond an infinite bound)."""
     m, step = f.metadata, 1 if isinstance(f.default, int) and not isinstance(f.default, bool) else 0.5
     bad = ["no-such-choice"] if m["choices"] else []
     if m["low"] is not None:
         bad.append(m["low"] if m["low_open"] else m["low"] - step)
-    if m["high"] is not None:
+    if m["high"] is not None and not math.isinf(m["high"]):
         bad.append(m["high"] if m["high_open"] else m["high"] + step)
     return bad
 
 
 def edges(f) -> list:
-    """Values just inside field f's range (a closed bound itself is inside)."""
+    """Values just inside field f's range (a closed bound itself is inside, an infinite one too)."""
     m, tiny = f.metadata, 1e-6
     good = []
     if m["low"] is not None:
@@ -117,13 +120,59 @@ def test_every_bad_value_ends_with_one_line_naming_the_field(name, value, capsys
     assert line.startswith(f"error: {name}: ") and "; " in line, line  # the field, then the fix
 
 
+# NaN passes every comparison (nan < low is False), so a range check alone lets it through; inf
+# passes every one-sided range. Every float field, present and future, is tried with both.
+
+FLOATS = [f for f in fields(Config) if type(f.default) is float]
+
+
+def infinity_allowed(f, value: float) -> bool:
+    """Whether field f's range itself includes the infinite `value` (a closed infinite bound)."""
+    m = f.metadata
+    return (value == m["high"] and not m["high_open"]) or (value == m["low"] and not m["low_open"])
+
+
+@pytest.mark.parametrize("name,value", [(f.name, v) for f in FLOATS for v in ("nan", "inf", "-inf")])
+def test_every_float_field_rejects_nan_and_infinity(name, value, capsys, monkeypatch):
+    from kat.config import _range_text
+
+    f = _FIELDS_BY_NAME[name]
+    if value != "nan" and infinity_allowed(f, float(value)):
+        assert getattr(load_config([f"--{name}", value]), name) == float(value)
+        return
+    line = one_error_line([f"--{name}", value], capsys, monkeypatch)
+    what = "is not a number" if value == "nan" else "is out of range"
+    assert line.startswith(f"error: {name}: {value} {what}; it must be ") and line.endswith(_range_text(f.metadata))
+
+
+def test_infinity_is_allowed_only_where_it_means_no_limit():
+    """max_grad_norm inf: no clipping; teacher_cache_mb inf: keep every logit. Nowhere else."""
+    assert len(FLOATS) >= 15
+    assert {f.name for f in FLOATS if infinity_allowed(f, math.inf) or infinity_allowed(f, -math.inf)} == {
+        "max_grad_norm", "teacher_cache_mb"}
+    assert "(0.0, inf]" in help_text()
+
+
+def test_nan_and_inf_from_yaml(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("top_p: .nan\n")  # the reported case: trained, and config.yaml said top_p: .nan
+    assert one_error_line(["--config", str(path)], capsys, monkeypatch) == (
+        "error: top_p: nan is not a number; it must be a number in (0.0, 1.0]")
+    path.write_text("lr: .inf\n")
+    assert one_error_line(["--config", str(path)], capsys, monkeypatch) == (
+        "error: lr: inf is out of range; it must be a finite number > 0.0")
+    path.write_text("max_grad_norm: .inf\n")
+    assert load_config(["--config", str(path)]).max_grad_norm == math.inf
+
+
 def test_every_number_and_choice_has_a_rule():
-    """Fields without a range or choices are free text, paths, flags and the seed; a new numeric
+    """Fields without a range or choices are free text, paths and flags; a new numeric
     field must declare its range (and is then covered by the test above)."""
     free = {f.name for f in fields(Config)} - {f.name for f in RANGED}
     assert free == {"teacher", "student", "teacher_gguf", "student_gguf", "train_data", "train_split", "eval_data",
                     "eval_split", "prompt_field", "answer_field", "system_prompt", "instruction", "output_dir",
-                    "resume", "shadow", "plot", "seed", "gradient_checkpointing", "lora_target_modules",
+                    "resume", "overwrite_output_dir", "shadow", "plot", "gradient_checkpointing",
+                    "lora_target_modules",
                     "project_name", "chat_template_kwargs", "norm_from"}
     assert all(out_of_range(f) and edges(f) or f.metadata["choices"] for f in RANGED)
 
@@ -155,7 +204,7 @@ def _takers() -> dict:
     import torch
     from accelerate import Accelerator
 
-    from kat.detector import RandomTerminator, TrapDetector
+    from kat.terminators import DriftTerminator, RandomTerminator, TrapDetector
     from kat.learner import build_optimizer, learn
     from kat.sampler import _check_args
 
@@ -169,6 +218,8 @@ def _takers() -> dict:
     out["window"] = [({"stride": 1}, TrapDetector)]
     out["buffer_size"] = [({"min_buffer": 0}, TrapDetector)]
     out["exempt"] = [({}, TrapDetector), ({}, lambda exempt: RandomTerminator(target_length=exempt + 5, exempt=exempt))]
+    out["drift_prob"] = [({}, TrapDetector), ({}, DriftTerminator)]
+    out["random_target_length"] = [({}, lambda random_target_length: RandomTerminator(random_target_length))]
     for n in optimizer:
         out[n] = [({}, lambda **kw: build_optimizer(model, **{**optimizer, **kw}))]
     for n in ("max_new_tokens", "temperature", "top_p", "chunk", "topk", "teacher_cache_mb"):
@@ -181,12 +232,15 @@ def _takers() -> dict:
 @pytest.mark.parametrize("name", sorted(["rule", "patience", "eta", "warmup_steps", "kappa", "ema", "window",
                                          "stride", "buffer_size", "min_buffer", "exempt", "lr", "steps",
                                          "warmup_ratio", "weight_decay", "max_new_tokens", "temperature",
-                                         "top_p", "chunk", "topk", "teacher_cache_mb", "micro_batch_size"]))
+                                         "top_p", "chunk", "topk", "teacher_cache_mb", "micro_batch_size",
+                                         "drift_prob", "random_target_length"]))
 def test_classes_reject_exactly_what_config_rejects(name):
     f = next(f for f in RANGED if f.name == name)
     bad = out_of_range(f)
     if name == "topk":
         bad = [v for v in bad if v != 0] + [-1]  # the sampler's topk=0 means "no top-k capture"
+    if type(f.default) is float:  # and no float setting takes NaN, or inf unless its range holds it
+        bad += [v for v in (math.nan, math.inf, -math.inf) if not infinity_allowed(f, v)]
     for others, build in _takers()[name]:
         for value in bad:
             with pytest.raises(ConfigError) as from_config:
@@ -194,13 +248,14 @@ def test_classes_reject_exactly_what_config_rejects(name):
             with pytest.raises(ConfigError) as from_class:
                 build(**{name: value}, **others)
             assert str(from_class.value) == str(from_config.value)
-        for value in edges(f) if name != "micro_batch_size" else []:  # learn would go on to its rollout
+        # learn would go on to its rollout; a random target of 0 means max_new_tokens / 2 only in the config
+        for value in edges(f) if name not in ("micro_batch_size", "random_target_length") else []:
             load_config([f"--{name}", str(value)], **others)
             build(**{name: value}, **others)  # accepted by both
 
 
 def test_cross_field_rules_are_the_classes_rules():
-    from kat.detector import RandomTerminator, TrapDetector
+    from kat.terminators import RandomTerminator, TrapDetector
 
     pairs = [
         (["--window", "4", "--stride", "8"], lambda: TrapDetector(window=4, stride=8)),
@@ -216,3 +271,91 @@ def test_cross_field_rules_are_the_classes_rules():
         with pytest.raises(ConfigError) as from_class:
             build()
         assert str(from_class.value) == str(from_config.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reported tracebacks, through `python -m kat train` itself: one line, status 2, before any
+# model loads. The teacher does not exist, so a value that slipped through would end in a
+# `teacher:` line instead (quickly), and the check on the named field would catch it.
+
+def _config_files(root) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "list.yaml").write_text("- steps\n- 3\n")
+    (root / "invalid.yaml").write_text("steps: [3\n")
+    (root / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (root / "keys.yaml").write_text("1: 2\n")
+    (root / "folder.yaml").mkdir(exist_ok=True)
+    return {name: str(root / name) for name in ("list.yaml", "invalid.yaml", "binary.yaml", "keys.yaml",
+                                                "folder.yaml", "missing.yaml")}
+
+
+CLI_CASES = [  # (argv, the start of the one line; FILE / PATH: the config file's path quoted / as it is)
+    (["--seed", "-1"], "error: seed: -1 is out of range; it must be >= 0"),
+    (["--seed", str(2**32)], "error: seed: 4294967296 is out of range; it must be <= 4294967295"),
+    (["--batch_size", "0"], "error: batch_size: 0 is out of range; it must be >= 1"),
+    (["--max_new_tokens", "0"], "error: max_new_tokens: 0 is out of range; it must be >= 1"),
+    (["--steps", "0"], "error: steps: 0 is out of range; it must be >= 1"),
+    (["--micro_batch_size", "0"], "error: micro_batch_size: 0 is out of range; it must be >= 1"),
+    (["--eval_k", "0"], "error: eval_k: 0 is out of range; it must be >= 1"),
+    (["--lr", "-0.1"], "error: lr: -0.1 is out of range; it must be > 0.0"),
+    (["--lr", "nan"], "error: lr: nan is not a number; it must be a finite number > 0.0"),
+    (["--lr", "inf"], "error: lr: inf is out of range; it must be a finite number > 0.0"),
+    (["--temperature", "nan"], "error: temperature: nan is not a number; it must be a finite number >= 0.0"),
+    (["--warmup_ratio", "nan"], "error: warmup_ratio: nan is not a number; it must be a number in [0.0, 1.0)"),
+    (["--max_grad_norm", "nan"], "error: max_grad_norm: nan is not a number; it must be a number in (0.0, inf]"),
+    (["--top_p", "nan"], "error: top_p: nan is not a number; it must be a number in (0.0, 1.0]"),
+    (["--eta", "nan"], "error: eta: nan is not a number; it must be a number in (0.0, 1.0)"),
+    (["--config", "list.yaml"], "error: config file FILE must hold a mapping of field: value, got list"),
+    (["--config", "invalid.yaml"], "error: config file FILE is not valid YAML: "),
+    (["--config", "binary.yaml"], "error: config file FILE is not "),  # not UTF-8, or not YAML
+    (["--config", "keys.yaml"], "error: unknown field 1 in PATH; "),
+    (["--config", "folder.yaml"], "error: config file FILE is a directory; pass a YAML file to --config"),
+    (["--config", "missing.yaml"], "error: config file FILE does not exist; pass an existing YAML file"),
+]
+
+
+# `python -m kat train ARGS` for every case in one interpreter (runpy runs the module as `-m` does):
+# one interpreter start instead of one per case, and each case still goes through the whole command.
+CLI_DRIVER = r"""
+import contextlib, io, json, runpy, sys, traceback
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = ["kat", "train", *argv]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module("kat", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> tuple[list, dict]:
+    import json
+
+    root = tmp_path_factory.mktemp("cli")
+    files = _config_files(root / "configs")
+    cases = [[files.get(a, a) for a in argv] + ["--teacher", str(root / "no-teacher"), "--output_dir",
+                                                 str(root / "run")] for argv, _ in CLI_CASES]
+    proc = subprocess.run([sys.executable, "-c", CLI_DRIVER, json.dumps(cases)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1]), files
+
+
+@pytest.mark.parametrize("i", range(len(CLI_CASES)), ids=[" ".join(c[0]) for c in CLI_CASES])
+def test_reported_tracebacks_are_one_line_from_the_command_line(i, cli_runs):
+    results, files = cli_runs
+    res, (argv, start) = results[i], CLI_CASES[i]
+    if argv[0] == "--config":
+        start = start.replace("FILE", repr(files[argv[1]])).replace("PATH", files[argv[1]])
+    assert res["code"] == 2, res["stderr"][-2000:]
+    assert res["stderr"].startswith(start) and res["stderr"].count("\n") == 1, res["stderr"][-2000:]
+    assert "Traceback" not in res["stderr"] and res["stdout"] == ""

@@ -164,6 +164,33 @@ def test_kat_models_prune_command_writes_the_pruned_model(pair, tmp_path, capsys
         assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], err
 
 
+def test_prune_never_writes_over_a_model_or_claims_a_write_it_did_not_make(pair, tmp_path, capsys):
+    import shutil
+
+    from kat.__main__ import main as kat_main
+
+    source = tmp_path / "teacher"
+    shutil.copytree(pair["teacher"], source)
+    weights = (source / "model.safetensors").read_bytes()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.json").write_text("{}")
+    for out, message in ((source, "is, or lies inside or around, the --model folder"),
+                         (source / "sub", "is, or lies inside or around, the --model folder"),
+                         (tmp_path, "is, or lies inside or around, the --model folder"),
+                         (tmp_path / "afile", "is a file"),
+                         (tmp_path / "taken", "already holds a model (config.json)")):
+        assert kat_main(["models", "prune", "--model", str(source), "--layers", "2", "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and "wrote" not in captured.out, (out, captured.err)
+    assert (source / "model.safetensors").read_bytes() == weights and not (source / "sub").exists()
+    assert (tmp_path / "taken" / "config.json").read_text() == "{}"
+    # allowed when asked for: the folder then holds the pruned model
+    assert kat_main(["models", "prune", "--model", str(source), "--layers", "2", "--out", str(tmp_path / "taken"),
+                     "--overwrite"]) == 0
+    assert json.loads((tmp_path / "taken" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # The training loop on tiny Qwen3 models and DAPO/MATH500-shaped files
 

@@ -18,7 +18,7 @@ import yaml
 
 import kat
 from kat import config as pkg_config
-from kat.detector import NoTerminator, RandomTerminator, TrapDetector
+from kat.terminators import NoTerminator, RandomTerminator, TrapDetector
 from kat.learner import completion_logits, opd_loss
 from kat.sampler import sample
 
@@ -277,10 +277,14 @@ def test_three_step_trajectory_identical(single_file, tiny_world, tmp_path, term
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
     if termination == "kat":
         assert sum(r["cut_rate"] for r in rows_b) > 0, "the detector should cut within three steps"
-    else:  # nothing cut: the loss is the mean KL of the generated tokens
-        assert all(r["loss"] == pytest.approx(r["kl"], rel=1e-6) for r in rows_a + rows_b)
+    else:  # nothing cut: the loss is the mean KL of the generated tokens. Both are fp32 means of the
+        # same d_t from two forwards (the rollout's and the learner's), so they agree to fp32 rounding
+        # over a few hundred tokens (1.3e-6 relative has been seen), not to the parity check's 1e-6.
+        assert all(r["loss"] == pytest.approx(r["kl"], rel=1e-5) for r in rows_a + rows_b)
+    # the two learners sum the same fp32 terms in different orders (losses agree to ~2e-7 above), so
+    # after three Adam steps the weights agree to a few 1e-9 of their sum, not bit for bit
     assert param_checksum(str(tmp_path / "a" / "student")) == pytest.approx(
-        param_checksum(str(tmp_path / "b" / "student")), rel=1e-9)
+        param_checksum(str(tmp_path / "b" / "student")), rel=1e-8)
 
 
 def test_accelerate_launch_smoke(tiny_world, tmp_path):

@@ -124,8 +124,7 @@ def pair():
 
 
 def make_terminator(name: str):
-    from kat.controls import RandomTerminator
-    from kat.detector import TrapDetector
+    from kat.terminators import RandomTerminator, TrapDetector
 
     if name == "none":
         return None
@@ -195,7 +194,7 @@ TWO_PROCESSES = r"""
 import json, sys
 import torch, torch.distributed as dist
 from transformers import AutoModelForCausalLM
-from kat.detector import TrapDetector
+from kat.terminators import TrapDetector
 from kat.sampler import sample
 
 dist.init_process_group("gloo")
@@ -235,7 +234,7 @@ def test_two_processes_run_the_same_forwards_and_sample_the_one_process_tokens(p
     import subprocess
     import sys
 
-    from kat.detector import TrapDetector
+    from kat.terminators import TrapDetector
     from tests.conftest import ROOT
 
     student, teacher, ids, mask = pair

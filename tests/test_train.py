@@ -124,7 +124,8 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_world, tmp_pa
 
 
 def test_cli_stops_cleanly_on_sigterm(tiny_world, tmp_path):
-    """`python -m kat train` exits 0 with a checkpoint when the scheduler sends SIGTERM."""
+    """`python -m kat train` exits 143 (128 + SIGTERM, so a scheduler can tell it from a finished run)
+    with a checkpoint when the scheduler sends SIGTERM."""
     out = tmp_path / "run"
     args = tiny_args(tiny_world, out, steps=10_000)  # far more steps than the test waits for
     cmd = [sys.executable, "-m", "kat", "train"] + [f"--{k}={v}" for k, v in args.items()]
@@ -136,7 +137,7 @@ def test_cli_stops_cleanly_on_sigterm(tiny_world, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output[-2000:]
+    assert proc.returncode == 143, output[-2000:]
     assert "stopped by signal" in output
     stopped_at = len(read_rows(metrics))
     assert 1 <= stopped_at < 10_000
@@ -148,8 +149,9 @@ def test_corrupt_and_partial_checkpoints_are_reported(tiny_world, tmp_path):
     train(load_config([], **tiny_args(tiny_world, out, steps=2, save_every=1)))
     (out / "checkpoint-000009.tmp").mkdir()  # a save interrupted half-way is never picked
     (out / "checkpoint-000002" / "model.safetensors").write_bytes(b"not a tensor file")
-    with pytest.raises(ConfigError, match="checkpoint-000002' is corrupt or incomplete"):
-        train(load_config([], **tiny_args(tiny_world, out, steps=3, resume="latest")))
+    with pytest.raises(ConfigError, match="checkpoint-000002' is corrupt or incomplete") as err:
+        train(load_config([], **tiny_args(tiny_world, out, steps=2, resume="latest")))
+    assert f"--resume {out / 'checkpoint-000001'}" in str(err.value)  # the checkpoint to use instead
     os.remove(out / "checkpoint-000001" / "progress.json")
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         load_config([], **tiny_args(tiny_world, out, steps=3, resume=str(out / "checkpoint-000001")))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import warnings
 import pytest
 import torch
 
-from kat.detector import RandomTerminator, TrapDetector
+from kat.terminators import RandomTerminator, TrapDetector
 from kat.rollout import STOP_TRAP
 
 from conftest import ROOT
@@ -38,7 +39,7 @@ def trl():
 @pytest.fixture(scope="module")
 def toy():
     if not (TOY / "teacher" / "model.safetensors").is_file():
-        pytest.skip("the toy checkpoints are not built (python -m kat toy build)")
+        pytest.skip("the toy checkpoints are not built (python -m experiments toy build)")
     return load_toy()
 
 
@@ -86,7 +87,8 @@ def sampled(toy, student, n: int, max_new_tokens: int = 32, seed: int = 0, first
 
 
 def make_trainer(toy, student, tmp_path, detector=None, n_prompts: int = 16, score_batch_size=None,
-                 reuse_teacher: bool = True, **overrides):
+                 reuse_teacher: bool = True, trainer_class=None, **overrides):
+    """KATDistillationTrainer on the toy (or `trainer_class`, e.g. TRL's own DistillationTrainer)."""
     from datasets import Dataset
     from trl import DistillationConfig
 
@@ -98,12 +100,13 @@ def make_trainer(toy, student, tmp_path, detector=None, n_prompts: int = 16, sco
                 disable_tqdm=True, shuffle_dataset=False, seed=0, dataloader_pin_memory=False)
     args.update(overrides)
     prompts = [[{"role": "user", "content": p["prompt"]}] for p in toy["problems"][:n_prompts]]
+    kat = {} if trainer_class is not None else dict(detector=detector, score_batch_size=score_batch_size,
+                                                     reuse_teacher=reuse_teacher)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers renames gradient_checkpointing
-        return KATDistillationTrainer(model=student, teacher_model=toy["teacher"], args=DistillationConfig(**args),
-                                      train_dataset=Dataset.from_dict({"prompt": prompts}),
-                                      processing_class=toy["tok"], detector=detector,
-                                      score_batch_size=score_batch_size, reuse_teacher=reuse_teacher)
+        return (trainer_class or KATDistillationTrainer)(
+            model=student, teacher_model=toy["teacher"], args=DistillationConfig(**args),
+            train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=toy["tok"], **kat)
 
 
 def reference_kl(student, teacher, batch, temperature: float = 1.0) -> torch.Tensor:
@@ -189,23 +192,63 @@ def test_whole_completion_replay_equals_chunk_by_chunk(trl, shadow):
     assert torch.equal(whole.buffer, online.buffer) and whole.threshold == online.threshold
 
 
-def test_replay_cuts_where_the_lockstep_sampler_stops(trl, toy, one_thread):
-    """kat's sampler stops trapped rows while decoding; replaying a detector in the same state over
-    the finished completions' d_t (recomputed by the TRL path) cuts at the same positions."""
-    from kat.integrations.trl import completion_kl, trap_mask
+DRIFT_PROB = 0.2  # the toy's rollouts: some rows drift after position 4 and some do not
+
+
+def terminator(name: str):
+    """Every terminator of kat's registry (kat.terminators.TERMINATORS, both rules, the drift gate),
+    set so that it decides from the first step on the toy's 32-token completions."""
+    from kat.terminators import DriftTerminator, NoTerminator
+
+    return {"quantile": lambda: armed(),
+            "zscore": lambda: armed_zscore(),
+            "gated": lambda: armed(gate="drift", drift_prob=DRIFT_PROB),
+            "drift": lambda: DriftTerminator(exempt=4, drift_prob=DRIFT_PROB, warmup_steps=0),
+            "random": lambda: RandomTerminator(target_length=12, exempt=4, max_new_tokens=32, seed=0),
+            "none": lambda: NoTerminator()}[name]()
+
+
+def armed_zscore() -> TrapDetector:
+    """The zscore rule past warm-up, threshold mean - kappa * std = THRESHOLD exactly."""
+    det = TrapDetector(**{**DETECTOR, "rule": "zscore", "min_buffer": 1, "warmup_steps": 0, "kappa": 1.0})
+    det.load_state_dict({"rule": "zscore", "buffer": torch.full((1,), THRESHOLD, dtype=torch.float64),
+                         "steps_done": 0, "z_mean": THRESHOLD + 0.01, "z_var": 0.01 ** 2})
+    return det
+
+
+@pytest.mark.parametrize("name", ["quantile", "gated", "drift"])
+def test_replay_cuts_where_the_lockstep_sampler_stops(trl, toy, one_thread, name):
+    """kat's sampler stops trapped rows while decoding; replaying a terminator in the same state over
+    the finished completions' d_t and teacher log-probs (recomputed by the TRL path) cuts at the
+    same positions. The drift gate and the drift cut read log q(y_t), which the TRL path passes."""
+    from kat.integrations.trl import score_completions, trap_mask
 
     student = toy_student().eval()
-    online, replay = armed(), armed()
+    online, replay = terminator(name), terminator(name)
     r, batch, state_o = sampled(toy, student, 8, terminator=online)
     trapped = r.stop == STOP_TRAP
     assert 0 < int(trapped.sum()) < 8
-    kl = completion_kl(student, toy["teacher"], *batch.values())
-    state_r, kept = trap_mask(replay, kl, r.completion_mask)
+    scores = score_completions(student, toy["teacher"], *batch.values(), teacher_logp=True)
+    valid = r.completion_mask
+    with torch.no_grad():  # log q(y_t) in float64 from a full forward of the teacher
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        T = r.completion_ids.shape[1]
+        logq = toy["teacher"](input_ids=ids, attention_mask=mask).logits[:, -T - 1 : -1].double().log_softmax(-1)
+        ref = logq.gather(-1, r.completion_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(scores.teacher_logp[valid].double(), ref[valid], rtol=1e-5, atol=1e-5)
+    assert torch.equal(scores.teacher_logp[~valid], torch.zeros_like(scores.teacher_logp[~valid]))
+    torch.testing.assert_close(scores.teacher_logp[valid], r.teacher_logp[valid], rtol=1e-4, atol=1e-4)
+    state_r, kept = trap_mask(replay, scores.kl, valid, scores.teacher_logp)
     assert torch.equal(state_r.fired, trapped) and torch.equal(state_r.cut[trapped], r.cut[trapped])
     assert torch.equal(kept, r.loss_mask)  # the tokens kat's sampler hands to its learner
     online.end_batch(state_o, 0)
     replay.end_batch(state_r, 0)
-    torch.testing.assert_close(replay.buffer, online.buffer, rtol=1e-4, atol=1e-6)
+    if name != "drift":  # the drift cut keeps no statistics
+        torch.testing.assert_close(replay.buffer, online.buffer, rtol=1e-4, atol=1e-6)
+    if name != "quantile":  # the log-probs are required where they are read
+        with pytest.raises(ValueError, match="reads the teacher's log-prob of each sampled token"):
+            trap_mask(terminator(name), scores.kl, valid)
 
 
 # -- TRL's loss on the kept tokens ----------------------------------------------------------------
@@ -285,6 +328,39 @@ def test_reused_teacher_hidden_states_give_trls_loss_without_a_second_teacher_pa
     assert TEACHER_HIDDEN not in no_reuse.select_tokens(dict(batch))
 
 
+@pytest.mark.parametrize("kat_detector", ["shadow", "cutting"])
+def test_bf16_with_an_fp32_teacher_gives_trls_own_step(trl, toy, tmp_path, one_thread, kat_detector):
+    """bf16=True (Accelerate's autocast on the prepared models' forward) with an fp32 teacher: TRL's
+    loss runs both models around that autocast, so the scoring pass must too, or the teacher states
+    it hands over differ from TRL's. One SGD step's loss and update equal, bit for bit, TRL's own
+    DistillationTrainer (shadow detector: every token kept) or KAT without reuse (cutting detector:
+    TRL's loss on the same kept tokens, the teacher run by TRL)."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(TOY / "teacher", dtype=torch.float32).eval().requires_grad_(False)
+    world = {**toy, "teacher": teacher}  # its own teacher: preparing it for bf16 wraps its forward for good
+    kw = dict(max_steps=1, bf16=True, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
+              max_grad_norm=0.0, weight_decay=0.0)
+    runs = {}
+    for arm in ("kat", "reference"):
+        student = toy_student()
+        if kat_detector == "shadow":
+            det = armed(shadow=True)
+            extra = {} if arm == "kat" else {"trainer_class": trl.DistillationTrainer}
+        else:
+            det, extra = armed(), {"reuse_teacher": arm == "kat"}
+        trainer = make_trainer(world, student, tmp_path / arm, detector=det, **kw, **extra)
+        assert trainer.accelerator.mixed_precision == "bf16" and "_original_forward" in teacher.__dict__
+        trainer.train()
+        loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+        runs[arm] = (loss, [p.detach().clone() for p in student.parameters()])
+        if arm == "kat" and kat_detector == "cutting":
+            cut_rate = next(h["kat/cut_rate"] for h in trainer.state.log_history if "kat/cut_rate" in h)
+            assert 0 < cut_rate < 1  # some rows cut, some not
+    assert runs["kat"][0] == runs["reference"][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs["kat"][1], runs["reference"][1]))
+
+
 def test_two_step_run_trains_on_kept_tokens_over_micro_batches(trl, toy, tmp_path, one_thread):
     """2 optimiser steps, each over 2 micro-batches of 4 rows (gradient accumulation), plain SGD:
     the first update equals -lr times the gradient of sum_kept d_t / (kept tokens of the step)."""
@@ -346,6 +422,50 @@ def test_two_step_run_trains_on_kept_tokens_over_micro_batches(trl, toy, tmp_pat
         assert h["kat/kl_kept"] == pytest.approx(h["loss"], rel=1e-4)  # TRL's loss: mean d_t over kept tokens
     assert logs[0]["kat/threshold"] == pytest.approx(THRESHOLD)
     assert logs[1]["kat/threshold"] != pytest.approx(THRESHOLD)  # moved by step 1's minima
+
+
+def recorded(trainer) -> list:
+    """The trainer's select_tokens, recording (batch in, batch out) of every call."""
+    seen, select = [], trainer.select_tokens
+
+    def recording(batch):
+        before = {k: v.clone() for k, v in batch.items() if torch.is_tensor(v)}
+        out = select(batch)
+        seen.append((before, {k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()}))
+        return out
+
+    trainer.select_tokens = recording
+    return seen
+
+
+@pytest.mark.parametrize("name", ["quantile", "zscore", "gated", "drift", "random", "none"])
+def test_a_training_step_with_every_terminator(trl, toy, tmp_path, one_thread, name):
+    """One step of trainer.train() with each terminator of the registry: it trains, and keeps what
+    the same terminator, replayed from the step's start over the same completions, keeps (the drift
+    gate and the drift cut read the teacher's log-probs of the sampled tokens)."""
+    from kat.integrations.trl import score_completions, trap_mask
+
+    student = toy_student()
+    start, det = copy.deepcopy(student).eval(), terminator(name)
+    replay = copy.deepcopy(det)
+    trainer = make_trainer(toy, student, tmp_path, detector=det, max_steps=1)
+    seen = recorded(trainer)
+    trainer.train()
+    assert trainer.state.global_step == 1 and len(seen) == 1
+    before, out = seen[0]
+    valid = before["completion_mask"].bool()
+    scores = score_completions(start, toy["teacher"], before["prompt_ids"], before["prompt_mask"],
+                               before["completion_ids"], before["completion_mask"], teacher_logp=True)
+    state, kept = trap_mask(replay, scores.kl, valid, scores.teacher_logp)
+    assert torch.equal(out["tool_mask"].bool(), kept)
+    assert int(out["num_items_in_batch"]) == int(kept.sum()) > 0
+    log = next(h for h in trainer.state.log_history if "kat/cut_rate" in h)
+    assert log["kat/cut_rate"] == pytest.approx(float(state.fired.float().mean()))
+    assert math.isfinite(log["loss"]) and any(not torch.equal(p, q) for p, q in zip(student.parameters(),
+                                                                                   start.parameters()))
+    assert (log["kat/cut_rate"] > 0) == (name != "none")  # each one cuts on this step, but the control
+    if name == "none":
+        assert torch.equal(kept, valid)
 
 
 def test_scoring_ignores_dropout_and_restores_training_mode(trl, toy, tmp_path, one_thread):

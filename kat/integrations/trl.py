@@ -10,10 +10,13 @@ selects the reverse KL, whose per-token term is the paper's
 step (`select_tokens`):
 
 1. score: one forward of the student and one of the teacher over prompt + completion, without
-   gradient or dropout, give d_t at every generated position (at TRL's loss temperature, 1 by default).
+   gradient or dropout, give d_t at every generated position (at TRL's loss temperature, 1 by default),
+   and, for the drift gate and the drift cut, the teacher's log-probability of each sampled token.
    The teacher's last hidden states are kept and handed to TRL's loss, which would otherwise
-   run the teacher's decoder again for the same tokens;
-2. detect: the `kat.detector.TrapDetector` runs over each completion's d_t. The whole completion
+   run the teacher's decoder again for the same tokens. Both models run as TRL's loss runs them,
+   outside the autocast that Accelerate's mixed precision wraps around a prepared model's forward
+   (`without_autocast`), so with ``bf16=True`` the handed-over states are TRL's own;
+2. detect: the `kat.terminators.TrapDetector` runs over each completion's d_t. The whole completion
    goes in as one chunk: a row's decisions depend only on its own past d_t and on the threshold,
    which is fixed during a step, so this cuts exactly where feeding it while decoding would;
 3. select: the cut segment and everything after it leave the loss (through TRL's ``tool_mask``,
@@ -52,12 +55,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from kat.detector import TerminatorState, TrapDetector
-from kat.scorer import reverse_kl
+from kat.scorer import reverse_kl, token_logp
+from kat.terminators import TerminatorState, TrapDetector
 
 try:
     import trl
@@ -80,6 +85,12 @@ TEACHER_HIDDEN = "kat_teacher_hidden"  # batch key: the teacher's (B, T, H) hidd
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                     "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
+# The default detector: the paper's settings (as in configs/qwen3_1.7b.yaml, with the paper's exempt 256);
+# TrapDetector's own defaults are kat.config's, sized for the toy world.
+PAPER_DETECTOR = dict(window=64, stride=64, patience=4, exempt=256, eta=0.3, buffer_size=4096, min_buffer=512,
+                      warmup_steps=50)
+
+
 
 def _completion_logits(model, input_ids: Tensor, attention_mask: Tensor, completion_len: int,
                        logits_to_keep: bool) -> Tensor:
@@ -90,25 +101,60 @@ def _completion_logits(model, input_ids: Tensor, attention_mask: Tensor, complet
     return logits[:, -(completion_len + 1) : -1]  # column P-1+t predicts completion token t
 
 
+class Scores(NamedTuple):
+    """What the scoring pass returns (see `score_completions`)."""
+
+    kl: Tensor  # (B, T) float32 d_t, 0 off the completion mask
+    hidden: Tensor | None  # (B, T, H) the teacher's last hidden states, or None
+    teacher_logp: Tensor | None  # (B, T) float32 log q(y_t) at temperature 1, 0 off the mask, or None
+
+
+@contextmanager
+def without_autocast(*modules):
+    """Run `modules` without the autocast wrapper that Accelerate's mixed precision puts on a
+    prepared model's ``forward`` (it keeps the unwrapped forward in ``_original_forward``).
+
+    TRL's loss never goes through that wrapper: it calls the teacher's backbone itself, and the
+    student's forward is redirected around it. So the scoring pass, whose teacher hidden states
+    the loss reuses and whose d_t the detector reads, runs both models the same way; with bf16 and
+    an fp32 teacher the reused states would otherwise differ from the ones TRL computes.
+    """
+    swapped = []
+    for module in modules:
+        original = module.__dict__.get("_original_forward")
+        if original is not None and "forward" in module.__dict__:
+            swapped.append((module, module.__dict__["forward"]))
+            module.forward = original
+    try:
+        yield
+    finally:
+        for module, forward in reversed(swapped):
+            module.forward = forward
+
+
 @torch.no_grad()
 def score_completions(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                       completion_mask: Tensor, *, temperature: float = 1.0, rows: int | None = None,
-                      logits_to_keep: bool = True, teacher_backbone=None) -> tuple[Tensor, Tensor | None]:
-    """Reverse KL d_t at every completion position, and optionally the teacher's hidden states.
+                      logits_to_keep: bool = True, teacher_backbone=None, teacher_logp: bool = False) -> Scores:
+    """Reverse KL d_t at every completion position, and optionally the teacher's hidden states and
+    its log-probability of each sampled token.
 
     d_t = KL(p || q) with p = softmax(s / tau), q = softmax(t / tau) for student and teacher
     logits s, t: the per-token term of TRL's loss at ``beta=1`` (its ``temperature`` tau scales
     both). Prompts left-padded, completions right-padded, as TRL builds them. One forward of each
     model per `rows` rows (all at once by default), accumulation in fp32 (`kat.scorer.reverse_kl`).
 
-    Returns kl (B, T) float32, 0 where completion_mask is 0, and, when `teacher_backbone` (the
-    teacher's decoder stack, ``teacher.base_model``) is given and returns ``last_hidden_state``,
-    the (B, T, H) hidden states that predict the completion tokens: what TRL's loss computes from
-    the teacher before its head, so it need not run the teacher again. Otherwise None.
+    Returns `Scores`: kl (B, T) float32, 0 where completion_mask is 0; hidden: when
+    `teacher_backbone` (the teacher's decoder stack, ``teacher.base_model``) is given and returns
+    ``last_hidden_state``, the (B, T, H) hidden states that predict the completion tokens (what
+    TRL's loss computes from the teacher before its head, so it need not run the teacher again),
+    otherwise None; teacher_logp: with ``teacher_logp=True``, log q(y_t) (B, T) float32 of each
+    completion token at temperature 1, as kat's sampler records it for the drift gate (0 off the
+    mask), otherwise None.
     """
     batch, completion_len = completion_ids.shape
     rows = rows or batch
-    kls, hiddens = [], []
+    kls, hiddens, logps = [], [], []
     captured: list = []
     hook = (teacher_backbone.register_forward_hook(lambda m, a, out: captured.append(out))
             if teacher_backbone is not None else None)
@@ -120,6 +166,8 @@ def score_completions(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor,
             s = _completion_logits(student, ids, mask, completion_len, logits_to_keep)  # (b, T, V)
             captured.clear()
             t = _completion_logits(teacher, ids, mask, completion_len, logits_to_keep)  # (b, T, V)
+            if teacher_logp:  # on the raw logits: the drift threshold is a probability at temperature 1
+                logps.append(torch.where(completion_mask[sl].bool(), token_logp(t, completion_ids[sl]), 0.0))
             if temperature != 1.0:
                 s, t = s / temperature, t / temperature
             kl = reverse_kl(s, t.to(s.device))  # (b, T) KL(p_student || q_teacher)
@@ -130,7 +178,7 @@ def score_completions(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor,
         if hook is not None:
             hook.remove()
     hidden = torch.cat(hiddens) if hiddens and all(h is not None for h in hiddens) else None
-    return torch.cat(kls), hidden
+    return Scores(torch.cat(kls), hidden, torch.cat(logps) if teacher_logp else None)
 
 
 def completion_kl(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
@@ -138,22 +186,31 @@ def completion_kl(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, com
                   logits_to_keep: bool = True) -> Tensor:
     """Reverse KL d_t at every completion position: (B, T) float32, 0 where completion_mask is 0.
 
-    See `score_completions`, which also returns the teacher's hidden states.
+    See `score_completions`, which also returns the teacher's hidden states and log-probs.
     """
     return score_completions(student, teacher, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                             temperature=temperature, rows=rows, logits_to_keep=logits_to_keep)[0]
+                             temperature=temperature, rows=rows, logits_to_keep=logits_to_keep).kl
 
 
-def trap_mask(detector, kl: Tensor, valid: Tensor) -> tuple[TerminatorState, Tensor]:
+def trap_mask(detector, kl: Tensor, valid: Tensor,
+              teacher_logp: Tensor | None = None) -> tuple[TerminatorState, Tensor]:
     """Run a terminator over whole completions; returns its state and the kept mask.
 
-    kl (B, T) float: d_t; valid (B, T) bool: positions the student generated. The kept mask
-    (B, T) bool is `valid` before each row's cut (the first excluded position; rows that were
-    not cut keep all their valid positions). Call ``detector.end_batch(state, step)`` afterwards.
+    kl (B, T) float: d_t; valid (B, T) bool: positions the student generated; teacher_logp (B, T)
+    float: log q(y_t) of the sampled tokens, required by (and passed only to) terminators whose
+    ``needs_teacher_logp`` is True (the drift gate, the drift cut). The kept mask (B, T) bool is
+    `valid` before each row's cut (the first excluded position; rows that were not cut keep all
+    their valid positions). Call ``detector.end_batch(state, step)`` afterwards.
     """
+    extra = {}
+    if getattr(detector, "needs_teacher_logp", False):
+        if teacher_logp is None:
+            raise ValueError(f"{type(detector).__name__} reads the teacher's log-prob of each sampled token; "
+                             "pass teacher_logp (score_completions(..., teacher_logp=True) gives it)")
+        extra["teacher_logp_chunk"] = teacher_logp.detach().float().cpu()
     state = detector.start(kl.shape[0], "cpu")
     # The detector walks positions one by one on small (B,) tensors: cheaper on the host.
-    detector.observe(state, kl.detach().float().cpu(), valid.cpu())  # the whole completion as one chunk
+    detector.observe(state, kl.detach().float().cpu(), valid.cpu(), **extra)  # the whole completion as one chunk
     completion_len = kl.shape[1]
     cut = torch.where(state.fired, state.cut, completion_len).to(valid.device)  # (B,)
     kept = valid & (torch.arange(completion_len, device=valid.device) < cut[:, None])  # (B, T)
@@ -169,7 +226,8 @@ class KATDistillationTrainer(DistillationTrainer):
         paper's settings: window 64, stride 64, patience 4, exempt 256, eta 0.3, 50 warm-up steps).
         Any kat terminator works: `kat.RandomTerminator` gives the length-matched control (it
         needs no d_t, so the scoring forwards are skipped), ``TrapDetector(shadow=True)`` logs
-        would-be cuts and trains on everything.
+        would-be cuts and trains on everything, ``TrapDetector(gate="drift")`` and
+        `kat.terminators.DriftTerminator` also get log q(y_t) of the sampled tokens.
     score_batch_size: rows per scoring forward (default: ``per_device_train_batch_size``); the
         scoring pass holds (rows, completion length, vocabulary) logits of both models at once.
     reuse_teacher: keep the teacher's last hidden states from the scoring forward and hand them
@@ -186,7 +244,7 @@ class KATDistillationTrainer(DistillationTrainer):
         if self.teacher_model is None:
             raise ValueError("KATDistillationTrainer needs teacher_model: KAT's cuts come from the teacher's "
                              "per-token KL; pass a model or a path as teacher_model=")
-        detector = TrapDetector() if detector is None else detector
+        detector = TrapDetector(**PAPER_DETECTOR) if detector is None else detector
         missing = [m for m in ("start", "observe", "end_batch", "state_dict", "load_state_dict")
                    if not callable(getattr(detector, m, None))]
         if missing:
@@ -231,20 +289,24 @@ class KATDistillationTrainer(DistillationTrainer):
             self.teacher_model.eval()
             was_training = self.model_wrapped.training
             self.model_wrapped.eval()
+            unwrapped = (self.accelerator.unwrap_model(m) for m in (self.model_wrapped, self.teacher_model))
             try:
-                kl, hidden = score_completions(
-                    self.model_wrapped, self.teacher_model, batch["prompt_ids"], batch["prompt_mask"],
-                    batch["completion_ids"], batch["completion_mask"], temperature=self.temperature,
-                    rows=self.score_batch_size, logits_to_keep="logits_to_keep" in self.model_kwarg_keys,
-                    teacher_backbone=backbone)  # (B, T), (B, T, H) or None
+                with without_autocast(*unwrapped):  # as TRL's loss runs both models
+                    scores = score_completions(
+                        self.model_wrapped, self.teacher_model, batch["prompt_ids"], batch["prompt_mask"],
+                        batch["completion_ids"], batch["completion_mask"], temperature=self.temperature,
+                        rows=self.score_batch_size, logits_to_keep="logits_to_keep" in self.model_kwarg_keys,
+                        teacher_backbone=backbone,
+                        teacher_logp=bool(getattr(self.detector, "needs_teacher_logp", False)))
             finally:
                 self.model_wrapped.train(was_training)
+            kl, logp = scores.kl, scores.teacher_logp  # (B, T), (B, T) or None
             self._check_finite(kl, valid, step)
-            if hidden is not None:  # split and shuffled with the rest of the batch by TRL
-                batch[TEACHER_HIDDEN] = hidden
+            if scores.hidden is not None:  # (B, T, H) split and shuffled with the rest of the batch by TRL
+                batch[TEACHER_HIDDEN] = scores.hidden
         else:
-            kl = torch.zeros(valid.shape, device=valid.device)
-        state, kept = trap_mask(self.detector, kl, valid)
+            kl, logp = torch.zeros(valid.shape, device=valid.device), None
+        state, kept = trap_mask(self.detector, kl, valid, logp)
         batch["tool_mask"] = kept.to(batch["completion_mask"].dtype)
         batch["num_items_in_batch"] = self.accelerator.gather(kept.sum()).sum()
         self._log_selection(state, kl, valid, kept)

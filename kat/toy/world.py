@@ -65,7 +65,8 @@ WORLDS: dict[str, tuple[WorldSpec, WorldSpec]] = {
     ),
     # The rich world with a student whose data degenerates three times as often (36% vs 12%): its
     # repetition takes on-policy distillation longer to remove (the persistent-trap regime). The
-    # teacher is the rich world's (`kat toy build --world repeat --teacher-from kat/toy/rich/teacher`).
+    # teacher is the rich world's
+    # (`python -m experiments toy build --world repeat --teacher-from kat/toy/rich/teacher`).
     "repeat": (
         WorldSpec("rich", p_fwd=0.75, p_semicolon=0.75, p_repeat=0.03),
         WorldSpec("rich", p_fwd=0.25, p_semicolon=0.25, p_repeat=0.36),
@@ -190,7 +191,8 @@ def extract_answer(completion: str) -> str | None:
 
 
 def grade(completion: str, answer: str) -> bool:
-    """True when the extracted final answer equals ``answer`` as an integer."""
+    """True when the extracted final answer equals ``answer`` as an integer: the ``exact`` grader of
+    kat.evaluate (Config.grader). A completion without a parsable answer is wrong."""
     pred = extract_answer(completion)
     if pred is None:
         return False

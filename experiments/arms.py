@@ -20,9 +20,9 @@ Capped arms are evaluated at the config's full max_new_tokens (Config.eval_max_n
 
 Beyond the paper:
 - KAT gated (`kat_gated`): the detector with the drift gate (gate: drift): a low-KL run counts
-  only after a token the teacher gives a probability below drift_prob (kat.detector.TrapDetector).
+  only after a token the teacher gives a probability below drift_prob (kat.terminators.TrapDetector).
 - Cut after drift (`drift_cut`): the contrast to the gate, cutting right after the first drift
-  token without waiting for low KL (kat.detector.DriftTerminator).
+  token without waiting for low KL (kat.terminators.DriftTerminator).
 - OPD, KAT's normalisation (`opd_norm`): every token in the loss, but each step's loss divided by
   the kept-token count of the seed's KAT run at that step (Config.norm_from). Dropping tokens
   changes both which tokens teach and the normaliser; this control changes the normaliser only.
@@ -74,7 +74,7 @@ def world_overrides(world: str, root: str = TOY_ROOT) -> dict:
     teacher = str(teacher_dir(root, world))
     if not os.path.isdir(teacher) or not os.path.isdir(os.path.join(base, "student")):
         raise ConfigError(f"--world {world}: no checkpoints under {base}; build them with "
-                          f"`python -m kat toy build --world {world}`")
+                          f"`python -m experiments toy build --world {world}`")
     return {"teacher": teacher, "student": os.path.join(base, "student"),
             "train_data": os.path.join(base, "data", "train.jsonl"),
             "eval_data": os.path.join(base, "data", "test.jsonl")}
@@ -110,7 +110,7 @@ def check_arms(arms: list[str]) -> None:
 
 def arm_overrides(arm: str, base: Config, kat: dict | None = None) -> dict:
     """Config overrides of one arm; the length-matched arms take their numbers from `kat`, the
-    summary (`kat.experiments.runs.summarize_run`) of the same seed's KAT run.
+    summary (`experiments.runs.summarize_run`) of the same seed's KAT run.
 
     RandomTerm targets KAT's mean kept length (tokens in the loss per rollout); FixedPrefix caps
     generation at KAT's mean generated length rounded up; Fixed-N caps it at KAT's mean kept length

@@ -54,6 +54,15 @@ def is_done(run_dir: str, cfg: Config) -> bool:
             and os.path.isfile(os.path.join(run_dir, "arm.json")) and same_config(run_dir, cfg))
 
 
+def restart(cfg: Config) -> None:
+    """An arm's folder belongs to the experiment: a run there that is not done (interrupted, or of
+    another config) is removed before the arm trains again (what a run writes only, kat.rundir)."""
+    from kat.rundir import clear_run, run_contents
+
+    if not cfg.resume:
+        clear_run(cfg.output_dir, run_contents(cfg.output_dir))
+
+
 def run_arm(cfg: Config, arm: str, seed: int, log=print) -> str:
     """Train one arm into cfg.output_dir (or reuse its finished run); returns that directory."""
     from kat.train import train
@@ -62,6 +71,7 @@ def run_arm(cfg: Config, arm: str, seed: int, log=print) -> str:
         log(f"  {arm} seed {seed}: reusing {cfg.output_dir}")
         return cfg.output_dir
     log(f"  {arm} seed {seed}: training -> {cfg.output_dir}")
+    restart(cfg)
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
