@@ -117,8 +117,8 @@ class Config:
 CHOICES = {"loss": ("full", "topk"), "termination": ("kat", "none", "random"), "rule": ("quantile",),
            "gate": ("none", "drift"), "grader": ("exact", "math"), "dtype": ("auto", "float32", "bfloat16", "float16")}
 PACKAGE_ONLY = ("kappa", "ema", "max_bad_steps", "save_every", "keep_last", "resume", "log_with", "project_name",
-                "n_traces", "plot", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "teacher_cache_mb",
-                "norm_from", "overwrite_output_dir", "random_target_cut_rate")  # kat/config.py only: accepted, unused
+                "n_traces", "plot", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "decode",
+                "teacher_cache_mb", "norm_from", "overwrite_output_dir", "random_target_cut_rate", "rollout_slots")
 
 def parse_config(argv: list[str]) -> Config:
     """`--config FILE` (YAML) then `--field value` / `--field=value` pairs; `--help` lists the fields."""

@@ -78,6 +78,13 @@ class Config:
     temperature: float = _f(1.0, "student sampling temperature (0: greedy)", low=0.0)
     top_p: float = _f(1.0, "nucleus sampling mass", low=0.0, high=1.0, low_open=True)
     chunk: int = _f(8, "tokens per lockstep chunk C: the teacher scores C new tokens per cached forward", low=1)
+    rollout_slots: int = _f(0, "S > 0: a step's rollouts stream through S slots per process of fixed-shape KV "
+                            "caches, and the slot of a row that ended (EOS, length, cut) takes the next waiting "
+                            "prompt at a chunk boundary (kat.engine); 0: every row at once. Same tokens either way",
+                            low=0)
+    decode: str = _f("dynamic", "decoding caches: dynamic (DynamicCache, rows leave it as they end; with "
+                     "rollout_slots > 0 the slot caches) or static (the slot caches, S = rollout_slots or every "
+                     "row, the decode step compiled with CUDA graphs on a GPU)", choices=("dynamic", "static"))
 
     # --- loss and optimiser ----------------------------------------------------------------------
     loss: str = _f("full", "OPD loss: exact reverse KL, the paper's top-k + tail, or sampled-token PG",

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 from kat.checkpoint import check_start, load_checkpoint, model_card, save_checkpoint, save_student
 from kat.config import Config, ConfigError, help_text, load_config, render_kw
 from kat.data import DataError, filter_long_prompts, load_eval_sets, load_problems, step_batch, step_generator
+from kat.decode_copy import decode_model
+from kat.engine import decode_row
 from kat.evaluate import run_eval
 from kat.hooks import Hook, StepContext, call_hooks
 from kat.learner import KeptTokenNormaliser, build_optimizer, learn
@@ -249,6 +251,7 @@ def rollout_metrics(r: Rollout) -> dict:
     }
     if r.shadow_cut is not None:
         out["shadow_rows"] = float((r.shadow_cut >= 0).sum())
+    out.update(r.engine or {})  # decode_steps, slot_steps (kat.engine.decode_row)
     return out
 
 
@@ -302,7 +305,7 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
         # score=False with the `full` loss: unless the terminator reads the KL while decoding,
         # the learner's teacher pass gives it (kat.sampler's unscored mode); when it does, lockstep
         # keeps the teacher's logits for the learner (teacher_cache_mb) so the teacher runs once
-        rollout, state = sample(acc.unwrap_model(run.student), run.teacher, prompt_ids, prompt_mask,
+        rollout, state = sample(decode_model(run), run.teacher, prompt_ids, prompt_mask,
                                 max_new_tokens=cfg.max_new_tokens, eos_token_id=run.eos,
                                 pad_token_id=run.tokenizer.pad_token_id, temperature=cfg.temperature,
                                 top_p=cfg.top_p, chunk=cfg.chunk, terminator=terminator,
@@ -310,7 +313,8 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
                                 generator=step_generator(cfg.seed, step, acc.device),
                                 global_rows=(acc.process_index * rows, acc.num_processes * rows),
                                 score=cfg.loss != "full",
-                                teacher_cache_mb=cfg.teacher_cache_mb if cfg.loss == "full" else 0.0)
+                                teacher_cache_mb=cfg.teacher_cache_mb if cfg.loss == "full" else 0.0,
+                                slots=cfg.rollout_slots, decode=cfg.decode)
         if cfg.termination == "oracle":  # toy only: the cut at the world's ground truth (kat.toy.oracle)
             from kat.toy.oracle import oracle_rollout
             rollout = oracle_rollout(rollout, [p["prompt"] for p in batch_rows], run.tokenizer)
@@ -342,7 +346,7 @@ def learn_step(run: Run, step: int, rollout: Rollout) -> tuple[dict, Rollout] | 
         return None
     run.counters["bad_in_a_row"] = 0
     if not rollout.scored:
-        rollout = replace(rollout, kl=stats["token_kl"].to(rollout.kl.device))
+        rollout = rollout.with_kl(stats["token_kl"].to(rollout.kl.device))
     return stats, rollout
 
 
@@ -374,6 +378,7 @@ def log_step(run: Run, step: int, rollout: Rollout, stats: dict, threshold: floa
     }
     if "shadow_rows" in sums:
         row["shadow_rate"] = sums["shadow_rows"] / sums["rows"]
+    row.update(decode_row(sums, run.accelerator.num_processes))
     log_row(run, row)
     return row
 
