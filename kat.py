@@ -34,7 +34,6 @@ Run (`kat/` is the same maths as a package; tests check that both agree):
     accelerate launch --multi_gpu --num_processes 4 kat.py --config configs/qwen3_1.7b.yaml
     ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 kat.py   # two CPU processes
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -110,6 +109,7 @@ class Config:
     eval_top_p: float = 1.0  # evaluation nucleus mass
     eval_max_new_tokens: int = 0  # completion length limit when evaluating (0: max_new_tokens)
     output_dir: str = "runs/kat_py"  # metrics.jsonl, kl_traces.png and the trained student go here
+    overwrite_output_dir: bool = False  # replace the run an output_dir holds (else: refused)
     grader: str = "exact"  # answer checker: exact (toy) | math (math-verify)
     seed: int = 0  # random seed
     dtype: str = "auto"  # teacher dtype / student mixed precision: auto | float32 | bfloat16 | float16
@@ -118,7 +118,7 @@ CHOICES = {"loss": ("full", "topk"), "termination": ("kat", "none", "random"), "
            "gate": ("none", "drift"), "grader": ("exact", "math"), "dtype": ("auto", "float32", "bfloat16", "float16")}
 PACKAGE_ONLY = ("kappa", "ema", "max_bad_steps", "save_every", "keep_last", "resume", "log_with", "project_name",
                 "n_traces", "plot", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "decode",
-                "teacher_cache_mb", "norm_from", "overwrite_output_dir", "random_target_cut_rate", "rollout_slots")
+                "teacher_cache_mb", "norm_from", "random_target_cut_rate", "rollout_slots")
 
 def parse_config(argv: list[str]) -> Config:
     """`--config FILE` (YAML) then `--field value` / `--field=value` pairs; `--help` lists the fields."""
@@ -268,7 +268,6 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
     ids = torch.full((B, T_max), pad, dtype=torch.long, device=dev)  # (B, T)
     gen_mask = torch.zeros(B, T_max, dtype=torch.bool, device=dev)  # (B, T)
     stop, cut = torch.full((B,), STOP_LENGTH, device=dev), torch.full((B,), -1, device=dev)  # (B,) each
-
     rows = torch.arange(B, device=dev)  # original row of each active row
     live = torch.ones(B, dtype=torch.bool, device=dev)  # (A,) False: the placeholder row
     attn = prompt_mask.long()  # (A, P + t)
@@ -681,10 +680,11 @@ def main(cfg: Config | None = None) -> list[dict]:
     acc = Accelerator(mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
                       step_scheduler_with_optimizer=False)  # else the schedule advances once per process
     set_seed(cfg.seed)
+    if os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")) and not cfg.overwrite_output_dir:
+        sys.exit(f"error: {cfg.output_dir!r} holds a run; use another --output_dir or --overwrite_output_dir true")
     os.makedirs(cfg.output_dir, exist_ok=True)
 
-    # --- models: trained student (fp32 master weights); frozen teacher in the compute dtype (fp16/bf16
-    # on GPU: the KL maths upcasts its logits chunk by chunk, so half precision costs no accuracy)
+    # --- models: the student trains fp32 master weights; the frozen teacher runs in half precision on GPU
     tok, student = load_model(cfg.student, cfg.student_gguf, torch.float32)
     teacher_tok, teacher = load_model(cfg.teacher, cfg.teacher_gguf, dtype)
     if tok.get_vocab() != teacher_tok.get_vocab():  # OPD compares the two distributions id by id
