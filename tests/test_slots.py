@@ -7,7 +7,9 @@ import torch
 from transformers import DynamicCache
 
 from kat.slots import SlotCache
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama as conftest_llama
+from tests.test_sampler import tiny_llama
+from tests.test_scale import SAMPLING_PRELUDE, torchrun
 
 
 def _dynamic(model, ids, mask):
@@ -41,7 +43,7 @@ def _slot_forward(model, cache: SlotCache, rows, ids, new_valid, positions):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_slot_cache_matches_dynamic_cache_with_refill(dtype):
-    model = tiny_llama(40, seed=5, layers=2, hidden=32).to(dtype)
+    model = conftest_llama(40, seed=5, layers=2, hidden=32).to(dtype)
     P, steps, S = 6, 5, 3
     ids, mask = _prompts(40, [6, 3, 1], P, seed=0)
     g = torch.Generator().manual_seed(1)
@@ -82,7 +84,7 @@ def test_slot_cache_matches_dynamic_cache_with_refill(dtype):
 def test_slot_cache_chunk_forward_matches_token_by_token():
     """A (S, C) forward through the cache (the teacher's chunk) equals C single-token forwards, with
     a row whose last chunk positions are not real (after its EOS) hidden from later queries."""
-    model = tiny_llama(40, seed=6, layers=2, hidden=32)
+    model = conftest_llama(40, seed=6, layers=2, hidden=32)
     P, C, S = 5, 4, 2
     ids, mask = _prompts(40, [5, 2], P, seed=3)
     chunk = torch.randint(3, 40, (S, C), generator=torch.Generator().manual_seed(4))
@@ -105,22 +107,13 @@ def test_slot_cache_chunk_forward_matches_token_by_token():
 V, EOS, PAD, MAX_NEW, N = 24, 1, 0, 22, 8
 
 
-def _tiny(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, initializer_range=0.2)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def pair():
     torch.set_num_threads(1)
     lengths = torch.tensor([7, 3, 5, 1, 6, 2, 4, 7])
     ids = torch.randint(4, V, (N, 7), generator=torch.Generator().manual_seed(123))
     mask = torch.arange(7)[None, :] >= 7 - lengths[:, None]
-    return _tiny(0), _tiny(1), ids.masked_fill(~mask, PAD), mask
+    return tiny_llama(0), tiny_llama(1), ids.masked_fill(~mask, PAD), mask
 
 
 def make_terminator(name: str):
@@ -190,18 +183,7 @@ def test_refill_counts_fewer_slot_steps_than_rows_times_longest(pair):
     assert r.engine["slot_steps"] <= tokens + N * (C - 1) + 2 * C  # chunk tails and the last, half-empty chunk
 
 
-TWO_PROCESSES = r"""
-import json, sys
-import torch, torch.distributed as dist
-from transformers import AutoModelForCausalLM
-from kat.terminators import TrapDetector
-from kat.sampler import sample
-
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-student_dir, teacher_dir, prompts_path, out = sys.argv[1:5]
-student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
-teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+TWO_PROCESSES = SAMPLING_PRELUDE + r"""
 calls = {"student": 0, "teacher": 0}
 for name, model in (("student", student), ("teacher", teacher)):
     model.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
@@ -230,24 +212,16 @@ dist.destroy_process_group()
 @pytest.mark.parametrize("slots", [1, 3])
 def test_two_processes_run_the_same_forwards_and_sample_the_one_process_tokens(pair, tmp_path, slots):
     import json
-    import os
-    import subprocess
-    import sys
 
     from kat.terminators import TrapDetector
-    from tests.conftest import ROOT
 
     student, teacher, ids, mask = pair
     student.save_pretrained(tmp_path / "student")
     teacher.save_pretrained(tmp_path / "teacher")
     torch.save((ids, mask), tmp_path / "prompts.pt")
     (tmp_path / "run.py").write_text(TWO_PROCESSES)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(tmp_path / "run.py"), str(tmp_path / "student"), str(tmp_path / "teacher"), str(tmp_path / "prompts.pt"),
-           str(tmp_path), str(slots)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(tmp_path / "run.py", [str(tmp_path / "student"), str(tmp_path / "teacher"), str(tmp_path / "prompts.pt"),
+                                   str(tmp_path), str(slots)])
     calls = [json.loads((tmp_path / f"calls_{r}.json").read_text()) for r in (0, 1)]
     assert calls[0] == calls[1]  # every forward is a collective under FSDP
     for case in ("none", "kat"):
@@ -296,7 +270,7 @@ def test_the_bf16_decode_copy_is_never_stale():
     missed a step is refused rather than handed out."""
     from kat.decode_copy import DecodeCopy, wants_copy
 
-    student = _tiny(3)
+    student = tiny_llama(3)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     held = DecodeCopy(student, opt)
     ids = torch.randint(2, V, (2, 6), generator=torch.Generator().manual_seed(0))
