@@ -149,7 +149,7 @@ PACKAGE_ONLY = ("kappa", "ema", "max_bad_steps", "save_every", "keep_last", "res
                 "project_name", "n_traces", "plot", "lora_r", "lora_alpha", "lora_dropout",
                 "lora_target_modules", "teacher_cache_mb", "norm_from", "rollout_slots", "decode",
                 "train_split", "eval_split", "prompt_field", "answer_field", "teacher_gguf",
-                "student_gguf")
+                "student_gguf", "random_target_cut_rate")
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
             "0": False, "false": False, "no": False, "off": False}
 EXPORT = "`python -m kat export"  # writes the local files kat.py reads

@@ -193,7 +193,10 @@ def describe_device(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    return import_kat("experiments.runs").git_commit()
+    import_kat("config")  # kat without its __init__, as above; experiments.runs imports kat.config and kat.plot
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module("experiments.runs").git_commit()
 
 
 def header(device: torch.device, command: str) -> str:

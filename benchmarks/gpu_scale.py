@@ -24,6 +24,12 @@ Sections, each a table whose ratios are against a baseline measured in the same 
    token draw, scoring, terminator, cache row selection, and what lies outside them.
 3. learner: one `kat.learner.learn` step (micro-batch 1, AdamW) for the `topk` and `full` losses,
    with and without gradient checkpointing: time and peak memory beyond the models and optimiser.
+0. engine (kat.engine, the slot caches): decode ms per step of the sampler's DynamicCache loop,
+   the slot engine eager, the slot engine compiled with CUDA graphs (decode static; CUDA only) and
+   `generate` with its static cache + compile (CUDA only), beside the floor: the student's bytes
+   plus its KV cache read once, at the copy bandwidth measured in the same run; peak memory of each.
+   engine_step: whole steps OPD vs the KAT stand-in with 4x the rows (N = 32) through S = 8 and
+   S = 32 slots, with decode_steps and occupancy.
 4. step: one whole OPD step (post-hoc scoring, loss topk) and one OPD + KAT step (lockstep chunk
    64, the stand-in cutting 60% of rows), each with its rollout and learner phases and their peaks.
 
@@ -50,8 +56,9 @@ import common  # noqa: E402
 from rollout import ForwardTimer  # noqa: E402
 
 MODELS = common.ROOT / "configs" / "models"
-SECTIONS = ("decode", "teacher", "phases", "profile", "learner", "step", "compiled")
-DEFAULT_SECTIONS = ("decode", "teacher", "phases", "learner", "step", "compiled")  # profile: on request
+SECTIONS = ("decode", "teacher", "phases", "profile", "learner", "step", "compiled", "engine", "engine_step")
+# profile: on request; engine first, so a short GPU loan measures the slot engine before anything else
+DEFAULT_SECTIONS = ("engine", "engine_step", "decode", "teacher", "phases", "learner", "step", "compiled")
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             vocab_size=1024, max_position_embeddings=4096)
 
@@ -149,7 +156,7 @@ class RandomCuts:
 
     def __init__(self, rate: float, exempt: int, max_new_tokens: int, seed: int, window: int = 64):
         self.rate, self.exempt, self.max_new_tokens, self.seed = rate, exempt, max_new_tokens, seed
-        detector = common.import_kat("detector")
+        detector = common.import_kat("terminators")
         self.stop_code = common.import_kat("rollout").STOP_TRAP
         self.detector = detector.TrapDetector(window=window, stride=window, exempt=exempt)  # never active
 
@@ -287,7 +294,7 @@ def compiled_section(run: Run, student, ids, mask) -> None:
 # 2. Teacher in lockstep vs post-hoc
 
 def teacher_section(run: Run, student, teacher, ids, mask, chunks: list[int]) -> None:
-    sampler, detector = common.import_kat("sampler"), common.import_kat("detector")
+    sampler, detector = common.import_kat("sampler"), common.import_kat("terminators")
     s, dev = run.shape, run.device
     timer = ForwardTimer(teacher, dev)
     modes = [("post-hoc (baseline)", None)] + [(f"lockstep, chunk {c}", c) for c in chunks]
@@ -370,7 +377,7 @@ class PhaseClock:
 def phases_section(run: Run, student, teacher, ids, mask) -> None:
     """Where one rollout's wall time goes, post-hoc against lockstep (chunk 64): the same tokens,
     timed phase by phase (each phase synchronises, so the sum exceeds an untimed call a little)."""
-    sampler, detector = common.import_kat("sampler"), common.import_kat("detector")
+    sampler, detector = common.import_kat("sampler"), common.import_kat("terminators")
     s, dev = run.shape, run.device
     modes = [("post-hoc", False, False), (f"lockstep, chunk {s.chunk}", True, False)]
     if dev.type == "cuda":
@@ -424,7 +431,7 @@ def profile_section(run: Run, student, teacher, ids, mask, tokens: int) -> None:
     the whole call, and the operators that take the most time."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    sampler, detector = common.import_kat("sampler"), common.import_kat("detector")
+    sampler, detector = common.import_kat("sampler"), common.import_kat("terminators")
     s, dev = run.shape, run.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     term = detector.TrapDetector(window=min(64, tokens), stride=min(64, tokens), exempt=0)  # inactive
@@ -524,7 +531,7 @@ def learner_section(run: Run, trainer, vocab: int, ids, mask) -> None:
 # ---------------------------------------------------------------------------------------------
 # 4. Whole steps
 
-def whole_step(run: Run, trainer, ids, mask, T: int, kat: bool) -> dict:
+def whole_step(run: Run, trainer, ids, mask, T: int, kat: bool, slots: int = 0, decode: str = "dynamic") -> dict:
     sampler, learner = common.import_kat("sampler"), common.import_kat("learner")
     student, teacher, optimizer, scheduler, acc = trainer
     s, dev, out = run.shape, run.device, {}
@@ -536,9 +543,11 @@ def whole_step(run: Run, trainer, ids, mask, T: int, kat: bool) -> dict:
         with peak(dev) as mem_r, timed(dev, out, "rollout"):
             r, _ = sampler.sample(acc.unwrap_model(student), teacher, ids, mask, max_new_tokens=T, eos_token_id=[],
                                   pad_token_id=0, temperature=1.0, top_p=0.95, chunk=s.chunk, terminator=term,
-                                  topk=s.topk, generator=gen, score=True)
+                                  topk=s.topk, generator=gen, score=True, slots=slots, decode=decode)
     finally:
         clock.remove()
+    out["decode_steps"] = r.engine["decode_steps"]
+    out["occupancy"] = int(r.completion_mask.sum()) / max(r.engine["slot_steps"], 1.0)
     out["phases"] = dict(sorted(clock.seconds.items(), key=lambda kv: -kv[1]))
     student.train()
     with peak(dev) as mem_l, timed(dev, out, "learn"):
@@ -584,6 +593,109 @@ def step_section(run: Run, trainer, ids, mask, decode_step_s: float | None, T: i
 
 
 # ---------------------------------------------------------------------------------------------
+# 0. The slot engine
+
+def copy_bandwidth(device: torch.device, mib: int) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted), best of 5."""
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best
+
+
+def kv_bytes(model, rows: int, positions: int) -> int:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * rows * positions * cfg.num_key_value_heads * head_dim * itemsize
+
+
+def engine_cases(student, ids, mask, chunk: int, cuda: bool) -> dict:
+    """name -> fn(n) decoding n tokens and returning the student decode forwards it ran."""
+    sampler = common.import_kat("sampler")
+
+    def ours(**kw):
+        def fn(n):
+            gen = torch.Generator(device=ids.device).manual_seed(0)
+            r, _ = sampler.sample(student, None, ids, mask, max_new_tokens=n, eos_token_id=[], pad_token_id=0,
+                                  top_p=0.95, chunk=chunk, generator=gen, score=False, **kw)
+            return r.engine["decode_steps"]
+        return fn
+
+    cases = {"kat.sampler.sample, DynamicCache (baseline)": ours(),
+             "slot engine, eager": ours(slots=ids.shape[0])}
+    if cuda:
+        cases["slot engine, compiled with CUDA graphs (decode static)"] = ours(decode="static")
+        cases["generate, static cache + compile"] = lambda n: (
+            generate_decode(student, ids, mask, n, cache_implementation="static") // ids.shape[0])
+    return cases
+
+
+def engine_section(run: Run, student, ids, mask) -> None:
+    """Decode ms per step: t(n) - t(chunk) over the decode forwards between them (the prefill and the
+    first chunk drop out; the short call also warms up, compiles and captures the graphs)."""
+    s, dev = run.shape, run.device
+    n, short = s.decode_tokens, s.chunk
+    bw = copy_bandwidth(dev, 1024 if dev.type == "cuda" else 64)
+    weights = sum(p.numel() * p.element_size() for p in student.parameters())
+    floor = (weights + kv_bytes(student, s.rows, s.prompt_len + n // 2)) / bw
+    table, res = [], {"bandwidth_GBps": bw / 1e9, "floor_ms": floor * 1e3}
+    with torch.no_grad():
+        for name, fn in engine_cases(student, ids, mask, s.chunk, dev.type == "cuda").items():
+            times = {}
+            try:
+                with timed(dev, times, "short"):
+                    steps_short = fn(short)
+                with peak(dev) as mem, timed(dev, times, "long"):
+                    steps_long = fn(n)
+            except Exception as err:  # noqa: BLE001 - report, keep the other rows
+                table.append([name, "-", f"failed: {type(err).__name__}: {str(err)[:80]}", "-", "-"])
+                continue
+            ms = (times["long"] - times["short"]) / max(steps_long - steps_short, 1) * 1e3
+            res[name] = {"ms_per_step": ms, "steps": steps_long, "peak": mem.bytes, "first_call_s": times["short"]}
+            table.append([name, int(steps_long), f"{ms:.2f}", f"{ms / (floor * 1e3):.1f}x", gib(mem.bytes)])
+    base = res.get("kat.sampler.sample, DynamicCache (baseline)")
+    for row in table:
+        if base and row[0] in res:
+            row.append(common.fmt_ratio(base["ms_per_step"] / res[row[0]]["ms_per_step"]))
+    run.results["engine"] = res
+    run.emit(f"Decode ms per step: {s.rows} rows, {s.prompt_len}-token prompts, {n} new tokens; floor "
+             f"{floor * 1e3:.2f} ms = ({gib(weights)} GiB weights + KV cache) / {bw / 1e9:.0f} GB/s copy bandwidth",
+             common.markdown_table(["decoder", "decode forwards", "ms/step", "vs floor", "peak GiB",
+                                    "speed vs DynamicCache"], table))
+
+
+def engine_step_section(run: Run, trainer, vocab: int, T: int) -> None:
+    """Whole steps, OPD vs the KAT stand-in, with 4x the rows through S = rows and S = 4 x rows slots."""
+    s = run.shape
+    N = 4 * s.rows
+    ids, mask = prompts(Shape(rows=N, prompt_len=s.prompt_len), vocab, run.device, seed=0)
+    decode = "static" if run.device.type == "cuda" else "dynamic"
+    for kat in (False, True):  # warm-up, first-call and compile costs stay out
+        whole_step(run, trainer, ids, mask, s.chunk, kat=kat, slots=s.rows, decode=decode)
+    res, table = {}, []
+    for S in (s.rows, N):
+        for kat in (False, True):
+            name = f"{'KAT stand-in' if kat else 'OPD'}, S={S}"
+            res[name] = o = whole_step(run, trainer, ids, mask, T, kat=kat, slots=S, decode=decode)
+            base = res[f"OPD, S={S}"]
+            table.append([name, o["generated"], o["trained"], int(o["decode_steps"]), f"{o['occupancy']:.2f}",
+                          f"{o['rollout']:.1f}", f"{o['learn']:.1f}",
+                          f"{o['generated'] / base['generated']:.3f}", f"{o['rollout'] / base['rollout']:.3f}",
+                          gib(o["peak_rollout"])])
+    run.results["engine_step"] = {"max_new_tokens": T, "rows": N, "decode": decode, **res}
+    run.emit(f"Whole steps through slots: N={N} rows, up to {T} new tokens, decode {decode}, loss topk",
+             common.markdown_table(["step", "generated", "trained", "decode_steps", "occupancy", "rollout s",
+                                    "learn s", "tokens vs OPD", "rollout vs OPD", "rollout peak GiB"], table))
+
+
+# ---------------------------------------------------------------------------------------------
 
 def build_trainer(cfg, device: torch.device, dtype: torch.dtype, teacher, seed: int):
     """The student as kat.train holds it: fp32 master weights, Accelerate mixed precision, AdamW."""
@@ -612,6 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-tokens", type=int, help="step section's rollout budget (default: --new-tokens, shortened "
                    "to fit --budget-s)")
     p.add_argument("--decode-tokens", type=int, help="decode/teacher sections' rollout length (default 512; tiny 24)")
+    p.add_argument("--engine-tokens", type=int,
+                   help="engine_step section's rollout budget (default: twice --decode-tokens)")
     p.add_argument("--out", help="write PREFIX.md and PREFIX.json")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -646,8 +760,12 @@ def main(argv: list[str] | None = None) -> int:
     run.results["params"] = n_params
 
     trainer = None
-    if {"learner", "step"} & set(sections) or "decode" in sections:
+    if {"learner", "step", "engine_step"} & set(sections) or "decode" in sections:
         trainer = build_trainer(s_cfg, device, dtype, teacher, seed=1)
+    if "engine" in sections:
+        engine_section(run, student, ids, mask)
+    if "engine_step" in sections and run.left() > 0:
+        engine_step_section(run, trainer, s_cfg.vocab_size, args.engine_tokens or 2 * shape.decode_tokens)
     decode_step_s = None
     if "decode" in sections:
         fp32 = trainer[4].unwrap_model(trainer[0]) if trainer is not None else None

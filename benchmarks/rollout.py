@@ -4,6 +4,7 @@
     python benchmarks/rollout.py --setups toy --repeats 5
     python benchmarks/rollout.py --setups llm --llm random    # random ~110M Llama teacher, ~30M student
     python benchmarks/rollout.py --device cuda                # GPU (bf16 models, larger batch)
+    python benchmarks/rollout.py --setups toy --slots 16 --skip-modes   # OPD vs KAT through 16 slots
 
 Every mode calls ``kat.sampler.sample`` with the same prompts and the same seed, so the student
 draws the same tokens in each (checked: "same tokens"):
@@ -26,6 +27,12 @@ per-token KL against post-hoc (the teacher's cached chunk forwards vs one full f
 rounding only). Ratios are against post-hoc measured in the same run. Modes are interleaved
 within each repeat and medians are reported, so a load change on a shared machine hits every
 mode alike.
+
+With ``--slots S``: OPD (no terminator) and KAT (a detector calibrated on an untimed uncut run of
+the batch, cutting with ``--slot-eta``), every row at once and through S slots refilled as rows
+end (kat.engine). decode_steps counts the student's decode forwards; with every row at once a
+batch lasts as long as its longest row, through slots it follows the tokens generated, so KAT's
+decode_steps / OPD's should come near its generated-token ratio.
 
 Setups:
 - ``toy``: the shipped toy models (kat/toy/rich/{teacher,student}) on toy prompts with real EOS.
@@ -54,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 TOY_DIR = common.ROOT / "kat" / "toy" / "rich"
-# Shapes of kat/toy/build.py's TEACHER and STUDENT recipes, for the random stand-ins.
+# Shapes of experiments/toy_build.py's TEACHER and STUDENT recipes, for the random stand-ins.
 TOY_SHAPES = {"teacher": dict(layers=6, hidden=128, ffn=384, heads=4),
               "student": dict(layers=2, hidden=64, ffn=256, heads=4)}
 RANDOM_LLM_SHAPES = {"teacher": dict(layers=12, hidden=768, ffn=2048, heads=12),
@@ -245,11 +252,12 @@ class Mode:
     label: str
     chunk: int
     terminator: object  # None (post-hoc) or a TrapDetector
+    slots: int = 0  # kat.sampler.sample's slots: 0 every row at once (DynamicCache), S > 0 the slot engine
 
 
 def make_modes(setup: Setup, chunks: list[int], cut_chunk: int, seed: int) -> list[Mode]:
     """post-hoc, lockstep at each C, and an active detector that cuts (calibrated untimed here)."""
-    detector = common.import_kat("detector")
+    detector = common.import_kat("terminators")
     settings = dict(setup.detector, eta=0.3, buffer_size=4096, min_buffer=1, warmup_steps=0)
     idle = detector.TrapDetector(**settings)  # empty buffer: inactive, observes and never cuts
     cutting = detector.TrapDetector(**settings)
@@ -269,7 +277,7 @@ def run_mode(setup: Setup, mode: Mode, seed: int):
     return sampler.sample(setup.student, setup.teacher, setup.prompt_ids, setup.prompt_mask,
                           max_new_tokens=setup.max_new_tokens, eos_token_id=setup.eos_token_id,
                           pad_token_id=setup.pad_token_id, chunk=mode.chunk, terminator=mode.terminator,
-                          generator=generator)
+                          generator=generator, slots=mode.slots)
 
 
 def measure(setup: Setup, modes: list[Mode], repeats: int, seed: int) -> list[dict]:
@@ -331,9 +339,44 @@ def table(results: list[dict]) -> str:
     return common.markdown_table(headers, rows)
 
 
+def slot_modes(setup: Setup, slots: int, chunk: int, eta: float, seed: int) -> list[Mode]:
+    """OPD (no terminator) and KAT (an active detector, calibrated on an untimed uncut run of this
+    batch) with every row at once and through `slots` slots."""
+    detector = common.import_kat("detector")
+    cutting = detector.TrapDetector(**dict(setup.detector, eta=eta, buffer_size=4096, min_buffer=1, warmup_steps=0))
+    _, state = run_mode(setup, Mode("calibration", chunk, cutting), seed)
+    cutting.end_batch(state, step=0)
+    return [Mode("OPD", chunk, None), Mode("KAT", chunk, cutting),
+            Mode(f"OPD, S={slots}", chunk, None, slots), Mode(f"KAT, S={slots}", chunk, cutting, slots)]
+
+
+def slot_table(results: list[dict]) -> str:
+    """decode_steps and wall of OPD and KAT, every row at once and through S slots; KAT's ratios are
+    against OPD with the same S, beside its generated-token ratio."""
+    by = {r["mode"]: r for r in results}
+    rows = []
+    for r in results:
+        ro, tokens = r["rollout"], int(r["rollout"].completion_mask.sum())
+        steps, occupancy = ro.engine["decode_steps"], tokens / max(ro.engine["slot_steps"], 1.0)
+        ratios = ["", "", "", ""]
+        if r["mode"].startswith("KAT"):
+            base = by[r["mode"].replace("KAT", "OPD")]
+            base_tokens = int(base["rollout"].completion_mask.sum())
+            token_ratio = tokens / base_tokens
+            step_ratio = steps / base["rollout"].engine["decode_steps"]
+            ratios = [f"{token_ratio:.3f}", f"{step_ratio:.3f}", f"{step_ratio / token_ratio:.3f}",
+                      f"{r['wall'] / base['wall']:.3f}"]
+        rows.append([r["mode"], f"{tokens} ({int(ro.loss_mask.sum())} kept)", int(steps), f"{occupancy:.2f}",
+                     f"{r['wall']:.3g}", *ratios])
+    headers = ["mode", "generated tokens", "decode_steps", "slot occupancy", "wall s", "KAT/OPD tokens",
+               "KAT/OPD decode_steps", "decode_steps ratio / token ratio", "KAT/OPD wall"]
+    return common.markdown_table(headers, rows)
+
+
 def benchmark(device: torch.device, setups: list[str], llm: str = "auto", chunks: tuple[int, ...] = (1, 8, 64),
               cut_chunk: int = 8, repeats: int = 3, batch: dict | None = None,
-              max_new_tokens: dict | None = None, seed: int = 0) -> str:
+              max_new_tokens: dict | None = None, seed: int = 0, slots: int = 0, slot_eta: float = 0.1,
+              skip_modes: bool = False) -> str:
     """Run every setup and return the markdown (a heading, a note and a table per setup).
 
     ``batch`` / ``max_new_tokens``: per-setup overrides, e.g. {"llm": 8}. Models are fp32 on CPU and
@@ -355,12 +398,15 @@ def benchmark(device: torch.device, setups: list[str], llm: str = "auto", chunks
         else:
             raise ValueError(f"unknown setup {name!r}; choose from toy, llm")
         print(f"  {name}: models ready in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        modes = make_modes(setup, list(chunks), cut_chunk, seed)
-        results = measure(setup, modes, repeats, seed)
         B, P = setup.prompt_ids.shape
         out.append(f"### {name}: {setup.note}\n\n{B} rows, prompts up to {P} tokens, max_new_tokens "
-                   f"{setup.max_new_tokens}, {str(dtype)[6:]}, median of {repeats}; detector {setup.detector}\n\n"
-                   + table(results))
+                   f"{setup.max_new_tokens}, {str(dtype)[6:]}, median of {repeats}; detector {setup.detector}")
+        if not skip_modes:
+            out.append(table(measure(setup, make_modes(setup, list(chunks), cut_chunk, seed), repeats, seed)))
+        if slots:
+            results = measure(setup, slot_modes(setup, slots, cut_chunk, slot_eta, seed), repeats, seed)
+            out.append(f"### {name}: OPD vs KAT through {slots} slots (C={cut_chunk}, detector eta {slot_eta})\n\n"
+                       + slot_table(results))
     return "\n\n".join(out)
 
 
@@ -379,6 +425,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--llm-tokens", type=int,
                         help="max_new_tokens of the llm setup (default 128 on CPU, 256 on GPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slots", type=int, default=0,
+                        help="S > 0: also OPD vs KAT with every row at once and through S slots (refill)")
+    parser.add_argument("--slot-eta", type=float, default=0.1, help="the detector's eta in the slots table")
+    parser.add_argument("--skip-modes", action="store_true", help="only the slots table")
     parser.add_argument("--threads", type=int, help="torch CPU threads (pass 1 on a shared machine)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -393,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nload average at start: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores\n")
     print(benchmark(device, args.setups, args.llm, tuple(args.chunks), args.cut_chunk, args.repeats,
                     batch=pick(toy=args.toy_batch, llm=args.llm_batch),
-                    max_new_tokens=pick(toy=args.toy_tokens, llm=args.llm_tokens), seed=args.seed))
+                    max_new_tokens=pick(toy=args.toy_tokens, llm=args.llm_tokens), seed=args.seed,
+                    slots=args.slots, slot_eta=args.slot_eta, skip_modes=args.skip_modes))
     print(f"\nload average at end: {os.getloadavg()[0]:.1f} (1 min)")
 
 

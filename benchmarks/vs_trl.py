@@ -154,7 +154,7 @@ def ours_steps(student, teacher, tokenizer, texts: list[str], device: torch.devi
     if teacher_cache_mb is None:
         teacher_cache_mb = common.import_kat("config").Config.teacher_cache_mb
 
-    sampler, learner, detector = (common.import_kat(m) for m in ("sampler", "learner", "detector"))
+    sampler, learner, detector = (common.import_kat(m) for m in ("sampler", "learner", "terminators"))
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
     optimizer, scheduler = learner.build_optimizer(student, lr, steps=10_000, warmup_ratio=0.0)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)

@@ -7,13 +7,13 @@ The public pieces work on plain tensors and Hugging Face models, so they drop in
 - scorer: `reverse_kl`, `token_logp`, `topk_tail` (fp16/bf16 logits in, fp32 accumulation, chunked)
 - sampler: `sample` (chunked decoding of student + teacher with online termination; its modes
   lockstep / post-hoc / unscored are `Mode`, chosen by `sampling_mode`)
-- detector: `TrapDetector`, `RandomTerminator`, `NoTerminator`, `make_terminator`
+- terminators: `TrapDetector`, `RandomTerminator`, `NoTerminator`, `make_terminator`
 - learner: `opd_loss`, `learn`, `completion_logits`, `build_optimizer`
 - config / train / evaluate: `Config`, `load_config`, `check_value` (the bounds every class shares),
   `train`, `evaluate`, `pass_at_k`, `avg_at_k`
 """
 
-from kat.detector import NoTerminator, RandomTerminator, TerminatorState, TrapDetector, make_terminator
+from kat.terminators import NoTerminator, RandomTerminator, TerminatorState, TrapDetector, make_terminator
 from kat.rollout import STOP_EOS, STOP_LENGTH, STOP_NAMES, STOP_RANDOM, STOP_TRAP, Rollout, stop_name
 from kat.sampler import Mode, sample, sampling_mode
 from kat.scorer import reverse_kl, token_logp, topk_tail

@@ -4,14 +4,18 @@
     python -m kat eval --model PATH --data SPEC -k 8               avg@k / pass@k of a model or adapter (kat.evaluate)
     python -m kat models prune --model PATH --layers N --out DIR   a layer-pruned copy (kat.models)
     python -m kat export --spec SPEC|--model PATH|--config FILE --out X   local files for kat.py (kat.export)
-    python -m kat toy build [--world rich|plain]                   rebuild the toy world's checkpoints
-    python -m kat toy stats [--world rich|plain]                   KL statistics of the toy world
-    python -m kat experiment table1|shadow|sensitivity ...         the paper's experiments (kat.experiments)
     python -m kat plot ...                                         figures from a run (kat.plot)
-    python -m kat bench ...                                        speed/memory benchmarks (kat.bench)
 
 Each command's module is imported only when that command runs, so ``--help`` is instant and one
 command's dependencies never slow down another.
+
+The research code is not part of the installed package; it runs from a source checkout's root:
+
+    python -m experiments table1|shadow|sensitivity|mechanism|lm ...   the paper's experiments
+    python -m experiments toy build|stats ...                          rebuild the toy world / its KL statistics
+    python benchmarks/run.py NAME ...                                  speed/memory benchmarks
+
+``kat experiment``, ``kat toy`` and ``kat bench`` print the command that replaced them (exit 2).
 """
 
 from __future__ import annotations
@@ -24,9 +28,7 @@ from collections.abc import Sequence
 # Commands that own their whole argument list: everything after the command name is passed on.
 _DELEGATED = {
     "train": ("kat.train", "distil a student from a teacher (on-policy distillation with KAT)"),
-    "experiment": ("kat.experiments.cli", "paper-style experiments: table1, shadow, sensitivity"),
     "plot": ("kat.plot", "draw figures from a training run"),
-    "bench": ("kat.bench", "speed and memory benchmarks"),
     "models": ("kat.models", "model utilities: prune (a layer-pruned copy of a model)"),
     "export": ("kat.export", "datasets and models as the local files kat.py reads"),
 }
@@ -42,16 +44,19 @@ def _eval(args: argparse.Namespace, rest: list[str]):
     return evaluate.main(rest)
 
 
-def _toy_build(args: argparse.Namespace, rest: list[str]):
-    from kat.toy import build
+# Commands that moved out of the installed package into the source checkout (run from its root).
+_MOVED = {
+    "experiment": ("python -m experiments", "moved: the paper's experiments"),
+    "toy": ("python -m experiments toy", "moved: building the toy world and its KL statistics"),
+    "bench": ("python benchmarks/run.py", "moved: speed and memory benchmarks"),
+}
 
-    return build.main(rest)
 
-
-def _toy_stats(args: argparse.Namespace, rest: list[str]):
-    from kat.toy import stats
-
-    return stats.main(rest)
+def _moved(name: str, rest: list[str]) -> int:
+    new = " ".join([_MOVED[name][0], *rest])
+    print(f"error: `kat {name}` moved out of the package; run `{new}` from the root of a source checkout",
+          file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,12 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="avg@k / pass@k of a model (or a LoRA adapter) on evaluation sets", add_help=False)
     p.set_defaults(handler=_eval)
 
-    toy = sub.add_parser("toy", help="the embedded toy world (build, stats)")
-    toy_sub = toy.add_subparsers(dest="toy_command", metavar="toy_command", required=True)
-    p = toy_sub.add_parser("build", help="generate data and train the toy teacher and student", add_help=False)
-    p.set_defaults(handler=_toy_build)
-    p = toy_sub.add_parser("stats", help="KL statistics of student rollouts scored by the teacher", add_help=False)
-    p.set_defaults(handler=_toy_stats)
+    for name, (_, text) in _MOVED.items():
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.set_defaults(handler=lambda args, rest, name=name: _moved(name, rest))
     return parser
 
 

@@ -24,7 +24,7 @@ import yaml
 
 from kat.config import Config, ConfigError
 from kat.models import is_lora
-from kat.rundir import CHECKPOINT_NAME, is_checkpoint
+from kat.rundir import CHECKPOINT_NAME, check_output_dir, check_resume, check_tracker, is_checkpoint
 
 ADAPTER_DIR = "adapter"
 
@@ -137,6 +137,17 @@ def read_progress(path: str) -> dict:
     return progress
 
 
+def check_start(cfg) -> tuple[list[str], str]:
+    """(what overwrite_output_dir removes, the checkpoint to resume or ""), every check made before
+    the models load: the tracker, the output folder, the checkpoint and its config against cfg."""
+    check_tracker(cfg.log_with)
+    overwrite = check_output_dir(cfg)
+    ckpt = find_checkpoint(cfg) or ""
+    if ckpt:
+        check_resume(cfg, ckpt, read_progress(ckpt))
+    return overwrite, ckpt
+
+
 def load_checkpoint(accelerator, path: str, terminator, output_dir: str) -> dict:  # noqa: ARG001
     """Restore a checkpoint's states into the prepared objects and the terminator; returns its progress."""
     try:
@@ -160,7 +171,8 @@ def model_card(cfg: Config, results: dict, command: str, processes: int) -> str:
         f"{after[f'{s}/mean_length']:.1f} |" for s in rows]
     method = {"kat": "KAT (KL Agreement Trap Termination)" + (" with the drift gate" if cfg.gate == "drift" else ""),
               "random": "random termination (length-matched control)", "none": "no termination (plain OPD)",
-              "drift": "a cut right after the first drift token (the drift gate's contrast)"}[cfg.termination]
+              "drift": "a cut right after the first drift token (the drift gate's contrast)",
+              "oracle": "the oracle cut at the toy world's ground-truth first error or loop start"}[cfg.termination]
     lora = f" as a LoRA adapter (r = {cfg.lora_r}, alpha = {cfg.lora_alpha}), merged here" if cfg.lora_r else ""
     return "\n".join([
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",

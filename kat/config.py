@@ -78,6 +78,13 @@ class Config:
     temperature: float = _f(1.0, "student sampling temperature (0: greedy)", low=0.0)
     top_p: float = _f(1.0, "nucleus sampling mass", low=0.0, high=1.0, low_open=True)
     chunk: int = _f(8, "tokens per lockstep chunk C: the teacher scores C new tokens per cached forward", low=1)
+    rollout_slots: int = _f(0, "S > 0: a step's rollouts stream through S slots per process of fixed-shape KV "
+                            "caches, and the slot of a row that ended (EOS, length, cut) takes the next waiting "
+                            "prompt at a chunk boundary (kat.engine); 0: every row at once. Same tokens either way",
+                            low=0)
+    decode: str = _f("dynamic", "decoding caches: dynamic (DynamicCache, rows leave it as they end; with "
+                     "rollout_slots > 0 the slot caches) or static (the slot caches, S = rollout_slots or every "
+                     "row, the decode step compiled with CUDA graphs on a GPU)", choices=("dynamic", "static"))
 
     # --- loss and optimiser ----------------------------------------------------------------------
     loss: str = _f("full", "OPD loss: exact reverse KL, the paper's top-k + tail, or sampled-token PG",
@@ -105,8 +112,9 @@ class Config:
 
     # --- termination -----------------------------------------------------------------------------
     termination: str = _f("kat", "kat: trap detector; random: length-matched random cuts; none: plain OPD; "
-                          "drift: cut right after the first drift token (see drift_prob)",
-                          choices=("kat", "none", "random", "drift"))
+                          "drift: cut right after the first drift token (see drift_prob); oracle (toy world "
+                          "only): cut one past the world's ground-truth first error or loop start",
+                          choices=("kat", "none", "random", "drift", "oracle"))
     rule: str = _f("quantile", "adaptive threshold: quantile of per-rollout minima, or running mean - kappa*std",
                    choices=("quantile", "zscore"))
     window: int = _f(8, "W: tokens per window mean z", low=1)
@@ -125,6 +133,9 @@ class Config:
     shadow: bool = _f(False, "detect and record would-be cuts without cutting")
     random_target_length: float = _f(0.0, "random termination: target mean rollout length (0: max_new_tokens/2)",
                                      low=0.0)
+    random_target_cut_rate: float = _f(0.0, "random termination: also match this share of cut rollouts "
+                                       "(0: off, the cut rate follows from the hazard)", low=0.0, high=1.0,
+                                       high_open=True)
     gate: str = _f("none", "kat: none (the paper's rule) or drift (a low run counts only after a drift token)",
                    choices=("none", "drift"))
     drift_prob: float = _f(0.02, "a sampled token at or after exempt to which the teacher gives a probability "

@@ -5,9 +5,10 @@ For each problem the model samples k completions; c of them are correct.
     avg@k  = mean over problems of c / k
     pass@k = mean over problems of 1 - C(n - c, k) / C(n, k)      (here n = k samples)
 
-Graders:
-- ``exact``: the toy world's final ``A=<int>``, compared as integers (as strings when the
-  reference is not an integer). A completion without a parsable answer is wrong, and counted.
+Graders, by the config's name for them (`GRADER_FUNCTIONS`: where each one's answer extraction
+and grading live, imported on first use, so this module depends on no task):
+- ``exact``: the toy world's (kat.toy.world): the final ``A=<int>``, compared as integers. A
+  completion without a parsable answer is wrong, and counted.
 - ``math``: math-verify's parse + verify (``\\boxed{}``, LaTeX, plain numbers, symbolic
   equivalence). Its default timeouts use ``signal.alarm``, which only works in the main thread,
   so outside the main thread the grader runs without them.
@@ -26,6 +27,7 @@ read by `kat.data`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -39,6 +41,9 @@ import torch
 from kat.config import allowed
 
 GRADERS = allowed("grader")  # ("exact", "math")
+# name -> (module, its answer extractor, its grader): extract(completion) -> str | None, grade(completion, answer)
+GRADER_FUNCTIONS = {"exact": ("kat.toy.world", "extract_answer", "grade"),
+                    "math": ("kat.evaluate", "_math_answer", "_math_grade")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,16 +85,16 @@ def mean_pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # Graders
 
+def _grader_function(grader: str, which: int):
+    if grader not in GRADER_FUNCTIONS:
+        raise ValueError(f"unknown grader {grader!r}; choose one of {GRADERS}")
+    module, *names = GRADER_FUNCTIONS[grader]
+    return getattr(importlib.import_module(module), names[which])
+
+
 def extract_answer(completion: str, grader: str = "exact") -> str | None:
     """The final answer a grader would read from ``completion``, or None if there is none."""
-    if grader == "exact":
-        from kat.toy.world import extract_answer as toy_answer
-
-        return toy_answer(completion)
-    if grader == "math":
-        parsed = _math_parse(completion)
-        return str(parsed[-1]) if parsed else None
-    raise ValueError(f"unknown grader {grader!r}; choose one of {GRADERS}")
+    return _grader_function(grader, 0)(completion)
 
 
 def grade(completion: str, answer: str, grader: str = "exact") -> bool:
@@ -97,18 +102,7 @@ def grade(completion: str, answer: str, grader: str = "exact") -> bool:
 
     Never raises on a malformed completion: an answer that cannot be read is wrong.
     """
-    if grader == "exact":
-        pred = extract_answer(completion, "exact")
-        if pred is None:
-            return False
-        ref = str(answer).strip()
-        try:
-            return int(pred) == int(ref)
-        except ValueError:
-            return pred == ref
-    if grader == "math":
-        return _math_grade(completion, str(answer))
-    raise ValueError(f"unknown grader {grader!r}; choose one of {GRADERS}")
+    return _grader_function(grader, 1)(completion, str(answer))
 
 
 # Seconds math-verify may spend parsing or comparing one answer. Generous on purpose: the first
@@ -130,6 +124,11 @@ def _math_parse(text: str) -> list:
                      parsing_timeout=_timeout_s())
     except Exception:  # a parser failure on model output is a wrong answer, not a crash
         return []
+
+
+def _math_answer(completion: str) -> str | None:
+    parsed = _math_parse(completion)
+    return str(parsed[-1]) if parsed else None
 
 
 def _math_grade(completion: str, answer: str) -> bool:

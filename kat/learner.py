@@ -18,18 +18,20 @@ Every loss counts only positions in ``rollout.loss_mask`` (the kept part of each
 
 The step normalises by the number of loss tokens over the whole rollout on all processes, so the
 gradient is the same whatever the micro-batch size or the number of processes (Accelerate's recipe
-for token-level losses under gradient accumulation).
+for token-level losses under gradient accumulation). `KeptTokenNormaliser` is the normalisation
+control (Config.norm_from): the same loss divided by the kept-token count of a matched run instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 
 import torch
 from torch import Tensor
 
-from kat.config import allowed, check_value
+from kat.config import ConfigError, allowed, check_value
 from kat.rollout import Rollout
 from kat.scorer import reverse_kl, token_logp
 
@@ -328,3 +330,56 @@ def build_optimizer(model: torch.nn.Module, lr: float, steps: int, warmup_ratio:
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(warmup_ratio * steps), steps)
     return optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------
+# The normalisation control
+
+class ScaledBackward:
+    """An Accelerator whose backward scales every loss by `scale` (everything else passes through).
+
+    The normalisation control (cfg.norm_from): with scale = N_own / N_matched the step's loss is
+    sum(loss) / N_matched instead of sum(loss) / N_own, gradient clipping included, while every
+    token stays in the loss. The logged loss stays the mean over this run's own tokens.
+    """
+
+    def __init__(self, accelerator, scale: float):
+        self._accelerator, self._scale = accelerator, scale
+
+    def backward(self, loss, **kw) -> None:
+        self._accelerator.backward(loss * self._scale, **kw)
+
+    def __getattr__(self, name: str):
+        return getattr(self._accelerator, name)
+
+
+def matched_kept_tokens(path: str) -> dict[int, float]:
+    """step (0-based) -> kept tokens per rollout that a matched run logged (its metrics.jsonl)."""
+    with open(path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return {r["step"] - 1: r["kept_length"] for r in rows if "kept_length" in r}
+
+
+class KeptTokenNormaliser:
+    """The normalisation control: OPD whose loss at step k is divided by the kept-token count that a
+    matched run (`path`, its metrics.jsonl) logged at step k, instead of this run's own count.
+
+    The matched run's counts are read once, here; a file without one of steps 1..`steps` is refused
+    now, before any training. `accelerator(acc, step, rollout)` is what `learn` takes for that step.
+    """
+
+    def __init__(self, path: str, steps: int):
+        self.path = path
+        self.kept = matched_kept_tokens(path)
+        missing = [step for step in range(steps) if step not in self.kept]
+        if missing:
+            raise ConfigError(f"norm_from: {path!r} has no step {missing[0] + 1}; point it at the metrics.jsonl "
+                              "of a finished run with at least as many steps")
+
+    def accelerator(self, accelerator, step: int, rollout: Rollout) -> ScaledBackward:
+        """The ScaledBackward whose loss is normalised by the matched run's kept tokens at `step`
+        (the same number of rows per step)."""
+        own = accelerator.reduce(rollout.loss_mask.sum().to(accelerator.device, torch.float32), "sum").item()
+        rows = accelerator.reduce(torch.tensor(float(rollout.stop.numel()), device=accelerator.device),
+                                  "sum").item()
+        return ScaledBackward(accelerator, own / max(self.kept[step] * rows, 1.0))  # N_own / N_matched

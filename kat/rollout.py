@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -54,6 +54,8 @@ class Rollout:
     shadow_cut: Tensor | None = None  # (B,) long: where a shadow detector would have cut, -1 if not
     scored: bool = True  # False: sampled with score=False; student_logp / teacher_logp are NaN
     teacher_logits: Tensor | None = None  # (N, V) model dtype, N = loss_mask.sum(): see above
+    # the sampler's counts of the batch (decode_steps, slot_steps): an attribute, not a field (not per row)
+    engine: ClassVar[dict | None] = None
 
     @property
     def lengths(self) -> Tensor:
@@ -102,6 +104,13 @@ class Rollout:
                 v = v[:, :T]  # (b, T', ...)
             out[f.name] = v
         return Rollout(**out)
+
+    def with_kl(self, kl: Tensor) -> Rollout:
+        """The same rollout with `kl` replaced (an unscored rollout takes the learner's d_t); the
+        sampler's counts go with it."""
+        out = replace(self, kl=kl)
+        out.engine = self.engine
+        return out
 
     def to(self, device: torch.device | str) -> Rollout:
         out = {}

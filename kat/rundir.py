@@ -130,19 +130,6 @@ def check_tracker(name: str) -> None:
                           "or leave log_with empty")
 
 
-def check_start(cfg) -> tuple[list[str], str]:
-    """(what overwrite_output_dir removes, the checkpoint to resume or ""), every check made before
-    the models load: the tracker, the output folder, the checkpoint and its config against cfg."""
-    from kat.checkpoint import find_checkpoint, read_progress
-
-    check_tracker(cfg.log_with)
-    overwrite = check_output_dir(cfg)
-    ckpt = find_checkpoint(cfg) or ""
-    if ckpt:
-        check_resume(cfg, ckpt, read_progress(ckpt))
-    return overwrite, ckpt
-
-
 def _keep(row: dict, step: int, traces: bool) -> bool:
     """Rows written up to the checkpoint of `step`: the final evaluation of `step` comes after its save."""
     s = row.get("step")

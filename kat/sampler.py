@@ -68,6 +68,9 @@ from torch import Tensor
 
 from kat.config import check_value
 from kat.distributed import any_process, draw_range
+from kat.draw import positions as _positions
+from kat.draw import sample_token
+from kat.draw import uniforms as _uniforms
 from kat.rollout import STOP_EOS, STOP_LENGTH, RolloutBuffer
 from kat.scorer import ChunkScores, check_finite, score_chunk
 
@@ -88,46 +91,6 @@ def sampling_mode(terminator, score: bool = True) -> Mode:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling from logits
-# ---------------------------------------------------------------------------------------------
-
-def sample_token(logits: Tensor, u: Tensor | None, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
-    """Draw one token per row from softmax(logits / temperature) restricted to the top-p nucleus.
-
-    Args:
-        logits: (A, V) next-token logits, any float dtype.
-        u: (A,) uniforms in [0, 1), one per row; the token is the inverse CDF of u over the row's
-            probabilities sorted in descending order. Ignored (may be None) when temperature == 0.
-        temperature: 0 means greedy (argmax of the raw logits).
-        top_p: keep the smallest set of most likely tokens whose mass reaches top_p.
-    Returns:
-        (A,) long token ids.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)  # (A,)
-    logits = logits.float()
-    probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # (A, V)
-    probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (A, V) each
-    if top_p < 1.0:
-        # nucleus: keep token i while the mass strictly before it is < top_p (the first one always stays)
-        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)  # (A, V)
-    cdf = probs.cumsum(dim=-1)  # (A, V) unnormalised; the kept mass is cdf[:, -1]
-    total = cdf[:, -1:].contiguous()  # (A, 1)
-    # inverse CDF: the first i with cdf_i > u * total; rounding can land u * total on the end of the
-    # cdf, so clamp to the first index reaching the total, which is a token with positive mass
-    idx = torch.searchsorted(cdf, u[:, None].to(cdf.dtype) * total, right=True)  # (A, 1)
-    idx = torch.minimum(idx, torch.searchsorted(cdf, total))  # (A, 1)
-    return order.gather(-1, idx).squeeze(-1)  # (A,)
-
-
-def _uniforms(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """(n,) uniforms from `generator` (or the global RNG), drawn on the generator's own device."""
-    if generator is None:
-        return torch.rand(n, device=device)
-    return torch.rand(n, generator=generator, device=generator.device).to(device)
-
-
-# ---------------------------------------------------------------------------------------------
 # Model calls and cache row selection
 # ---------------------------------------------------------------------------------------------
 
@@ -144,11 +107,6 @@ def decode_attention(device: torch.device):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([getattr(SDPBackend, name) for name in DECODE_SDPA_BACKENDS])
-
-
-def _positions(attention_mask: Tensor) -> Tensor:
-    """Position ids for a left-padded mask: real tokens count 0, 1, ...; pads get 0 (never attended)."""
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (A, L)
 
 
 def _forward(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache,
@@ -211,6 +169,8 @@ class _Active:
     t_last: Tensor | None = None  # (A, V) lockstep: teacher logits for the next position
     t_cache: object = None
     pad: bool = False  # every row has ended; the one row left only feeds pad forwards (`_pad_chunk`)
+    decode_steps: int = 0  # student decode forwards so far
+    row_steps: int = 0  # rows sampled at each position, summed (the slot engine's slot_steps)
     error: FloatingPointError | None = None  # the first non-finite chunk, raised once decoding has ended
 
     def keep(self, live: Tensor) -> None:
@@ -274,6 +234,8 @@ def _student_chunk(student, act: _Active, c: int, t: int, *, max_new_tokens: int
             s_last, act.s_cache = _forward(student, tokens[:, j : j + 1], attn[:, : L + j + 1], positions[:, j : j + 1],
                                            act.s_cache, True)
             act.s_last = s_last[:, -1]  # (A, V)
+            act.decode_steps += 1
+        act.row_steps += A
     act.attn = attn  # (A, L + c)
     return tokens, valid, alive, s_chunk
 
@@ -359,12 +321,72 @@ def _score_posthoc(teacher, prompt_ids: Tensor, prompt_mask: Tensor, buf: Rollou
         buf.write_scores(chunk_rows, t0, scores, valid)
 
 
+def _run_dynamic(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, mode: Mode, buf_args: tuple,
+                 stop: Tensor, cut: Tensor, terminator, state, max_new_tokens: int, eos: Tensor, pad_token_id: int,
+                 temperature: float, top_p: float, chunk: int, topk: int, generator, first: int,
+                 n_draw: int) -> tuple[RolloutBuffer, dict]:
+    """The DynamicCache loop (the module docstring): rows leave both caches as they end."""
+    B = prompt_ids.shape[0]
+    held: list[tuple[Tensor, int, Tensor]] = []  # post-hoc: (rows, t0, student chunk logits)
+    act = _prefill(student, teacher, prompt_ids, prompt_mask, mode)
+    topk = min(topk, act.s_last.shape[-1])  # K >= V keeps the whole vocabulary (empty tail)
+    buf = RolloutBuffer(B, max_new_tokens, topk, *buf_args)
+    if mode is Mode.UNSCORED:
+        buf.mark_unscored()
+    t = 0  # completion position of the chunk's first token
+    while any_process(not act.pad):  # until no row is alive on any process (kat.distributed)
+        c = min(chunk, max_new_tokens - t)
+        tokens, valid, alive, s_chunk = _student_chunk(
+            student, act, c, t, max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad_token_id,
+            temperature=temperature, top_p=top_p, generator=generator, first=first, n_draw=n_draw,
+            keep_logits=mode is not Mode.UNSCORED)
+        if act.pad:  # every row here has ended: the pad row keeps this process's forwards in step
+            t = _pad_chunk(teacher, act, mode, tokens, valid, s_chunk, t, topk)
+            continue
+        buf.write_tokens(act.rows, t, tokens, valid)
+        scores = None
+        if mode is Mode.LOCKSTEP:
+            scores = _teacher_chunk(teacher, act, tokens, valid, s_chunk, t, topk, buf)
+        elif mode is Mode.POSTHOC:
+            held.append((act.rows, t, torch.stack(s_chunk, dim=1)))  # (A, c, V) model dtype
+        act.pos = act.pos + c
+
+        # Which rows end here: EOS, length, or the terminator.
+        ended = ~alive | (t + c >= max_new_tokens)  # (A,)
+        stop[act.rows[~alive]] = STOP_EOS
+        if terminator is not None:
+            ended = ended | _terminate(terminator, state, act, valid, scores, t, B, stop, cut)
+        t += c
+        if ended.any():  # ended rows leave the batch and both caches, so later chunks cost less
+            act.keep(~ended)
+    return buf, {"held": held, "error": act.error, "decode_steps": act.decode_steps, "slot_steps": act.row_steps,
+                 "topk": topk}
+
+
+def _run_slots(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, mode: Mode, buf_args: tuple,
+               slots: int, compiled: bool, **kw) -> tuple[RolloutBuffer, dict]:
+    """The slot engine (kat.engine): S slots of fixed-shape caches, refilled as rows end."""
+    from kat.engine import run_slots
+
+    vocab = student.get_output_embeddings().weight.shape[0]
+    topk = min(kw.pop("topk"), vocab)
+    buf = RolloutBuffer(prompt_ids.shape[0], kw["max_new_tokens"], topk, *buf_args)
+    if mode is Mode.UNSCORED:
+        buf.mark_unscored()
+    out = run_slots(student, teacher, prompt_ids, prompt_mask, slots=slots, lockstep=mode is Mode.LOCKSTEP,
+                    keep_logits=mode is not Mode.UNSCORED, buf=buf, topk=topk, compiled=compiled, **kw)
+    return buf, {**out, "topk": topk}
+
+
+DECODES = ("dynamic", "static")
+
+
 @torch.no_grad()
 def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
            eos_token_id: int | Sequence[int], pad_token_id: int, temperature: float = 1.0,
            top_p: float = 1.0, chunk: int = 8, terminator=None, topk: int = 0,
            generator: torch.Generator | None = None, global_rows: tuple[int, int] | None = None,
-           score: bool = True, teacher_cache_mb: float = 0.0):
+           score: bool = True, teacher_cache_mb: float = 0.0, slots: int = 0, decode: str = "dynamic"):
     """Sample completions from `student`, scored by `teacher`, with online termination.
 
     Args:
@@ -387,56 +409,40 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new
             kl / student_logp / teacher_logp stay NaN and the teacher never runs here.
         teacher_cache_mb: lockstep only: keep the teacher's logits at kept positions in `Rollout.teacher_logits`
             (the `full` loss's target) while what is held fits this many MiB (0: never; module docstring).
+        slots: S > 0 streams the B rows through S slots of fixed-shape caches, refilled as rows end
+            (kat.engine); 0 with decode "dynamic" is the DynamicCache loop above. The tokens are the same.
+        decode: "dynamic" (DynamicCache; the slot engine when slots > 0) or "static" (the slot engine,
+            S = slots or B, its decode step compiled with CUDA graphs on a CUDA device).
     Returns:
         (rollout, state): the `Rollout` (T = longest completion) and the terminator state to pass
-        to `terminator.end_batch` (None without a terminator).
+        to `terminator.end_batch` (None without a terminator). `rollout.engine` holds the counts
+        (decode_steps: student decode forwards; slot_steps: rows (slots) sampled, summed over positions).
     """
     _check_args(prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, chunk, topk, score, teacher_cache_mb)
+    if decode not in DECODES or not isinstance(slots, int) or slots < 0:
+        raise ValueError(f"decode must be one of {DECODES} and slots a non-negative int, got {decode!r}, {slots!r}")
     device, B = prompt_ids.device, prompt_ids.shape[0]
     prompt_mask = prompt_mask.bool()
-    eos = _eos_ids(eos_token_id, device)  # (E,)
     first, n_draw = draw_range(global_rows, B)
     mode = sampling_mode(terminator, score)
     state = terminator.start(B, device=device) if terminator is not None else None
     stop = torch.full((B,), STOP_LENGTH, dtype=torch.long, device=device)  # overwritten on EOS / fire
     cut = torch.full((B,), -1, dtype=torch.long, device=device)  # -1: not cut
-    held: list[tuple[Tensor, int, Tensor]] = []  # post-hoc: (rows, t0, student chunk logits)
-
-    act = _prefill(student, teacher, prompt_ids, prompt_mask, mode)
-    topk = min(topk, act.s_last.shape[-1])  # K >= V keeps the whole vocabulary (empty tail)
-    buf = RolloutBuffer(B, max_new_tokens, topk, pad_token_id, device, teacher_cache_mb * (mode is Mode.LOCKSTEP))
-    if mode is Mode.UNSCORED:
-        buf.mark_unscored()
-    t = 0  # completion position of the chunk's first token
+    kw = dict(mode=mode, buf_args=(pad_token_id, device, teacher_cache_mb * (mode is Mode.LOCKSTEP)), stop=stop,
+              cut=cut, terminator=terminator, state=state, max_new_tokens=max_new_tokens,
+              eos=_eos_ids(eos_token_id, device), pad_token_id=pad_token_id, temperature=temperature, top_p=top_p,
+              chunk=chunk, topk=topk, generator=generator, first=first, n_draw=n_draw)
     with decode_attention(student.device):  # CUDA: no cuDNN attention while decoding (DECODE_SDPA_BACKENDS)
-        while any_process(not act.pad):  # until no row is alive on any process (kat.distributed)
-            c = min(chunk, max_new_tokens - t)
-            tokens, valid, alive, s_chunk = _student_chunk(
-                student, act, c, t, max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad_token_id,
-                temperature=temperature, top_p=top_p, generator=generator, first=first, n_draw=n_draw,
-                keep_logits=mode is not Mode.UNSCORED)
-            if act.pad:  # every row here has ended: the pad row keeps this process's forwards in step
-                t = _pad_chunk(teacher, act, mode, tokens, valid, s_chunk, t, topk)
-                continue
-            buf.write_tokens(act.rows, t, tokens, valid)
-            scores = None
-            if mode is Mode.LOCKSTEP:
-                scores = _teacher_chunk(teacher, act, tokens, valid, s_chunk, t, topk, buf)
-            elif mode is Mode.POSTHOC:
-                held.append((act.rows, t, torch.stack(s_chunk, dim=1)))  # (A, c, V) model dtype
-            act.pos = act.pos + c
-
-            # Which rows end here: EOS, length, or the terminator.
-            ended = ~alive | (t + c >= max_new_tokens)  # (A,)
-            stop[act.rows[~alive]] = STOP_EOS
-            if terminator is not None:
-                ended = ended | _terminate(terminator, state, act, valid, scores, t, B, stop, cut)
-            t += c
-            if ended.any():  # ended rows leave the batch and both caches, so later chunks cost less
-                act.keep(~ended)
-    if act.error is not None:
-        raise act.error
+        if slots > 0 or decode == "static":
+            buf, out = _run_slots(student, teacher, prompt_ids, prompt_mask, slots=slots,
+                                  compiled=decode == "static", **kw)
+        else:
+            buf, out = _run_dynamic(student, teacher, prompt_ids, prompt_mask, **kw)
+    if out["error"] is not None:
+        raise out["error"]
     if mode is Mode.POSTHOC:
-        _score_posthoc(teacher, prompt_ids, prompt_mask, buf, held, topk)
+        _score_posthoc(teacher, prompt_ids, prompt_mask, buf, out["held"], out["topk"])
     shadow_cut = state.would_cut.clone() if terminator is not None and terminator.shadow else None  # (B,)
-    return buf.to_rollout(prompt_ids, prompt_mask, stop, cut, shadow_cut, mode is not Mode.UNSCORED), state
+    rollout = buf.to_rollout(prompt_ids, prompt_mask, stop, cut, shadow_cut, mode is not Mode.UNSCORED)
+    rollout.engine = {"decode_steps": float(out["decode_steps"]), "slot_steps": float(out["slot_steps"])}
+    return rollout, state

@@ -8,6 +8,7 @@
         learn_step(run, step, rollout)    one optimiser step on the kept tokens
         log_step(...)                     one metrics row, sums reduced over processes
         after_step(...)                   periodic evaluation, KL traces, checkpoint
+    (hooks, kat.hooks: called after sampling and after learning, to look inside a step)
     finish(run, results)                  evaluate after training, save the student, plot
 
     python -m kat train --config configs/toy.yaml [--key value ...]
@@ -25,8 +26,9 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,18 +36,20 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from kat.checkpoint import load_checkpoint, model_card, save_checkpoint, save_student
-from kat.config import Config, ConfigError, help_text, load_config, random_target, render_kw
-from kat.controls import learner_accelerator
+from kat.checkpoint import check_start, load_checkpoint, model_card, save_checkpoint, save_student
+from kat.config import Config, ConfigError, help_text, load_config, render_kw
 from kat.data import DataError, filter_long_prompts, load_eval_sets, load_problems, step_batch, step_generator
-from kat.detector import make_terminator, window_means
+from kat.decode_copy import decode_model
+from kat.engine import decode_row
 from kat.evaluate import run_eval
-from kat.learner import build_optimizer, learn
+from kat.hooks import Hook, StepContext, call_hooks
+from kat.learner import KeptTokenNormaliser, build_optimizer, learn
 from kat.models import (align_vocab, check_positions, check_tokenizers, eos_ids, load_model, load_tokenizer,
                         prepare_student, torch_dtype)
 from kat.rollout import STOP_EOS, STOP_LENGTH, Rollout
-from kat.rundir import check_start, clear_run, trim_logs
+from kat.rundir import clear_run, trim_logs
 from kat.sampler import sample
+from kat.terminators import terminator_from_config, window_means
 
 
 class TrainingError(RuntimeError):
@@ -67,6 +71,7 @@ class Run:
     optimizer: Any
     scheduler: Any
     terminator: Any
+    normaliser: KeptTokenNormaliser | None = None  # the normalisation control (cfg.norm_from), else None
     start: int = 0  # steps already done (resumed runs)
     counters: dict = field(default_factory=lambda: {"tokens_total": 0.0, "bad_in_a_row": 0})
     command: str = ""  # how the run was started, for the model card
@@ -91,20 +96,8 @@ def mixed_precision(cfg: Config) -> str:
 
 
 def build_terminator(cfg: Config, rank: int = 0):
-    if cfg.termination == "kat":
-        return make_terminator("kat", rule=cfg.rule, window=cfg.window, stride=cfg.stride,
-                               patience=cfg.patience, exempt=cfg.exempt, eta=cfg.eta,
-                               buffer_size=cfg.buffer_size, min_buffer=cfg.min_buffer,
-                               warmup_steps=cfg.warmup_steps, kappa=cfg.kappa, ema=cfg.ema, shadow=cfg.shadow,
-                               gate=cfg.gate, drift_prob=cfg.drift_prob)
-    if cfg.termination == "drift":
-        return make_terminator("drift", exempt=cfg.exempt, drift_prob=cfg.drift_prob,
-                               warmup_steps=cfg.warmup_steps, shadow=cfg.shadow)
-    if cfg.termination == "random":
-        return make_terminator("random", target_length=random_target(cfg), exempt=cfg.exempt,
-                               max_new_tokens=cfg.max_new_tokens,
-                               seed=cfg.seed + rank)  # independent cut positions on each process
-    return make_terminator("none")
+    """The run's terminator (kat.terminators): a random control draws its own cuts on each process."""
+    return terminator_from_config(cfg, rank)
 
 
 def load_models(cfg: Config, device: torch.device):
@@ -159,6 +152,7 @@ def setup(cfg: Config) -> Run:
         clear_run(cfg.output_dir, overwrite)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
+    normaliser = KeptTokenNormaliser(cfg.norm_from, cfg.steps) if cfg.norm_from else None  # read once
     problems, eval_sets = load_data(cfg)
     tokenizer, student, teacher, eos = load_models(cfg, accelerator.device)
     problems = filter_long_prompts(tokenizer, problems, cfg.max_prompt_length, render_kw=render_kw(cfg),
@@ -167,7 +161,7 @@ def setup(cfg: Config) -> Run:
     optimizer, scheduler = build_optimizer(student, cfg.lr, cfg.steps, cfg.warmup_ratio, cfg.weight_decay)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     return Run(cfg, accelerator, tokenizer, student, teacher, eos, problems, eval_sets, optimizer, scheduler,
-               build_terminator(cfg, accelerator.process_index), checkpoint=ckpt)
+               build_terminator(cfg, accelerator.process_index), normaliser, checkpoint=ckpt)
 
 
 # --- Checkpoints (kat.checkpoint): atomic, resumable, the last `keep_last` kept --------------------
@@ -257,6 +251,7 @@ def rollout_metrics(r: Rollout) -> dict:
     }
     if r.shadow_cut is not None:
         out["shadow_rows"] = float((r.shadow_cut >= 0).sum())
+    out.update(r.engine or {})  # decode_steps, slot_steps (kat.engine.decode_row)
     return out
 
 
@@ -300,8 +295,8 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
     parameters and buffers would drift apart.
     """
     cfg, acc, terminator = run.cfg, run.accelerator, run.terminator
-    _, prompt_ids, prompt_mask = step_batch(run.tokenizer, run.problems, step, cfg, acc.process_index,
-                                            acc.num_processes, acc.device)
+    batch_rows, prompt_ids, prompt_mask = step_batch(run.tokenizer, run.problems, step, cfg, acc.process_index,
+                                                     acc.num_processes, acc.device)
     rows = prompt_ids.shape[0]
     run.student.eval()
     try:
@@ -310,7 +305,7 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
         # score=False with the `full` loss: unless the terminator reads the KL while decoding,
         # the learner's teacher pass gives it (kat.sampler's unscored mode); when it does, lockstep
         # keeps the teacher's logits for the learner (teacher_cache_mb) so the teacher runs once
-        rollout, state = sample(acc.unwrap_model(run.student), run.teacher, prompt_ids, prompt_mask,
+        rollout, state = sample(decode_model(run), run.teacher, prompt_ids, prompt_mask,
                                 max_new_tokens=cfg.max_new_tokens, eos_token_id=run.eos,
                                 pad_token_id=run.tokenizer.pad_token_id, temperature=cfg.temperature,
                                 top_p=cfg.top_p, chunk=cfg.chunk, terminator=terminator,
@@ -318,7 +313,11 @@ def sample_step(run: Run, step: int) -> tuple[Rollout, float | None, bool] | Non
                                 generator=step_generator(cfg.seed, step, acc.device),
                                 global_rows=(acc.process_index * rows, acc.num_processes * rows),
                                 score=cfg.loss != "full",
-                                teacher_cache_mb=cfg.teacher_cache_mb if cfg.loss == "full" else 0.0)
+                                teacher_cache_mb=cfg.teacher_cache_mb if cfg.loss == "full" else 0.0,
+                                slots=cfg.rollout_slots, decode=cfg.decode)
+        if cfg.termination == "oracle":  # toy only: the cut at the world's ground truth (kat.toy.oracle)
+            from kat.toy.oracle import oracle_rollout
+            rollout = oracle_rollout(rollout, [p["prompt"] for p in batch_rows], run.tokenizer)
         problem = None
     except FloatingPointError as err:  # non-finite logits or KL: reported with rows and positions
         problem = f"step {step + 1}, process {acc.process_index}: {err}"
@@ -336,7 +335,7 @@ def learn_step(run: Run, step: int, rollout: Rollout) -> tuple[dict, Rollout] | 
     """One optimiser step on the loss-masked tokens, globally normalised. Returns the learner's
     stats and the rollout with its KL filled in (an unscored rollout takes the learner's d_t),
     or None when the step was skipped for a non-finite loss."""
-    accelerator = learner_accelerator(run.accelerator, run.cfg.norm_from, step, rollout)  # cfg.norm_from: control
+    accelerator = run.normaliser.accelerator(run.accelerator, step, rollout) if run.normaliser else run.accelerator
     stats = learn(run.student, rollout, run.optimizer, run.scheduler, accelerator,
                   kind=run.cfg.loss, micro_batch_size=run.cfg.micro_batch_size, teacher=run.teacher,
                   max_grad_norm=run.cfg.max_grad_norm)
@@ -347,7 +346,7 @@ def learn_step(run: Run, step: int, rollout: Rollout) -> tuple[dict, Rollout] | 
         return None
     run.counters["bad_in_a_row"] = 0
     if not rollout.scored:
-        rollout = replace(rollout, kl=stats["token_kl"].to(rollout.kl.device))
+        rollout = rollout.with_kl(stats["token_kl"].to(rollout.kl.device))
     return stats, rollout
 
 
@@ -379,6 +378,7 @@ def log_step(run: Run, step: int, rollout: Rollout, stats: dict, threshold: floa
     }
     if "shadow_rows" in sums:
         row["shadow_rate"] = sums["shadow_rows"] / sums["rows"]
+    row.update(decode_row(sums, run.accelerator.num_processes))
     log_row(run, row)
     return row
 
@@ -424,8 +424,9 @@ def close(run: Run) -> None:
 
 # --- The loop -------------------------------------------------------------------------------------
 
-def train(cfg: Config, command: str = "") -> dict:
-    """Run the loop; `command` (how it was launched) goes into the saved student's model card."""
+def train(cfg: Config, command: str = "", hooks: Sequence[Hook] = ()) -> dict:
+    """Run the loop; `command` (how it was launched) goes into the saved student's model card, and
+    each of `hooks` is called after sampling and after learning of every step (kat.hooks)."""
     run = setup(cfg)
     run.command = command
     resume(run)
@@ -444,12 +445,14 @@ def train(cfg: Config, command: str = "") -> dict:
                 continue
             rollout, threshold, active = sampled
             t1 = time.perf_counter()
+            hooked = call_hooks(hooks, StepContext("sampled", run, step, rollout, threshold, active))
             learned = learn_step(run, step, rollout)  # 2. one optimiser step
             t2 = time.perf_counter()
             if learned is None:
                 continue
             stats, rollout = learned
-            row = log_step(run, step, rollout, stats, threshold, active, (t1 - t0, t2 - t1))  # 3. log
+            row = log_step(run, step, rollout, stats, threshold, active, (t1 - t0, t2 - t1 - hooked))  # 3. log
+            call_hooks(hooks, StepContext("learned", run, step, rollout, threshold, active, stats, row))
             bar.set_postfix(loss=f"{row['loss']:.3f}", kl=f"{row['kl']:.3f}",
                             thr="-" if threshold is None else f"{threshold:.3f}",
                             cut=f"{row['cut_rate']:.2f}", len=f"{row['mean_length']:.0f}")

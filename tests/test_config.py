@@ -204,8 +204,7 @@ def _takers() -> dict:
     import torch
     from accelerate import Accelerator
 
-    from kat.controls import DriftTerminator
-    from kat.detector import RandomTerminator, TrapDetector
+    from kat.terminators import DriftTerminator, RandomTerminator, TrapDetector
     from kat.learner import build_optimizer, learn
     from kat.sampler import _check_args
 
@@ -256,7 +255,7 @@ def test_classes_reject_exactly_what_config_rejects(name):
 
 
 def test_cross_field_rules_are_the_classes_rules():
-    from kat.detector import RandomTerminator, TrapDetector
+    from kat.terminators import RandomTerminator, TrapDetector
 
     pairs = [
         (["--window", "4", "--stride", "8"], lambda: TrapDetector(window=4, stride=8)),

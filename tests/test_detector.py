@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kat.detector import (DriftTerminator, NoTerminator, RandomTerminator, TerminatorState, TrapDetector,
-                          all_gather_cat, make_terminator)
+from kat.terminators import (DriftTerminator, NoTerminator, RandomTerminator, TerminatorState, TrapDetector,
+                             all_gather_cat, make_terminator)
 from kat.rollout import STOP_RANDOM, STOP_TRAP
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -316,3 +316,16 @@ def test_cli_chat_template_kwargs_reach_the_template(tiny_world, capsys, monkeyp
     assert seen and all(kw == {"enable_thinking": False, "depth": 2} for kw in seen)
     status, _, err = run_cli([*argv, "--chat-template-kwargs", "[1, 2]"], capsys)
     assert status == 2 and err.startswith("error: chat_template_kwargs: expected a mapping") and err.count("\n") == 1
+
+
+def test_graders_are_named_in_one_registry_and_exact_is_the_toy_worlds():
+    from kat.evaluate import GRADER_FUNCTIONS, GRADERS, extract_answer, grade
+    from kat.toy import world
+
+    assert set(GRADER_FUNCTIONS) == set(GRADERS)
+    for text, answer in (("x=3; A=12", "12"), ("A=12 A=-4", "-4"), ("A=7", "8"), ("no answer", "1"), ("A=5", "5.0")):
+        assert grade(text, answer, "exact") == world.grade(text, answer)
+        assert extract_answer(text, "exact") == world.extract_answer(text)
+    assert grade("A=12", " 12 ") and not grade("A=5", "5.0") and extract_answer("none") is None
+    with pytest.raises(ValueError, match="unknown grader"):
+        grade("A=1", "1", "fuzzy")

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments.arms import arm_overrides
+from experiments.report import markdown_table, shadow_summary
+from experiments.runs import summarize_run
+from experiments.shadow import as_traces, pick_examples, run_shadow, shadow_rollouts, train_problems
+from experiments.table import run_table
 from kat.config import Config, load_config
-from kat.experiments.arms import arm_overrides
-from kat.experiments.report import markdown_table, shadow_summary
-from kat.experiments.runs import summarize_run
-from kat.experiments.shadow import as_traces, pick_examples, run_shadow, shadow_rollouts, train_problems
-from kat.experiments.table import run_table
 from kat.plot import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +63,8 @@ def test_gated_contrast_and_normalisation_arms():
 
 def test_seeds_are_a_count_or_a_list():
     from kat.config import ConfigError
-    from kat.experiments.arms import seed_list
-    from kat.experiments.cli import parse_seeds
+    from experiments.arms import seed_list
+    from experiments.cli import parse_seeds
 
     assert parse_seeds("5", "table1") == 5 and parse_seeds(None, "table1") == 3 and parse_seeds(None, "shadow") == 1
     assert parse_seeds("0,1,2,3,4", "table1") == [0, 1, 2, 3, 4] and parse_seeds("7,", "shadow") == [7]
@@ -75,7 +75,7 @@ def test_seeds_are_a_count_or_a_list():
 
 
 def test_per_seed_differences_to_opd():
-    from kat.experiments.report import per_seed_table
+    from experiments.report import per_seed_table
 
     def row(arm, values):
         return {"arm": arm, "label": arm.upper(), "runs": [f"/o/rich/{arm}/seed{s}" for s in (0, 4)],
@@ -190,7 +190,7 @@ def test_examples_are_cut_rollouts_of_distinct_prompts_first():
 
 
 def test_shadow_rollouts_record_what_the_detector_decides(tiny_world):
-    from kat.detector import TrapDetector
+    from kat.terminators import TrapDetector
     from kat.evaluate import grade
     from kat.models import load_model
     from kat.toy.world import read_jsonl as toy_rows
@@ -228,7 +228,7 @@ def test_shadow_rollouts_record_what_the_detector_decides(tiny_world):
 def test_shadow_batches_are_the_training_loops_batches(tiny_world, tmp_path):
     """At the same step the shadow loop samples the prompts and tokens, and scores the KL, that
     kat.train.train does (its traces hold the step's rollouts, sampled before the update)."""
-    from kat.detector import TrapDetector
+    from kat.terminators import TrapDetector
     from kat.models import load_model
     from kat.train import train
 
@@ -286,7 +286,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_world, tmp_path):
 def test_git_commit_names_this_checkout():
     import subprocess
 
-    from kat.experiments.runs import git_commit
+    from experiments.runs import git_commit
 
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     if head.returncode != 0:
@@ -299,11 +299,40 @@ def test_experiment_modules_stay_small():
     """No function over 80 lines and no module over 500 in the experiments, plots and toy stats."""
     import ast
 
-    files = [*sorted((ROOT / "kat" / "experiments").glob("*.py")), ROOT / "kat" / "plot.py",
-             ROOT / "kat" / "toy" / "stats.py"]
+    files = [*sorted((ROOT / "experiments").glob("*.py")), ROOT / "kat" / "plot.py"]
     for path in files:
         text = path.read_text()
         assert len(text.splitlines()) <= 500, path
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 assert node.end_lineno - node.lineno + 1 <= 80, f"{path.name}: {node.name}"
+
+
+@pytest.mark.parametrize("argv, new", [
+    (["experiment", "table1", "--seeds", "5"], "python -m experiments table1 --seeds 5"),
+    (["toy", "build", "--world", "rich"], "python -m experiments toy build --world rich"),
+    (["bench", "kl"], "python benchmarks/run.py kl")])
+def test_moved_package_commands_name_their_new_command(argv, new, capsys):
+    from kat.__main__ import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"`{new}`" in err[0], err
+
+
+def test_the_installed_package_does_not_import_the_experiments():
+    """kat/ is what pip installs; experiments/ and benchmarks/ stay in the source checkout."""
+    import ast
+
+    for path in (ROOT / "kat").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n.split(".")[0] in ("experiments", "benchmarks") for n in names), path
+
+
+def test_experiments_toy_command_needs_build_or_stats(capsys):
+    from experiments.__main__ import main
+
+    assert main(["toy", "train"]) == 2
+    assert "build" in capsys.readouterr().err

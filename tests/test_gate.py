@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
+from experiments.mechanism import gradient_split, mechanism_run, mechanism_summary, segment_masks
+from experiments.shadow import fixed_threshold_detector, replay_cuts
 from kat.config import Config, ConfigError, load_config
-from kat.controls import DriftTerminator
-from kat.detector import TrapDetector
-from kat.experiments.mechanism import gradient_split, mechanism_run, mechanism_summary, segment_masks
-from kat.experiments.shadow import fixed_threshold_detector, replay_cuts
+from kat.terminators import DriftTerminator
+from kat.terminators import TrapDetector
 from kat.plot import read_jsonl
 
 from conftest import tiny_models
@@ -136,7 +136,7 @@ def test_scaled_backward_divides_the_loss_by_the_matched_count(models):
     from accelerate import Accelerator
 
     from kat.learner import learn
-    from kat.controls import ScaledBackward
+    from kat.learner import ScaledBackward
 
     student, teacher = models[0], models[1]
     rollout, _ = draw(models, None)
@@ -163,7 +163,7 @@ def test_scaled_backward_divides_the_loss_by_the_matched_count(models):
 def test_norm_from_own_counts_reproduces_the_run(tiny_world, tmp_path):
     """An OPD run normalised by its own logged kept-token counts is the same run (scale 1), and a
     run normalised by a KAT run's counts logs the scale it used through its gradient norm."""
-    from kat.controls import matched_kept_tokens
+    from kat.learner import matched_kept_tokens
     from kat.train import train
 
     base = tiny_argv(tiny_world, steps=3, eval_data="", termination="none")

@@ -89,3 +89,25 @@ def test_tiny_run_measures_every_section(gpu_scale, tmp_path):
     assert kat["cut_rate"] > 0 and kat["trained"] < kat["generated"] < opd["generated"]
     text = out.with_suffix(".md").read_text()
     assert text.count("\n## ") == 6 and "gpu_scale finished" in text
+
+
+def test_tiny_run_measures_the_slot_engine(gpu_scale, tmp_path):
+    """The engine sections on CPU: every decoder decodes, the floor is positive, and through fewer
+    slots than rows OPD and the KAT stand-in generate what they do with every row in a slot, the
+    stand-in taking fewer decode forwards through the small S."""
+    out = tmp_path / "engine"
+    assert gpu_scale.main(["--tiny", "--threads", "1", "--sections", "engine,engine_step", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    engine = res["engine"]
+    assert engine["floor_ms"] > 0 and engine["bandwidth_GBps"] > 0
+    decoders = {k: v for k, v in engine.items() if isinstance(v, dict)}
+    assert set(decoders) == {"kat.sampler.sample, DynamicCache (baseline)", "slot engine, eager"}  # CPU
+    assert all(v["ms_per_step"] > 0 and v["steps"] >= 23 for v in decoders.values())
+    step = res["engine_step"]
+    assert step["rows"] == 16 and step["max_new_tokens"] == 48
+    for S in (4, 16):
+        opd, kat = step[f"OPD, S={S}"], step[f"KAT stand-in, S={S}"]
+        assert opd["generated"] == 16 * 48 and kat["generated"] < opd["generated"]
+    assert step["KAT stand-in, S=4"]["generated"] == step["KAT stand-in, S=16"]["generated"]
+    assert step["KAT stand-in, S=4"]["decode_steps"] < step["OPD, S=4"]["decode_steps"]
+    assert step["OPD, S=4"]["decode_steps"] == 4 * step["OPD, S=16"]["decode_steps"]

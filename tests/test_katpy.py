@@ -25,6 +25,8 @@ TOY = ROOT / "kat" / "toy" / "rich"
 # The configs the README offers to kat.py; every training config in configs/ must be one of them.
 CONFIGS = ["toy.yaml", "toy_persistent.yaml", "toy_lowlr.yaml", "qwen3_1.7b.yaml", "qwen3_4b.yaml", "smollm2_cpu.yaml",
            "smollm2_shadow.yaml"]
+# Configs that need what only kat/ has (field -> the choice kat.py lacks): kat.py refuses them in one line
+PACKAGE_CONFIGS = {"toy_harm.yaml": ("loss", "sampled")}
 # Local stand-ins in the hub datasets' schemas (DAPO's answer in reward_model.ground_truth, ...)
 HUB = {"BytedTsinghua-SIA/DAPO-Math-17k": "dapo_math_17k.jsonl", "AI-MO/aimo-validation-amc": "amc.jsonl",
        "HuggingFaceH4/MATH-500": "math500.jsonl", "math-ai/minervamath": "minervamath.jsonl",
@@ -67,7 +69,19 @@ def metrics(out: Path) -> list[dict]:
 
 def test_every_training_config_is_covered():
     offered = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
-    assert offered == sorted(CONFIGS), "a new config file must be run by test_config_runs_one_step"
+    assert offered == sorted(CONFIGS + list(PACKAGE_CONFIGS)), \
+        "a new config file must be run by test_config_runs_one_step or listed in PACKAGE_CONFIGS"
+
+
+@pytest.mark.parametrize("name", sorted(PACKAGE_CONFIGS))
+def test_package_only_configs_are_refused_in_one_line(single_file, name):
+    from kat.config import load_config
+
+    field, choice = PACKAGE_CONFIGS[name]
+    path = str(ROOT / "configs" / name)
+    assert getattr(load_config(["--config", path]), field) == choice  # the package takes it
+    with pytest.raises(SystemExit, match=f"error: {field}: '{choice}' is not one of .*python -m kat train"):
+        single_file.parse_config(["--config", path])
 
 
 def exported(name: str, pair: dict, tmp_path: Path) -> tuple[dict, Path]:
@@ -518,3 +532,15 @@ def test_a_finished_run_is_not_overwritten(single_file, tmp_path):
     single_file.check_output_dir(cfg)
     single_file.clear_own_files(cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_finished_run_is_never_replaced_silently(single_file, pair, tmp_path, one_thread, fresh_accelerator,
+                                                    capsys):
+    out = tmp_path / "run"
+    first = tiny_run(single_file, pair, out)
+    written = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(SystemExit, match="holds a run .*--overwrite_output_dir true"):
+        tiny_run(single_file, pair, out)
+    assert (out / "metrics.jsonl").read_bytes() == written
+    assert single_file.parse_config(["--overwrite_output_dir", "true"]).overwrite_output_dir is True
+    assert tiny_run(single_file, pair, out, overwrite_output_dir=True) == first  # the same run again

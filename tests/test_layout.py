@@ -1,6 +1,7 @@
-"""Readable sizes: no function in kat/ longer than 80 lines, no module longer than 500.
+"""Readable sizes: no function in kat/ or experiments/ longer than 80 lines, no module longer than 500.
 
-`python tests/test_layout.py [FILE ...]` lists the offenders of any files (every module of kat/ by default).
+`python tests/test_layout.py [FILE ...]` lists the offenders of any files (by default every module of kat/ and
+experiments/).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = sorted((ROOT / "kat").rglob("*.py"))
+MODULES = sorted([*(ROOT / "kat").rglob("*.py"), *(ROOT / "experiments").rglob("*.py")])
 MAX_FUNCTION, MAX_MODULE = 80, 500
 
 

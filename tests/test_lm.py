@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from kat.experiments.lm import find_loop, marked_text, pick_lm_examples, text_traces_figure
-from kat.experiments.report import shadow_summary
+from experiments.lm import find_loop, marked_text, pick_lm_examples, text_traces_figure
+from experiments.report import shadow_summary
 
 
 def brute_force_loop(ids, min_repeats, min_span, max_period):

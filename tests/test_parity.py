@@ -18,7 +18,7 @@ import yaml
 
 import kat
 from kat import config as pkg_config
-from kat.detector import NoTerminator, RandomTerminator, TrapDetector
+from kat.terminators import NoTerminator, RandomTerminator, TrapDetector
 from kat.learner import completion_logits, opd_loss
 from kat.sampler import sample
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from kat.detector import TrapDetector, window_means
+from kat.terminators import TrapDetector, window_means
 from kat.plot import cut_positions_figure, curves_figure, learning_curves_figure, plot_run, run_title, traces_figure
 from kat.rollout import STOP_NAMES, STOP_TRAP
 

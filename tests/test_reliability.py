@@ -13,7 +13,8 @@ from conftest import tiny_args
 import kat.train as kat_train
 from kat.checkpoint import checkpoints, find_checkpoint, read_progress
 from kat.config import _FIELDS, ConfigError, load_config
-from kat.rundir import RESUMABLE, check_start, trim_logs
+from kat.checkpoint import check_start
+from kat.rundir import RESUMABLE, trim_logs
 from kat.train import main, train
 
 

@@ -37,7 +37,7 @@ SAMPLING_PRELUDE = r"""
 import json, sys
 import torch, torch.distributed as dist
 from transformers import AutoModelForCausalLM
-from kat.detector import TrapDetector
+from kat.terminators import TrapDetector
 from kat.sampler import sample
 
 dist.init_process_group("gloo")
@@ -77,7 +77,7 @@ def test_every_process_runs_the_same_forwards_while_sampling(tiny_world, tmp_pat
     from transformers import AutoModelForCausalLM
 
     from kat.data import encode_prompts
-    from kat.detector import TrapDetector
+    from kat.terminators import TrapDetector
     from kat.sampler import sample
 
     tok = tiny_world["tokenizer"]

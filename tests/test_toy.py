@@ -235,7 +235,7 @@ def test_shipped_rich_teacher_solves_test_problems_greedily():
 # statistics helpers
 
 def test_window_means_match_a_direct_loop():
-    from kat.detector import window_means  # the one the stats and the plots use
+    from kat.terminators import window_means  # the one the stats and the plots use
 
     g = torch.Generator().manual_seed(0)
     kl = torch.rand(30, generator=g, dtype=torch.float64).float()
@@ -246,7 +246,7 @@ def test_window_means_match_a_direct_loop():
 
 
 def test_offline_detector_cuts_a_long_low_stretch_at_its_first_window():
-    from kat.toy.stats import replay_detector
+    from experiments.toy_stats import replay_detector
 
     healthy = torch.full((64,), 0.3)
     trapped = torch.full((64,), 0.3)
@@ -292,8 +292,8 @@ def reference_cuts(rows: list[list[float]], lengths: list[int], *, window: int, 
 def test_stats_cuts_equal_trap_detectors_on_the_same_kl(seed):
     """The stats replay (shadow mode, chunks of 8) cuts where a cutting TrapDetector fed in other
     chunks cuts once its buffer holds the same minima, and where the float64 rules say."""
-    from kat.detector import TrapDetector
-    from kat.toy.stats import replay_detector
+    from kat.terminators import TrapDetector
+    from experiments.toy_stats import replay_detector
 
     g = torch.Generator().manual_seed(seed)
     batch, width = 23, 70  # 0.7 * 22 is not an integer: the threshold lies strictly between two minima
@@ -329,7 +329,7 @@ def test_stats_cuts_equal_trap_detectors_on_the_same_kl(seed):
 
 
 def test_sft_is_deterministic_for_a_seed():
-    from kat.toy.build import Recipe, train
+    from experiments.toy_build import Recipe, train
 
     tok = build_tokenizer()
     recipe = Recipe(layers=1, hidden=16, ffn=32, heads=2, steps=3, lr=1e-3, warmup=1, batch_size=8, eval_every=3)
@@ -347,9 +347,9 @@ def test_sft_is_deterministic_for_a_seed():
 def test_build_with_a_shared_teacher_names_it_and_trains_only_the_student(tmp_path):
     import json
 
-    from kat.experiments.arms import world_name, world_overrides
+    from experiments.arms import world_name, world_overrides
     from kat.toy import teacher_dir
-    from kat.toy.build import Recipe, build
+    from experiments.toy_build import Recipe, build
 
     tiny = Recipe(layers=1, hidden=16, ffn=32, heads=2, steps=2, lr=1e-3, warmup=1, batch_size=4, eval_every=2)
     (tmp_path / "rich" / "teacher").mkdir(parents=True)  # stands for the shared teacher
@@ -375,7 +375,7 @@ def test_repeat_world_student_data_degenerate_more_often():
 
 
 def test_sft_batch_masks_the_prompt_and_ends_healthy_rows_with_eos():
-    from kat.toy.build import sft_batch
+    from experiments.toy_build import sft_batch
 
     tok = build_tokenizer()
     batch = sft_batch(world_specs("plain")[0], random.Random(0), 4, set(), tok)

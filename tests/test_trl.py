@@ -20,7 +20,7 @@ import warnings
 import pytest
 import torch
 
-from kat.detector import RandomTerminator, TrapDetector
+from kat.terminators import RandomTerminator, TrapDetector
 from kat.rollout import STOP_TRAP
 
 from conftest import ROOT
@@ -39,7 +39,7 @@ def trl():
 @pytest.fixture(scope="module")
 def toy():
     if not (TOY / "teacher" / "model.safetensors").is_file():
-        pytest.skip("the toy checkpoints are not built (python -m kat toy build)")
+        pytest.skip("the toy checkpoints are not built (python -m experiments toy build)")
     return load_toy()
 
 
@@ -196,9 +196,9 @@ DRIFT_PROB = 0.2  # the toy's rollouts: some rows drift after position 4 and som
 
 
 def terminator(name: str):
-    """Every terminator of kat's registry (kat.detector.terminators, both rules, the drift gate),
+    """Every terminator of kat's registry (kat.terminators.TERMINATORS, both rules, the drift gate),
     set so that it decides from the first step on the toy's 32-token completions."""
-    from kat.controls import DriftTerminator, NoTerminator
+    from kat.terminators import DriftTerminator, NoTerminator
 
     return {"quantile": lambda: armed(),
             "zscore": lambda: armed_zscore(),

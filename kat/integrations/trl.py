@@ -16,7 +16,7 @@ step (`select_tokens`):
    run the teacher's decoder again for the same tokens. Both models run as TRL's loss runs them,
    outside the autocast that Accelerate's mixed precision wraps around a prepared model's forward
    (`without_autocast`), so with ``bf16=True`` the handed-over states are TRL's own;
-2. detect: the `kat.detector.TrapDetector` runs over each completion's d_t. The whole completion
+2. detect: the `kat.terminators.TrapDetector` runs over each completion's d_t. The whole completion
    goes in as one chunk: a row's decisions depend only on its own past d_t and on the threshold,
    which is fixed during a step, so this cuts exactly where feeding it while decoding would;
 3. select: the cut segment and everything after it leave the loss (through TRL's ``tool_mask``,
@@ -61,8 +61,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kat.detector import TerminatorState, TrapDetector
 from kat.scorer import reverse_kl, token_logp
+from kat.terminators import TerminatorState, TrapDetector
 
 try:
     import trl
@@ -84,6 +84,12 @@ TEACHER_HIDDEN = "kat_teacher_hidden"  # batch key: the teacher's (B, T, H) hidd
 # Batch keys of vision-language models: the scoring forward passes text only.
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                     "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+# The default detector: the paper's settings (as in configs/qwen3_1.7b.yaml, with the paper's exempt 256);
+# TrapDetector's own defaults are kat.config's, sized for the toy world.
+PAPER_DETECTOR = dict(window=64, stride=64, patience=4, exempt=256, eta=0.3, buffer_size=4096, min_buffer=512,
+                      warmup_steps=50)
+
 
 
 def _completion_logits(model, input_ids: Tensor, attention_mask: Tensor, completion_len: int,
@@ -221,7 +227,7 @@ class KATDistillationTrainer(DistillationTrainer):
         Any kat terminator works: `kat.RandomTerminator` gives the length-matched control (it
         needs no d_t, so the scoring forwards are skipped), ``TrapDetector(shadow=True)`` logs
         would-be cuts and trains on everything, ``TrapDetector(gate="drift")`` and
-        `kat.controls.DriftTerminator` also get log q(y_t) of the sampled tokens.
+        `kat.terminators.DriftTerminator` also get log q(y_t) of the sampled tokens.
     score_batch_size: rows per scoring forward (default: ``per_device_train_batch_size``); the
         scoring pass holds (rows, completion length, vocabulary) logits of both models at once.
     reuse_teacher: keep the teacher's last hidden states from the scoring forward and hand them
@@ -238,7 +244,7 @@ class KATDistillationTrainer(DistillationTrainer):
         if self.teacher_model is None:
             raise ValueError("KATDistillationTrainer needs teacher_model: KAT's cuts come from the teacher's "
                              "per-token KL; pass a model or a path as teacher_model=")
-        detector = TrapDetector() if detector is None else detector
+        detector = TrapDetector(**PAPER_DETECTOR) if detector is None else detector
         missing = [m for m in ("start", "observe", "end_batch", "state_dict", "load_state_dict")
                    if not callable(getattr(detector, m, None))]
         if missing:

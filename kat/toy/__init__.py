@@ -1,6 +1,7 @@
 """The embedded toy world: chained arithmetic with a checkable answer (``world``), a character
-tokenizer (``tokenizer``), the build that trains its teacher and student (``build``), and the
-KL statistics that show what the world is for (``stats``).
+tokenizer (``tokenizer``). The build that trains its teacher and student and the KL statistics
+that show what the world is for live in the source checkout: experiments/toy_build.py and
+experiments/toy_stats.py (``python -m experiments toy build|stats``).
 
 Shipped files, per world (``rich`` by default, ``plain`` for contrast, ``repeat`` for traps that
 persist: the rich world's teacher and a student that repeats more often)::

@@ -65,7 +65,8 @@ WORLDS: dict[str, tuple[WorldSpec, WorldSpec]] = {
     ),
     # The rich world with a student whose data degenerates three times as often (36% vs 12%): its
     # repetition takes on-policy distillation longer to remove (the persistent-trap regime). The
-    # teacher is the rich world's (`kat toy build --world repeat --teacher-from kat/toy/rich/teacher`).
+    # teacher is the rich world's
+    # (`python -m experiments toy build --world repeat --teacher-from kat/toy/rich/teacher`).
     "repeat": (
         WorldSpec("rich", p_fwd=0.75, p_semicolon=0.75, p_repeat=0.03),
         WorldSpec("rich", p_fwd=0.25, p_semicolon=0.25, p_repeat=0.36),
@@ -190,7 +191,8 @@ def extract_answer(completion: str) -> str | None:
 
 
 def grade(completion: str, answer: str) -> bool:
-    """True when the extracted final answer equals ``answer`` as an integer."""
+    """True when the extracted final answer equals ``answer`` as an integer: the ``exact`` grader of
+    kat.evaluate (Config.grader). A completion without a parsable answer is wrong."""
     pred = extract_answer(completion)
     if pred is None:
         return False
@@ -287,3 +289,30 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
 def read_jsonl(path: str | Path) -> list[dict]:
     with Path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def trap_start(completion: str, problem: Problem) -> int | None:
+    """The ground-truth start of the trap in a completion (eos stripped): the first error or the start
+    of the first verbatim repeat, whichever comes first; None for a complete, valid solution.
+
+    ``len(completion)`` means the text is a valid prefix and the error is what comes after it: an
+    eos where a valid solution goes on, or, for a rollout cut off by the length limit, nothing yet.
+    """
+    t = trace(completion, problem)
+    found = [p for p in (t.first_error, t.repeat_start) if p is not None]
+    return min(found) if found else None
+
+
+def oracle_cut(completion: str, problem: Problem, ended: bool) -> int | None:
+    """First position the oracle excludes from the loss: one past the trap start, or None.
+
+    The token at the trap start was produced from a valid prefix, so the teacher's view of it is the
+    correction and it stays in the loss; every later token is conditioned on the broken prefix and
+    leaves. `ended`: the completion ended with eos (a premature eos is itself the error token, at
+    position len(completion)); without it a completion that is only cut short by the length limit
+    on a valid path is not cut.
+    """
+    start = trap_start(completion, problem)
+    if start is None or (start == len(completion) and not ended):
+        return None
+    return start + 1

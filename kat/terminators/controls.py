@@ -1,28 +1,26 @@
-"""Controls: terminators and loop switches that the experiments compare KAT against.
+"""Controls: the terminators that the experiments compare KAT against.
 
 - `RandomTerminator`: cuts at a random position, with a hazard adapted so that the mean rollout
   length approaches a target (the length-matched baseline the paper's RandomTerm was not).
 - `NoTerminator`: never stops anything (plain OPD).
 - `DriftTerminator`: cuts right after the first drift token, the contrast to TrapDetector's drift
   gate (does waiting for the teacher to agree matter at all?).
-- `ScaledBackward` / `learner_accelerator`: the normalisation control (Config.norm_from), OPD whose
-  loss is divided by a matched run's kept-token count instead of its own.
 
-They share kat.detector's interface and per-batch state (`kat.detector` names them too).
+They follow the interface of kat.terminators.base and share its per-batch state. The loss
+normalisation control (Config.norm_from) is the learner's: kat.learner.KeptTokenNormaliser.
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
 from torch import Tensor
 
-from kat.config import ConfigError, check_random_target, check_value
-from kat.detector import (TerminatorState, _check_chunk, _check_logp_chunk, _mark_drift, _new_state,
-                          all_gather_cat)
+from kat.config import Config, check_random_target, check_value, random_target
 from kat.rollout import STOP_RANDOM, STOP_TRAP
+from kat.terminators.base import (DEFAULTS, TerminatorState, all_gather_cat, check_chunk, check_logp_chunk,
+                                  mark_drift, new_state)
 
 
 class DriftTerminator:
@@ -42,19 +40,25 @@ class DriftTerminator:
     stop_code = STOP_TRAP
     threshold = None
 
-    def __init__(self, exempt: int = 256, drift_prob: float = 0.02, warmup_steps: int = 50, shadow: bool = False):
+    def __init__(self, exempt: int = DEFAULTS["exempt"], drift_prob: float = DEFAULTS["drift_prob"],
+                 warmup_steps: int = DEFAULTS["warmup_steps"], shadow: bool = DEFAULTS["shadow"]):
         self.exempt = int(check_value("exempt", exempt))
         self.drift_prob = float(check_value("drift_prob", drift_prob))
         self.warmup_steps = int(check_value("warmup_steps", warmup_steps))
         self.shadow = bool(shadow)
         self.steps_done = 0
 
+    @classmethod
+    def from_config(cls, cfg: Config, rank: int = 0) -> DriftTerminator:
+        """The terminator of a `termination: drift` run (the same on every process: `rank` is not read)."""
+        return cls(exempt=cfg.exempt, drift_prob=cfg.drift_prob, warmup_steps=cfg.warmup_steps, shadow=cfg.shadow)
+
     @property
     def active(self) -> bool:
         return self.steps_done >= self.warmup_steps
 
     def start(self, batch_size: int, device: torch.device | str | None = None) -> TerminatorState:
-        state = _new_state(batch_size, device)
+        state = new_state(batch_size, device)
         state.active = self.active
         state._drift = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         return state
@@ -62,14 +66,14 @@ class DriftTerminator:
     def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor,
                 teacher_logp_chunk: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Fire rows whose first drift token falls in this chunk; cut = drift position + 1."""
-        _check_chunk(state, kl_chunk, valid_chunk)
-        _check_logp_chunk("DriftTerminator", teacher_logp_chunk, kl_chunk)
+        check_chunk(state, kl_chunk, valid_chunk)
+        check_logp_chunk("DriftTerminator", teacher_logp_chunk, kl_chunk)
         log_drift = math.log(self.drift_prob)
         fired_now = torch.zeros_like(state.fired)
         for j in range(kl_chunk.shape[1]):
             t = state.pos
             before = state._drift.clone()
-            _mark_drift(state, valid_chunk[:, j] & ~state.fired, teacher_logp_chunk[:, j].double(), t,
+            mark_drift(state, valid_chunk[:, j] & ~state.fired, teacher_logp_chunk[:, j].double(), t,
                         self.exempt, log_drift)
             state.pos += 1
             if not state.active:
@@ -111,6 +115,11 @@ class RandomTerminator:
     the update undershoots and approaches the target from one side). The initial hazard solves the
     truncated-geometric mean exactly when `max_new_tokens` is given.
 
+    With `target_cut_rate` the share of cut rows is matched too: each row is eligible for a cut with
+    probability p, drawn once per batch with its position, and after each batch
+        p <- p * (target_cut_rate / cut_rate) ** gain          (ratio clamped to [1/4, 4], p <= 1)
+    beside the hazard update, which then matches the kept length of the cut and uncut rows together.
+
     With several processes, lengths are gathered so every process holds the same hazard; give each
     process its own `seed` (e.g. seed + rank) so their cut positions are independent.
     """
@@ -122,7 +131,7 @@ class RandomTerminator:
     active = True
 
     def __init__(self, target_length: float, exempt: int = 0, max_new_tokens: int | None = None,
-                 seed: int = 0, gain: float = 0.5, min_hazard: float = 1e-6):
+                 seed: int = 0, gain: float = 0.5, min_hazard: float = 1e-6, target_cut_rate: float | None = None):
         exempt = check_value("exempt", exempt)
         if max_new_tokens is not None:
             max_new_tokens = check_value("max_new_tokens", max_new_tokens)
@@ -133,7 +142,18 @@ class RandomTerminator:
         self.gain, self.min_hazard = float(gain), float(min_hazard)
         self.generator = torch.Generator().manual_seed(seed)
         self.hazard = self._initial_hazard()
+        if target_cut_rate is not None and not 0.0 < target_cut_rate < 1.0:
+            raise ValueError(f"target_cut_rate must lie in (0, 1), got {target_cut_rate!r}")
+        self.target_cut_rate = target_cut_rate
+        self.p_cut = 1.0 if target_cut_rate is None else float(target_cut_rate)
         self.steps_done = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config, rank: int = 0) -> RandomTerminator:
+        """The length-matched control of a `termination: random` run; each process (`rank`) draws its
+        own cut positions."""
+        return cls(target_length=random_target(cfg), exempt=cfg.exempt, max_new_tokens=cfg.max_new_tokens,
+                   target_cut_rate=cfg.random_target_cut_rate or None, seed=cfg.seed + rank)
 
     def _initial_hazard(self) -> float:
         excess = self.target_length - self.exempt
@@ -152,17 +172,21 @@ class RandomTerminator:
 
     def start(self, batch_size: int, device: torch.device | str | None = None) -> TerminatorState:
         """Fresh state for a batch; draws every row's cut position from the terminator's generator."""
-        state = _new_state(batch_size, device)
+        state = new_state(batch_size, device)
         state.active = True
         u = 1.0 - torch.rand(batch_size, generator=self.generator, dtype=torch.float64)  # (B,) in (0, 1]
         g = torch.floor(torch.log(u) / math.log1p(-min(self.hazard, 1.0 - 1e-12)))  # G = floor(log U / log(1-h))
-        state._planned = (self.exempt + g.clamp(max=2**40)).long().to(device)  # (B,)
+        planned = self.exempt + g.clamp(max=2**40)
+        if self.target_cut_rate is not None:  # ineligible rows: planned past any length
+            eligible = torch.rand(batch_size, generator=self.generator, dtype=torch.float64) < self.p_cut
+            planned = torch.where(eligible, planned, torch.full_like(planned, 2.0**40))
+        state._planned = planned.long().to(device)  # (B,)
         state._length = torch.zeros(batch_size, dtype=torch.long, device=device)
         return state
 
     def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) -> tuple[Tensor, Tensor]:
         """Fire rows whose planned cut falls in this chunk at a position they generated."""
-        _check_chunk(state, kl_chunk, valid_chunk)
+        check_chunk(state, kl_chunk, valid_chunk)
         width = valid_chunk.shape[1]
         offset = state._planned - state.pos  # (B,) column of the planned cut in this chunk
         in_chunk = (offset >= 0) & (offset < width)
@@ -185,6 +209,10 @@ class RandomTerminator:
         ratio = (mean_length - self.exempt) / (self.target_length - self.exempt)
         ratio = min(max(ratio, 0.25), 4.0)
         self.hazard = min(max(self.hazard * ratio**self.gain, self.min_hazard), 1.0)
+        if self.target_cut_rate is not None:
+            rate = all_gather_cat(state.fired.double()).mean().item()
+            ratio = min(max(self.target_cut_rate / max(rate, 1e-12), 0.25), 4.0)
+            self.p_cut = min(max(self.p_cut * ratio**self.gain, 1e-6), 1.0)
         self.steps_done = step + 1
 
     def summary(self, state: TerminatorState) -> dict[str, float]:
@@ -192,11 +220,12 @@ class RandomTerminator:
                 "mean_length": self.lengths(state).float().mean().item(), "hazard": self.hazard}
 
     def state_dict(self) -> dict:
-        return {"hazard": self.hazard, "steps_done": self.steps_done,
+        return {"hazard": self.hazard, "steps_done": self.steps_done, "p_cut": self.p_cut,
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, d: dict) -> None:
         self.hazard, self.steps_done = float(d["hazard"]), int(d["steps_done"])
+        self.p_cut = float(d.get("p_cut", self.p_cut))
         self.generator.set_state(d["generator"])
 
 
@@ -209,11 +238,15 @@ class NoTerminator:
     threshold = None
     active = False
 
+    @classmethod
+    def from_config(cls, cfg: Config, rank: int = 0) -> NoTerminator:
+        return cls()
+
     def start(self, batch_size: int, device: torch.device | str | None = None) -> TerminatorState:
-        return _new_state(batch_size, device)
+        return new_state(batch_size, device)
 
     def observe(self, state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) -> tuple[Tensor, Tensor]:
-        _check_chunk(state, kl_chunk, valid_chunk)
+        check_chunk(state, kl_chunk, valid_chunk)
         state.pos += kl_chunk.shape[1]
         return torch.zeros_like(state.fired), state.cut
 
@@ -228,45 +261,3 @@ class NoTerminator:
 
     def load_state_dict(self, d: dict) -> None:
         pass
-
-
-# ---------------------------------------------------------------------------------------------
-# The normalisation control
-
-class ScaledBackward:
-    """An Accelerator whose backward scales every loss by `scale` (everything else passes through).
-
-    The normalisation control (cfg.norm_from): with scale = N_own / N_matched the step's loss is
-    sum(loss) / N_matched instead of sum(loss) / N_own, gradient clipping included, while every
-    token stays in the loss. The logged loss stays the mean over this run's own tokens.
-    """
-
-    def __init__(self, accelerator, scale: float):
-        self._accelerator, self._scale = accelerator, scale
-
-    def backward(self, loss, **kw) -> None:
-        self._accelerator.backward(loss * self._scale, **kw)
-
-    def __getattr__(self, name: str):
-        return getattr(self._accelerator, name)
-
-
-def matched_kept_tokens(path: str) -> dict[int, float]:
-    """step (0-based) -> kept tokens per rollout that a matched run logged (its metrics.jsonl)."""
-    with open(path) as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    return {r["step"] - 1: r["kept_length"] for r in rows if "kept_length" in r}
-
-
-def learner_accelerator(accelerator, norm_from: str, step: int, rollout):
-    """`accelerator`, or with `norm_from` (a matched run's metrics.jsonl) the ScaledBackward whose
-    loss is normalised by that run's kept-token count at this step (same rows per step)."""
-    if not norm_from:
-        return accelerator
-    kept = matched_kept_tokens(norm_from)
-    if step not in kept:
-        raise ConfigError(f"norm_from: {norm_from!r} has no step {step + 1}; point it at the metrics.jsonl "
-                          "of a finished run with at least as many steps")
-    own = accelerator.reduce(rollout.loss_mask.sum().to(accelerator.device, torch.float32), "sum").item()
-    rows = accelerator.reduce(torch.tensor(float(rollout.stop.numel()), device=accelerator.device), "sum").item()
-    return ScaledBackward(accelerator, own / max(kept[step] * rows, 1.0))  # N_own / N_matched

@@ -19,12 +19,12 @@ from dataclasses import replace
 import torch
 
 from kat.config import Config, render_kw
-from kat.controls import DriftTerminator
+from kat.terminators import DriftTerminator
 from kat.data import filter_long_prompts, load_problems, step_batch, step_generator
-from kat.detector import TrapDetector, window_means
-from kat.experiments.arms import STATIC_ARMS, base_config, seed_list, world_name
-from kat.experiments.report import plan_line, setup_line, shadow_markdown, shadow_summary, write_report
-from kat.experiments.runs import git_commit, run_arm, summarize_run
+from kat.terminators import TrapDetector, window_means
+from experiments.arms import STATIC_ARMS, base_config, seed_list, world_name
+from experiments.report import plan_line, setup_line, shadow_markdown, shadow_summary, write_report
+from experiments.runs import git_commit, run_arm, summarize_run
 from kat.plot import plot_cut_positions, plot_traces, read_jsonl
 from kat.rollout import STOP_NAMES
 

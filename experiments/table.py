@@ -8,11 +8,11 @@ import time
 from dataclasses import replace
 
 from kat.config import Config
-from kat.experiments.arms import (LABELS, LENGTH_MATCHED, ROW_ORDER, arm_overrides, base_config, check_arms, seed_list,
+from experiments.arms import (LABELS, LENGTH_MATCHED, ROW_ORDER, arm_overrides, base_config, check_arms, seed_list,
                                   world_name)
-from kat.experiments.report import (markdown_table, matching_line, per_seed_table, plan_line, setup_line, table_rows,
+from experiments.report import (markdown_table, matching_line, per_seed_table, plan_line, setup_line, table_rows,
                                     write_report)
-from kat.experiments.runs import (eval_specs, evaluate_teacher, git_commit, run_arm, summarize_run,
+from experiments.runs import (eval_specs, evaluate_teacher, git_commit, run_arm, summarize_run,
                                   teacher_results)
 from kat.plot import plot_learning_curves
 

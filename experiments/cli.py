@@ -4,17 +4,18 @@ The paper's Table 1 with the controls it lacked (and the drift-gated rule, its c
 contrast and a normalisation control), shadow-mode diagnostics of the detectors, a sensitivity
 sweep of the detector's settings, and the gradient mechanism of cutting.
 
-    python -m kat experiment table1 --config configs/toy.yaml --seeds 5 [--steps N] [--out DIR]
-                                    [--arms ARMS] [--world rich|plain|rich,plain] [--key value ...]
-    python -m kat experiment shadow --config configs/toy.yaml [--seeds 1] [--world ...] [--batches 8]
-    python -m kat experiment sensitivity --config configs/toy.yaml [--seeds 1] [--world ...]
-    python -m kat experiment mechanism --config configs/toy.yaml [--seeds 1] [--world ...]
-    python -m kat experiment lm --config configs/smollm2_shadow.yaml [--batches 8] [--student-layers 28]
+    python -m experiments table1 --config configs/toy.yaml --seeds 5 [--steps N] [--out DIR]
+                                 [--arms ARMS] [--world rich|plain|rich,plain] [--key value ...]
+    python -m experiments shadow --config configs/toy.yaml [--seeds 1] [--world ...] [--batches 8]
+    python -m experiments sensitivity --config configs/toy.yaml [--seeds 1] [--world ...]
+    python -m experiments mechanism --config configs/toy.yaml [--seeds 1] [--world ...]
+    python -m experiments power --config configs/toy.yaml --world rich --seeds 0,1,2 --heldout 1024 [--arms ...]
+    python -m experiments lm --config configs/smollm2_shadow.yaml [--batches 8] [--student-layers 28]
 
 --seeds takes a count (seeds seed, seed+1, ... of the config) or a list (--seeds 0,1,2,3,4).
 Every arm is one `kat.train.train` run, its Config the YAML file + `--key value` overrides + the
-arm's own overrides (kat.experiments.arms), written to DIR/<world>/<arm>/seed<k>/ and reused when
-its config is unchanged (kat.experiments.runs). Seeds change the prompt order, the sampling and the
+arm's own overrides (experiments.arms), written to DIR/<world>/<arm>/seed<k>/ and reused when
+its config is unchanged (experiments.runs). Seeds change the prompt order, the sampling and the
 evaluation samples; every seed starts from the same student.
 """
 
@@ -27,7 +28,7 @@ import torch
 
 from kat.config import ConfigError
 from kat.data import DataError
-from kat.experiments.arms import SENSITIVITY_ARMS, TABLE1_ARMS
+from experiments.arms import SENSITIVITY_ARMS, TABLE1_ARMS, check_arms
 
 DEFAULT_SEEDS = {"table1": 3}  # other experiments: 1
 
@@ -53,10 +54,11 @@ def parse_seeds(text: str | None, what: str) -> int | list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kat experiment", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0],
                                 allow_abbrev=False, epilog="Other --key value pairs (e.g. --config FILE, --steps N, "
                                 "--eval_limit N) are Config overrides applied to every arm.")
-    p.add_argument("what", choices=("table1", "shadow", "sensitivity", "mechanism", "lm"), help="which experiment")
+    p.add_argument("what", choices=("table1", "shadow", "sensitivity", "mechanism", "lm", "power"),
+                   help="which experiment")
     p.add_argument("--seeds", default=None, help="a count of seeds (from the config's seed on) or a comma-separated "
                    "list, e.g. 0,1,2,3,4 (default: 3 for table1, 1 otherwise)")
     p.add_argument("--out", default="runs/experiments", help="output directory (default runs/experiments)")
@@ -68,29 +70,36 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 8)")
     p.add_argument("--student-layers", type=int, default=28, help="lm: decoder layers the student keeps when it "
                    "is made from the teacher (default 28)")
+    p.add_argument("--heldout", type=int, default=1024, help="power: fresh held-out problems (default 1024)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kat.experiments.lm import run_lm
-    from kat.experiments.mechanism import run_mechanism
-    from kat.experiments.shadow import run_shadow
-    from kat.experiments.table import run_table
+    from experiments.lm import run_lm
+    from experiments.mechanism import run_mechanism
+    from experiments.shadow import run_shadow
+    from experiments.table import run_table
 
     argv = sys.argv[1:] if argv is None else argv
     args, rest = build_parser().parse_known_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     worlds = [w.strip() for w in args.world.split(",") if w.strip()] or [None]
-    command = "python -m kat experiment " + " ".join(argv)
+    command = "python -m experiments " + " ".join(argv)
     try:
         seeds = parse_seeds(args.seeds, args.what)
         if args.what == "shadow":
             run_shadow(rest, seeds, args.out, worlds, args.batches, args.dry_run, command)
         elif args.what == "mechanism":
             run_mechanism(rest, seeds, args.out, worlds, args.dry_run, command)
+        elif args.what == "power":
+            from experiments.power import POWER_ARMS, run_power
+            arms = [a.strip() for a in args.arms.split(",") if a.strip()] or list(POWER_ARMS)
+            check_arms(arms)
+            for world in worlds:
+                run_power(rest, seeds, args.out, world, arms, args.heldout, dry_run=args.dry_run, command=command)
         elif args.what == "lm":
             run_lm(rest, args.out, args.batches, args.student_layers, args.dry_run, command)
         else:

@@ -20,9 +20,17 @@ Capped arms are evaluated at the config's full max_new_tokens (Config.eval_max_n
 
 Beyond the paper:
 - KAT gated (`kat_gated`): the detector with the drift gate (gate: drift): a low-KL run counts
-  only after a token the teacher gives a probability below drift_prob (kat.detector.TrapDetector).
+  only after a token the teacher gives a probability below drift_prob (kat.terminators.TrapDetector).
 - Cut after drift (`drift_cut`): the contrast to the gate, cutting right after the first drift
-  token without waiting for low KL (kat.detector.DriftTerminator).
+<<<<<<< HEAD
+  token without waiting for low KL (kat.terminators.DriftTerminator).
+=======
+  token without waiting for low KL (kat.terminators.DriftTerminator).
+- Oracle (`oracle`, toy worlds only): cuts one past the ground-truth first error or loop start
+  (kat.toy.oracle), with KAT's bookkeeping; the upper bound on what a cut can win.
+- RandomTerm matched on cut rate too (`random_matched`): random cuts whose share of cut rollouts
+  and mean kept length both equal the seed's KAT run's (RandomTerminator's target_cut_rate).
+>>>>>>> science
 - OPD, KAT's normalisation (`opd_norm`): every token in the loss, but each step's loss divided by
   the kept-token count of the seed's KAT run at that step (Config.norm_from). Dropping tokens
   changes both which tokens teach and the normaliser; this control changes the normaliser only.
@@ -40,13 +48,15 @@ TOY_ROOT = os.path.dirname(TOY_DIR)  # kat/toy: holds one folder per world
 WORLDS = ("rich", "plain", "repeat")
 
 TABLE1_ARMS = ("opd", "kat", "kat_gated", "drift_cut", "opd_norm", "random", "fixed_prefix", "fixed_n")
-LENGTH_MATCHED = ("random", "fixed_prefix", "fixed_n", "opd_norm")  # their settings come from the seed's KAT run
+# their settings come from the seed's KAT run
+LENGTH_MATCHED = ("random", "random_matched", "fixed_prefix", "fixed_n", "opd_norm")
 SENSITIVITY_ARMS = ("opd", "kat", "kat_q0.1", "kat_q0.5", "kat_zscore", "kat_p3")  # "kat": the config's own rule
 STATIC_ARMS = {
     "opd": {"termination": "none"},
     "kat": {"termination": "kat"},
     "kat_gated": {"termination": "kat", "gate": "drift"},
     "drift_cut": {"termination": "drift"},
+    "oracle": {"termination": "oracle"},
     "kat_q0.1": {"termination": "kat", "rule": "quantile", "eta": 0.1},
     "kat_q0.5": {"termination": "kat", "rule": "quantile", "eta": 0.5},
     "kat_zscore": {"termination": "kat", "rule": "zscore"},
@@ -57,11 +67,13 @@ LABELS = {
     "teacher": "teacher", "before": "student (before)", "opd": "OPD", "kat": "KAT",
     "random": "RandomTerm (kept length = KAT's)", "fixed_prefix": "FixedPrefix (cap = KAT's generated length)",
     "fixed_n": "Fixed-N (cap = KAT's kept length)", "kat_gated": "KAT gated (drift gate)",
-    "drift_cut": "cut after drift", "opd_norm": "OPD, KAT's normalisation", "kat_q0.1": "KAT quantile eta=0.1",
+    "drift_cut": "cut after drift", "oracle": "oracle cut (ground truth)",
+    "random_matched": "RandomTerm (cut rate and kept length = KAT's)", "opd_norm": "OPD, KAT's normalisation",
+    "kat_q0.1": "KAT quantile eta=0.1",
     "kat_q0.5": "KAT quantile eta=0.5", "kat_zscore": "KAT zscore", "kat_p3": "KAT patience 3",
 }
-ROW_ORDER = ("teacher", "before", "opd", "opd_norm", "random", "fixed_prefix", "fixed_n", "kat", "kat_gated",
-             "drift_cut", "kat_q0.1", "kat_q0.5", "kat_zscore", "kat_p3")
+ROW_ORDER = ("teacher", "before", "opd", "opd_norm", "random", "random_matched", "oracle", "fixed_prefix", "fixed_n",
+             "kat", "kat_gated", "drift_cut", "kat_q0.1", "kat_q0.5", "kat_zscore", "kat_p3")
 
 
 def world_overrides(world: str, root: str = TOY_ROOT) -> dict:
@@ -74,7 +86,7 @@ def world_overrides(world: str, root: str = TOY_ROOT) -> dict:
     teacher = str(teacher_dir(root, world))
     if not os.path.isdir(teacher) or not os.path.isdir(os.path.join(base, "student")):
         raise ConfigError(f"--world {world}: no checkpoints under {base}; build them with "
-                          f"`python -m kat toy build --world {world}`")
+                          f"`python -m experiments toy build --world {world}`")
     return {"teacher": teacher, "student": os.path.join(base, "student"),
             "train_data": os.path.join(base, "data", "train.jsonl"),
             "eval_data": os.path.join(base, "data", "test.jsonl")}
@@ -110,7 +122,7 @@ def check_arms(arms: list[str]) -> None:
 
 def arm_overrides(arm: str, base: Config, kat: dict | None = None) -> dict:
     """Config overrides of one arm; the length-matched arms take their numbers from `kat`, the
-    summary (`kat.experiments.runs.summarize_run`) of the same seed's KAT run.
+    summary (`experiments.runs.summarize_run`) of the same seed's KAT run.
 
     RandomTerm targets KAT's mean kept length (tokens in the loss per rollout); FixedPrefix caps
     generation at KAT's mean generated length rounded up; Fixed-N caps it at KAT's mean kept length
@@ -126,14 +138,17 @@ def arm_overrides(arm: str, base: Config, kat: dict | None = None) -> dict:
         raise ValueError(f"arm {arm!r} is length-matched to KAT: pass the summary of the seed's KAT run as `kat`")
     if arm == "opd_norm":
         return {"termination": "none", "norm_from": os.path.join(kat["run_dir"], "metrics.jsonl")}
-    if arm == "random":
+    if arm in ("random", "random_matched"):
         target = kat["kept_length"]
         if target >= base.max_new_tokens - 0.5:  # KAT cut (almost) nothing: its matched control is OPD
             return {"termination": "none"}
         if target <= base.exempt:
             raise ValueError(f"KAT's mean kept length {target:.1f} is not above exempt={base.exempt}; a random "
                              "cut cannot match it. Lower exempt or check the KAT run")
-        return {"termination": "random", "random_target_length": target}
+        over = {"termination": "random", "random_target_length": target}
+        if arm == "random_matched" and kat["cut_rate"] > 0:
+            over["random_target_cut_rate"] = min(kat["cut_rate"], 0.999)
+        return over
     cap = math.ceil(kat["mean_length"]) if arm == "fixed_prefix" else round(kat["kept_length"])
     # the cap is a training budget: evaluation still runs at the full length, like every other arm
     return {"termination": "none", "max_new_tokens": max(1, min(cap, base.max_new_tokens)),
@@ -143,7 +158,8 @@ def arm_overrides(arm: str, base: Config, kat: dict | None = None) -> dict:
 def describe_overrides(over: dict) -> str:
     """A length-matched arm's setting in a few words, for the tables' matching line."""
     if over.get("termination") == "random":
-        return f"target {over['random_target_length']:.1f}"
+        rate = f", cut rate {over['random_target_cut_rate']:.1%}" if "random_target_cut_rate" in over else ""
+        return f"target {over['random_target_length']:.1f}{rate}"
     if "max_new_tokens" in over:
         return f"cap {over['max_new_tokens']}"
     if over.get("norm_from"):

@@ -1,9 +1,9 @@
 """Trap statistics of a real language model pair in shadow mode: where would the rules cut, and are
 those cuts inside repetition loops?
 
-    python -m kat experiment lm --config configs/smollm2_shadow.yaml [--batches 8] [--out DIR]
+    python -m experiments lm --config configs/smollm2_shadow.yaml [--batches 8] [--out DIR]
 
-The student samples training prompts with a shadow detector (`kat.experiments.shadow.shadow_rollouts`:
+The student samples training prompts with a shadow detector (`experiments.shadow.shadow_rollouts`:
 the detector is first calibrated on the student's own rollouts, then `batches` batches are recorded
 with its threshold held fixed), every rollout is graded, and the paper's rule, the drift-gated rule
 and the cut-after-drift contrast are compared on the same rollouts. A repetition loop is found in
@@ -22,9 +22,9 @@ import time
 import torch
 
 from kat.config import Config, load_config
-from kat.experiments.report import shadow_markdown, shadow_summary, write_report
-from kat.experiments.runs import git_commit
-from kat.experiments.shadow import RULES, shadow_rollouts, train_problems
+from experiments.report import shadow_markdown, shadow_summary, write_report
+from experiments.runs import git_commit
+from experiments.shadow import RULES, shadow_rollouts, train_problems
 
 
 def find_loop(ids: list[int], min_repeats: int = 3, min_span: int = 12, max_period: int = 64) -> tuple[int, int] | None:

@@ -1,145 +1,30 @@
-"""Terminators: decide online, chunk by chunk, whether a rollout should stop early.
+"""The trap detector (KAT): stop a rollout when its smoothed reverse KL stays below an adaptive threshold.
 
-Four terminators share one interface, so the sampler and the training loop never branch on
-which one is in use:
+`TrapDetector` smooths the per-token reverse KL d_t into window means z, and stops a rollout when
+z stays below an adaptive threshold for `patience` consecutive evaluated windows. With
+``gate="drift"`` a low run counts only after the rollout has drifted (see the class). It follows
+the interface of kat.terminators.base; the controls it is compared against are in
+kat.terminators.controls.
 
-    state = t.start(batch_size, device)           # per-row running state for one batch
-    fired, cut = t.observe(state, kl, valid)      # (B, C) per-token KL and validity in
-    t.end_batch(state, step)                      # update adaptive statistics once per step
-    t.state_dict() / t.load_state_dict(d)         # resume
-
-A terminator whose ``needs_teacher_logp`` is True also reads the teacher's log-probability of each
-sampled token, ``t.observe(state, kl, valid, teacher_logp_chunk=...)`` ((B, C), the rollout's
-``teacher_logp``); the sampler passes it to such terminators only.
-
-- `TrapDetector` (KAT): smooths the per-token reverse KL d_t into window means z, and stops a
-  rollout when z stays below an adaptive threshold for `patience` consecutive evaluated windows.
-  With ``gate="drift"`` a low run counts only after the rollout has drifted (see the class).
-- `DriftTerminator`, `RandomTerminator`, `NoTerminator`: the controls (cut right after the first
-  drift token; cut at random, length-matched; never cut), in kat.controls and importable from here.
-
-Settings are checked by `kat.config.check_value` and the config's cross-field rules, so a
-terminator accepts exactly the values `kat train` accepts, with the same messages.
-
-Positions are 0-based completion positions (position t is the t-th generated token). ``cut`` is
-the first excluded position: tokens cut, cut+1, ... are dropped from the loss. A cut is not an end
-of sequence; nothing here asks the sampler to append EOS.
+Settings are checked by `kat.config.check_value` and the config's cross-field rules, so the
+detector accepts exactly the values `kat train` accepts, with the same messages, and its defaults
+are the config's (`TrapDetector.from_config(cfg)` builds it from a Config in one call).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from kat.config import allowed, check_min_buffer, check_stride, check_value
+from kat.config import Config, allowed, check_min_buffer, check_stride, check_value
 from kat.rollout import STOP_TRAP
+from kat.terminators.base import (DEFAULTS, TerminatorState, all_gather_cat, check_chunk, check_logp_chunk,
+                                  mark_drift, new_state)
 
 RULES = allowed("rule")  # ("quantile", "zscore")
 GATES = allowed("gate")  # ("none", "drift")
-
-
-@dataclass
-class TerminatorState:
-    """Per-batch running state of a terminator; one row per rollout of the batch.
-
-    Public fields (read by the sampler and the loop):
-        fired: (B,) bool, rows this terminator stopped.
-        cut: (B,) long, first excluded position of fired rows, -1 elsewhere.
-        would_cut: (B,) long, where the terminator decided to cut, -1 where it did not; equal to
-            ``cut`` except in shadow mode, where rows are never stopped but decisions are recorded.
-        pos: completion positions observed so far (the position of the next chunk's first column).
-        active: whether decisions are allowed in this batch (fixed at `start`).
-        threshold: the threshold used in this batch (fixed at `start`), None when undefined.
-    The underscore fields are the terminator's private running sums and counters.
-    """
-
-    fired: Tensor
-    cut: Tensor
-    would_cut: Tensor
-    pos: int = 0
-    active: bool = False
-    threshold: float | None = None
-    # TrapDetector: the last `window` values of d per row, as a ring indexed by position % window.
-    _ring: Tensor | None = None  # (B, W) float64
-    _ring_valid: Tensor | None = None  # (B, W) bool
-    _run: Tensor | None = None  # (B,) long: consecutive low windows so far
-    _run_start: Tensor | None = None  # (B,) long: start position of the run's first window
-    _decided: Tensor | None = None  # (B,) bool: a decision was taken (no further decisions)
-    _z_history: list[Tensor] | None = None  # (B,) float64 per evaluation position, NaN where not evaluated
-    # Drift gate / DriftTerminator: the first position >= exempt whose sampled token the teacher
-    # gave a probability below drift_prob, -1 before the row drifts.
-    _drift: Tensor | None = None  # (B,) long
-    # RandomTerminator: the pre-drawn cut position and the number of valid positions seen.
-    _planned: Tensor | None = None  # (B,) long
-    _length: Tensor | None = None  # (B,) long
-
-
-def _new_state(batch_size: int, device: torch.device | str | None) -> TerminatorState:
-    return TerminatorState(
-        fired=torch.zeros(batch_size, dtype=torch.bool, device=device),
-        cut=torch.full((batch_size,), -1, dtype=torch.long, device=device),
-        would_cut=torch.full((batch_size,), -1, dtype=torch.long, device=device),
-    )
-
-
-def _check_chunk(state: TerminatorState, kl_chunk: Tensor, valid_chunk: Tensor) -> None:
-    batch = state.fired.shape[0]
-    if kl_chunk.dim() != 2 or kl_chunk.shape[0] != batch:
-        raise ValueError(f"kl_chunk must have shape (batch_size={batch}, C), got {tuple(kl_chunk.shape)}")
-    if valid_chunk.shape != kl_chunk.shape or valid_chunk.dtype != torch.bool:
-        raise ValueError(f"valid_chunk must be a bool tensor of shape {tuple(kl_chunk.shape)} like kl_chunk, "
-                         f"got {valid_chunk.dtype} {tuple(valid_chunk.shape)}")
-
-
-def _check_logp_chunk(who: str, teacher_logp_chunk: Tensor | None, kl_chunk: Tensor) -> None:
-    if teacher_logp_chunk is None:
-        raise ValueError(f"{who} reads the teacher's log-prob of each sampled token: pass teacher_logp_chunk "
-                         "(B, C) to observe() (kat.sampler.sample does so when needs_teacher_logp is True)")
-    if teacher_logp_chunk.shape != kl_chunk.shape:
-        raise ValueError(f"teacher_logp_chunk must have shape {tuple(kl_chunk.shape)} like kl_chunk, "
-                         f"got {tuple(teacher_logp_chunk.shape)}")
-
-
-def _mark_drift(state: TerminatorState, live: Tensor, logp: Tensor, t: int, exempt: int, log_drift: float) -> None:
-    """Record position t as the row's drift when it is the first live position >= exempt with
-    log q(y_t) < log(drift_prob)."""
-    if t < exempt:
-        return
-    first = live & (state._drift < 0) & (logp < log_drift)  # (B,)
-    state._drift = torch.where(first, t, state._drift)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_gather_cat(x: Tensor) -> Tensor:
-    """Concatenate a 1-D tensor of any length from every process, in rank order.
-
-    Without torch.distributed (or with one process) this returns ``x``. The counts differ per
-    rank, so they are gathered first and every rank's values are padded to the largest count.
-    Returns a CPU tensor in both cases, so callers can treat the result as host statistics.
-    """
-    if not _distributed():
-        return x.cpu()
-    # NCCL only moves CUDA tensors; gloo only CPU ones.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    x = x.to(device)
-    world = dist.get_world_size()
-    count = torch.tensor([x.numel()], dtype=torch.long, device=device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    padded = torch.zeros(max(counts), dtype=x.dtype, device=device)
-    padded[: x.numel()] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu()
 
 
 def window_means(kl: torch.Tensor, window: int) -> torch.Tensor:
@@ -193,10 +78,13 @@ class TrapDetector:
     needs_kl = True
     stop_code = STOP_TRAP
 
-    def __init__(self, rule: str = "quantile", window: int = 64, stride: int = 64, patience: int = 4,
-                 exempt: int = 256, eta: float = 0.3, buffer_size: int = 4096, min_buffer: int = 512,
-                 warmup_steps: int = 50, kappa: float = 1.0, ema: float = 0.1, shadow: bool = False,
-                 gate: str = "none", drift_prob: float = 0.02):
+    def __init__(self, rule: str = DEFAULTS["rule"], window: int = DEFAULTS["window"],
+                 stride: int = DEFAULTS["stride"], patience: int = DEFAULTS["patience"],
+                 exempt: int = DEFAULTS["exempt"], eta: float = DEFAULTS["eta"],
+                 buffer_size: int = DEFAULTS["buffer_size"], min_buffer: int = DEFAULTS["min_buffer"],
+                 warmup_steps: int = DEFAULTS["warmup_steps"], kappa: float = DEFAULTS["kappa"],
+                 ema: float = DEFAULTS["ema"], shadow: bool = DEFAULTS["shadow"], gate: str = DEFAULTS["gate"],
+                 drift_prob: float = DEFAULTS["drift_prob"]):
         rule, window, stride, patience, exempt, eta, buffer_size, min_buffer, warmup_steps, kappa, ema, gate, \
             drift_prob = (check_value(name, value) for name, value in (
                 ("rule", rule), ("window", window), ("stride", stride), ("patience", patience),
@@ -214,6 +102,14 @@ class TrapDetector:
         self.steps_done = 0
         self.z_mean: float | None = None  # zscore rule: running mean and variance of z
         self.z_var: float | None = None
+
+    SETTINGS = ("rule", "window", "stride", "patience", "exempt", "eta", "buffer_size", "min_buffer", "warmup_steps",
+                "kappa", "ema", "shadow", "gate", "drift_prob")  # each a kat.config.Config field of the same name
+
+    @classmethod
+    def from_config(cls, cfg: Config, rank: int = 0) -> TrapDetector:
+        """The detector a run with this config uses (the same on every process: `rank` is not read)."""
+        return cls(**{name: getattr(cfg, name) for name in cls.SETTINGS})
 
     # -- adaptive threshold -------------------------------------------------------------------
 
@@ -244,7 +140,7 @@ class TrapDetector:
 
     def start(self, batch_size: int, device: torch.device | str | None = None) -> TerminatorState:
         """Fresh state for a batch of `batch_size` rollouts; fixes `active` and the threshold."""
-        state = _new_state(batch_size, device)
+        state = new_state(batch_size, device)
         state.active, state.threshold = self.active, self.threshold
         state._ring = torch.zeros(batch_size, self.window, dtype=torch.float64, device=device)
         state._ring_valid = torch.zeros(batch_size, self.window, dtype=torch.bool, device=device)
@@ -265,16 +161,16 @@ class TrapDetector:
         teacher_logp_chunk (B, C) float: log q(y_t) of the sampled tokens; read (and required) only
         with the drift gate.
         """
-        _check_chunk(state, kl_chunk, valid_chunk)
+        check_chunk(state, kl_chunk, valid_chunk)
         if self.gate == "drift":
-            _check_logp_chunk("TrapDetector(gate='drift')", teacher_logp_chunk, kl_chunk)
+            check_logp_chunk("TrapDetector(gate='drift')", teacher_logp_chunk, kl_chunk)
             log_drift = math.log(self.drift_prob)
         fired_now = torch.zeros_like(state.fired)
         for j in range(kl_chunk.shape[1]):
             t = state.pos
             live = valid_chunk[:, j] & ~state.fired  # (B,)
             if self.gate == "drift":
-                _mark_drift(state, live, teacher_logp_chunk[:, j].double(), t, self.exempt, log_drift)
+                mark_drift(state, live, teacher_logp_chunk[:, j].double(), t, self.exempt, log_drift)
             slot = t % self.window
             state._ring[:, slot] = torch.where(live, kl_chunk[:, j].double(), 0.0)
             state._ring_valid[:, slot] = live
@@ -372,35 +268,3 @@ class TrapDetector:
         self.buffer = d["buffer"].to(torch.float64).cpu()[-self.buffer_size :].clone()
         self.steps_done = int(d["steps_done"])
         self.z_mean, self.z_var = d["z_mean"], d["z_var"]
-
-
-CONTROLS = ("DriftTerminator", "RandomTerminator", "NoTerminator")  # defined in kat.controls
-
-
-def __getattr__(name: str):
-    """The control terminators live in kat.controls (built on this module); importable from here too."""
-    if name in CONTROLS:
-        import kat.controls
-
-        return getattr(kat.controls, name)
-    raise AttributeError(f"module 'kat.detector' has no attribute {name!r}")
-
-
-def terminators() -> dict:
-    """Config name -> terminator class: 'kat' | 'drift' | 'random' | 'none'."""
-    from kat.controls import DriftTerminator, NoTerminator, RandomTerminator
-
-    return {"kat": TrapDetector, "drift": DriftTerminator, "random": RandomTerminator, "none": NoTerminator}
-
-
-def make_terminator(name: str, **kw):
-    """Build a terminator by its config name: 'kat' | 'drift' | 'random' | 'none'."""
-    classes = terminators()
-    if name not in classes:
-        raise ValueError(f"termination must be one of {tuple(classes)}, got {name!r}")
-    cls = classes[name]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    unknown = sorted(set(kw) - accepted)
-    if unknown:
-        raise ValueError(f"termination {name!r} does not take {unknown}; it accepts {sorted(accepted)}")
-    return cls(**kw)

@@ -22,7 +22,7 @@ longer than the clip (`clipped` = both norms above it), dropping S changes the u
 only, whatever the normaliser. Steps where a segment is empty count as zero share and are left
 out of the cosines' means.
 
-    python -m kat experiment mechanism --config configs/toy.yaml --world rich [--seeds 1] [--out DIR]
+    python -m experiments mechanism --config configs/toy.yaml --world rich [--seeds 1] [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ from dataclasses import replace
 import torch
 
 from kat.config import Config
-from kat.experiments.arms import STATIC_ARMS, base_config, seed_list, world_name
-from kat.experiments.report import plan_line, setup_line, write_report
-from kat.experiments.runs import git_commit, restart, same_config
+from kat.hooks import StepContext
+from experiments.arms import STATIC_ARMS, base_config, seed_list, world_name
+from experiments.report import plan_line, setup_line, write_report
+from experiments.runs import git_commit, restart, same_config
 from kat.plot import read_jsonl
 
 SEGMENTS = ("paper", "gated", "drift")
@@ -111,9 +112,7 @@ def gradient_split(student, teacher, rollout, masks: dict[str, torch.Tensor], ki
 def mechanism_run(cfg: Config, log=print) -> str:
     """A shadow KAT run with `gradient_split` measured at every step: DIR/mechanism.jsonl (one row per
     step) beside the run's own files. Reused when finished with the same config."""
-    from kat.experiments.shadow import replay_cuts
-    from kat.train import (after_step, eval_and_log, finish, learn_step, log_step, open_logs, resume,
-                           sample_step, setup)
+    from kat.train import train
 
     path = os.path.join(cfg.output_dir, "mechanism.jsonl")
     if os.path.isfile(path) and os.path.isfile(os.path.join(cfg.output_dir, "results.json")) \
@@ -122,35 +121,27 @@ def mechanism_run(cfg: Config, log=print) -> str:
         return cfg.output_dir
     restart(cfg)
     t0 = time.perf_counter()
-    run = setup(cfg)
-    resume(run)
-    open_logs(run)
     rows = []
-    results = {"before": eval_and_log(run, 0, "before", "before")} if run.eval_sets else {}
-    for step in range(cfg.steps):  # kat.train.train's loop, with the measurement between sampling and learning
-        t1 = time.perf_counter()
-        sampled = sample_step(run, step)
-        if sampled is None:
-            continue
-        rollout, threshold, active = sampled
-        t2 = time.perf_counter()
-        replayed = replay_cuts(rollout, threshold if active else None, cfg)
-        split = gradient_split(run.accelerator.unwrap_model(run.student), run.teacher, rollout,
-                               segment_masks(rollout, replayed), cfg.loss, cfg.max_grad_norm)
-        rows.append({"step": step + 1, "active": active, "threshold": threshold, **split})
-        t3 = time.perf_counter()
-        learned = learn_step(run, step, rollout)
-        if learned is None:
-            continue
-        stats, rollout = learned
-        rows[-1]["logged_grad_norm"] = stats["grad_norm"]  # the learner's own, to check the split against
-        log_step(run, step, rollout, stats, threshold, active, (t2 - t1, time.perf_counter() - t3))
-        after_step(run, step + 1, rollout, threshold, False)
-    finish(run, results)
+    train(cfg, hooks=[lambda ctx: measure_step(ctx, rows)])
     with open(path, "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
     log(f"  mechanism seed {cfg.seed}: {len(rows)} steps in {time.perf_counter() - t0:.0f} s")
     return cfg.output_dir
+
+
+def measure_step(ctx: StepContext, rows: list[dict]) -> None:
+    """The training loop's hook: after sampling, the step's gradient split (at the parameters the step
+    starts from) as a new row; after learning, the learner's own gradient norm, to check it against."""
+    from experiments.shadow import replay_cuts
+
+    if ctx.stage == "sampled":
+        cfg, rollout = ctx.run.cfg, ctx.rollout
+        replayed = replay_cuts(rollout, ctx.threshold if ctx.active else None, cfg)
+        split = gradient_split(ctx.run.accelerator.unwrap_model(ctx.run.student), ctx.run.teacher, rollout,
+                               segment_masks(rollout, replayed), cfg.loss, cfg.max_grad_norm)
+        rows.append({"step": ctx.step + 1, "active": ctx.active, "threshold": ctx.threshold, **split})
+    else:
+        rows[-1]["logged_grad_norm"] = ctx.stats["grad_norm"]
 
 
 def _mean(values: list) -> float | None:

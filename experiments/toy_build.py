@@ -1,7 +1,7 @@
 """Build the toy world: prompt files, tokenizer, and a teacher and a student trained from scratch.
 
-    python -m kat toy build [--world rich|plain|repeat] [--seed 0] [--out kat/toy] [--threads 1] [--device cpu]
-                            [--teacher-from DIR]
+    python -m experiments toy build [--world rich|plain|repeat] [--seed 0] [--out kat/toy] [--threads 1]
+                                    [--device cpu] [--teacher-from DIR]
 
 Both models are Llama decoders built from a config and trained by supervised fine-tuning on
 fresh random problems (never a test prompt), loss on the completion tokens only. The teacher is
@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from kat.evaluate import evaluate
+from kat.toy import TOY_DIR
 from kat.toy.tokenizer import build_tokenizer
 from kat.toy.world import (MAX_COMPLETION_CHARS, WorldSpec, make_split, sample_problem, world_specs,
                            write_jsonl, write_solution)
 
-TOY_DIR = Path(__file__).resolve().parent
 N_TRAIN, N_TEST, N_DEV = 2000, 200, 256
 DIFFICULTY = dict(min_ops=3, max_ops=5, digits=2)
 
@@ -226,7 +226,7 @@ def build(world: str = "rich", seed: int = 0, out: str | Path = TOY_DIR, threads
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="kat toy build", description=__doc__.split("\n")[0])
+    p = parser or argparse.ArgumentParser(prog="python -m experiments toy build", description=__doc__.split("\n")[0])
     p.add_argument("--world", choices=sorted(("rich", "plain", "repeat")), default="rich",
                    help="rich: varied spellings + repetition mode (default); plain: one spelling; repeat: rich with "
                    "a student that repeats more often (use --teacher-from)")

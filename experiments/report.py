@@ -8,8 +8,8 @@ import os
 import statistics
 
 from kat.config import Config
-from kat.experiments.arms import LABELS, LENGTH_MATCHED, ROW_ORDER, describe_overrides
-from kat.experiments.runs import eval_specs
+from experiments.arms import LABELS, LENGTH_MATCHED, ROW_ORDER, describe_overrides
+from experiments.runs import eval_specs
 
 TRAIN_COLUMNS = ("mean_length", "kept_length", "cut_rate", "tokens", "train_s", "wall_s")
 
@@ -148,7 +148,7 @@ def shadow_summary(records: list[dict], cut_key: str = "shadow_cut") -> dict:
     With toy positions: of cut wrong rollouts, the share cut at or after their first error; of cut
     repeating rollouts, the share cut inside the repetition. `cut_key`: the record field holding
     the cuts of the rule to summarise (shadow_cut: the recorded detector's; cut_gated, cut_drift:
-    replayed rules, kat.experiments.shadow.replay_cuts).
+    replayed rules, experiments.shadow.replay_cuts).
     """
     records = [{**r, "shadow_cut": r.get(cut_key)} for r in records]
     cut = [r["shadow_cut"] is not None for r in records]

@@ -1,6 +1,6 @@
 """Does low KL tell healthy from trapped rollouts in the toy world?
 
-    python -m kat toy stats [--world rich|plain|repeat] [--n 200]
+    python -m experiments toy stats [--world rich|plain|repeat] [--n 200]
 
 The student samples one completion per test prompt (temperature 1). One forward pass of each
 model over the finished sequences gives the per-token reverse KL
@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kat.detector import TrapDetector
+from kat.terminators import TrapDetector
 from kat.data import render_prompt
 from kat.scorer import reverse_kl
+from kat.toy import TOY_DIR
 from kat.toy.world import MAX_COMPLETION_CHARS, Trace, parse_prompt, read_jsonl, trace
 
-TOY_DIR = Path(__file__).resolve().parent
 
 
 @dataclass
@@ -177,7 +177,8 @@ def toy_stats(world: str = "rich", root: str | Path = TOY_DIR, n: int = 200, see
 
     base, teacher_path = Path(root) / world, teacher_dir(root, world)
     if not teacher_path.exists():
-        raise FileNotFoundError(f"no toy checkpoints under {base}; run `python -m kat toy build --world {world}`")
+        raise FileNotFoundError(f"no toy checkpoints under {base}; "
+                                f"run `python -m experiments toy build --world {world}`")
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
     student = AutoModelForCausalLM.from_pretrained(base / "student").eval()
@@ -225,7 +226,7 @@ def print_stats(res: dict) -> None:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="kat toy stats", description=__doc__.split("\n")[0])
+    p = parser or argparse.ArgumentParser(prog="python -m experiments toy stats", description=__doc__.split("\n")[0])
     p.add_argument("--world", choices=("rich", "plain", "repeat"), default="rich",
                    help="which toy world (default rich)")
     p.add_argument("--root", default=str(TOY_DIR), help="directory holding <world>/ (default: the package's toy/)")
