@@ -10,7 +10,9 @@ what the package reads from them as those plain files:
     python -m kat export --config configs/qwen3_1.7b.yaml --out exported/qwen3_1.7b
     accelerate launch kat.py --config exported/qwen3_1.7b/config.yaml
 
-``--config`` exports the config's training set to ``train.jsonl``, each evaluation set to
+``--config`` exports the config's training set to ``train.jsonl`` (less the prompts longer than
+``max_prompt_length`` tokens as the student's tokenizer and chat template render them, as
+``python -m kat train`` drops them), each evaluation set to
 ``<name>.jsonl``, a GGUF or ``pkg:`` model to ``teacher/`` or ``student/``, and writes ``config.yaml``:
 the config with those fields pointing at the files. Nothing that exists is overwritten.
 """
@@ -25,11 +27,12 @@ from collections.abc import Sequence
 
 import yaml
 
-from kat.config import ConfigError, load_config
-from kat.data import DataError, load_eval_sets, load_problems
+from kat.config import ConfigError, load_config, render_kw
+from kat.data import DataError, filter_long_prompts, load_eval_sets, load_problems
 
 # Fields the export resolves; kat.py's config.yaml does without them.
-RESOLVED = ("train_split", "eval_split", "prompt_field", "answer_field", "teacher_gguf", "student_gguf")
+RESOLVED = ("train_split", "eval_split", "prompt_field", "answer_field", "teacher_gguf", "student_gguf",
+            "max_prompt_length")
 
 
 class ExportError(ValueError):
@@ -76,12 +79,16 @@ def export_model(path: str, gguf: str, out: str) -> None:
 def export_config(config: str, out: str) -> str:
     """Every dataset and every GGUF or ``pkg:`` model of ``config`` under ``out``, and ``out/config.yaml``
     naming them, for kat.py; returns the path of that config."""
+    from kat.models import load_tokenizer
+
     cfg = load_config(["--config", config])
     refuse_existing(out)
     with open(config, encoding="utf-8") as fh:
         values = yaml.safe_load(fh) or {}
     fields = {"prompt_field": cfg.prompt_field, "answer_field": cfg.answer_field}
     train = load_problems(cfg.train_data, split=cfg.train_split, **fields)  # all read before a write
+    tokenizer = load_tokenizer(cfg.student, cfg.student_gguf, "student")  # prompts as the student sees them
+    train = filter_long_prompts(tokenizer, train, cfg.max_prompt_length, render_kw=render_kw(cfg), name="train_data")
     eval_sets = load_eval_sets(cfg.eval_data, split=cfg.eval_split, k=cfg.eval_k, **fields)
     os.makedirs(out)
     write_problems(train, os.path.join(out, "train.jsonl"))

@@ -102,7 +102,10 @@ def _trace_panel(ax, i: int, tr: dict, floor: float) -> None:
     """d_t per position; z drawn at the START of its window, where the detector puts a cut."""
     w, n, exempt, thr = tr["window"], len(tr["kl"]), tr.get("exempt") or 0, tr.get("threshold")
     ax.plot(range(n), [max(v, floor) for v in tr["kl"]], lw=0.7, color="0.55", label="d_t  per-token reverse KL")
-    z = [float("nan") if v is None else v for v in tr["z"][w - 1:]]  # z[s]: mean of d over [s, s+W-1]
+    if "z" in tr:
+        z = [float("nan") if v is None else v for v in tr["z"][w - 1:]]  # z[s]: mean of d over [s, s+W-1]
+    else:  # kat.py's traces carry d only
+        z = [sum(tr["kl"][s:s + w]) / w for s in range(n - w + 1)]
     ax.plot(range(len(z)), [max(v, floor) for v in z], lw=1.4, color="C0",
             label=f"z  mean of d over the W={w} tokens\n    from this position (window start)")
     starts = decision_windows(tr)
