@@ -30,10 +30,10 @@ Run (kat/ is the same maths as a package; tests check that both agree):
     accelerate launch --multi_gpu --num_processes 4 kat.py --config my_run.yaml
     python -m kat eval --config my_run.yaml --model runs/kat_py/student    # avg@k, pass@k
     python -m kat plot runs/kat_py                              # the KL traces of the last step
-kat.py reads JSON-lines data ({"prompt": ..., "answer": ...} a line) and model folders;
-`python -m kat export --config FILE --out DIR` writes them from hub datasets and GGUF files.
-`python -m kat train` adds evaluation during training, the zscore rule, the drift gate, the
-controls, the sampled-token loss, LoRA, checkpoints and trackers; kat.py names what it skips.
+kat.py reads JSON-lines data ({"prompt": ..., "answer": ...} a line) and model folders, which
+`python -m kat export --config FILE --out DIR` writes from hub datasets and GGUF files. kat/ adds
+evaluation in training, the zscore rule, the drift gate, the controls, the sampled-token loss,
+LoRA, checkpoints and trackers; kat.py names what it skips.
 """
 
 from __future__ import annotations
@@ -56,17 +56,13 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
 TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kat", "toy", "rich")
-# Why a rollout ended: its own end-of-sequence token, the length limit, a trap (as kat/ numbers them).
+# Why a rollout ended: its end-of-sequence token, the length limit, a trap (numbered as in kat/).
 STOP_EOS = 0
 STOP_LENGTH = 1
 STOP_TRAP = 2
 
-class UserError(SystemExit):
+class UserError(ValueError):
     """A mistake in the settings or files a user gave: one line on stderr, exit status 2."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.code = 2
 
 # ==== Config: defaults < --config FILE < --key value =============================================
 def arg(default, help: str, bounds: str = "", choices: tuple | None = None):
@@ -94,7 +90,7 @@ class Config:
     warmup_ratio: float = arg(0.03, "share of steps with linear warm-up", "[0, 1)")
     weight_decay: float = arg(0.0, "AdamW weight decay", ">= 0")
     max_grad_norm: float = arg(1.0, "gradient clipping norm (inf: no clipping)", "(0, inf]")
-    termination: str = arg("kat", "kat: the trap detector cuts; none: plain OPD", choices=("kat", "none"))
+    termination: str = arg("kat", "kat: the detector cuts; none: OPD", choices=("kat", "none"))
     rule: str = arg("quantile", "threshold rule (zscore is in kat/)", choices=("quantile",))
     window: int = arg(8, "W: tokens per window mean z", ">= 1")
     stride: int = arg(4, "judge a window every `stride` tokens", ">= 1")
@@ -130,11 +126,10 @@ PACKAGE_ONLY = (
     "gradient_checkpointing", "max_prompt_length")
 # Package-only fields kat.py refuses unless they hold their default: (default, the way out).
 PACKAGE = "it is a setting of `python -m kat train` alone"
+GGUF = "write a model folder with `python -m kat export --model`"
 REFUSED = {"resume": ("", "kat.py keeps no checkpoints; resume with `python -m kat train`"),
-           "teacher_gguf": ("", "write a model folder with `python -m kat export --model`"),
-           "student_gguf": ("", "write a model folder with `python -m kat export --model`"),
-           "gate": ("none", PACKAGE), "norm_from": ("", PACKAGE), "lora_r": (0, PACKAGE),
-           "system_prompt": ("", PACKAGE)}
+           "teacher_gguf": ("", GGUF), "student_gguf": ("", GGUF), "gate": ("none", PACKAGE),
+           "norm_from": ("", PACKAGE), "lora_r": (0, PACKAGE), "system_prompt": ("", PACKAGE)}
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
             "0": False, "false": False, "no": False, "off": False}
 EXPORT = "`python -m kat export"  # writes the local files kat.py reads
@@ -198,7 +193,7 @@ def read_config_file(path: str) -> dict:
         with open(path, encoding="utf-8") as fh:
             values = yaml.safe_load(fh)
     except OSError as err:
-        raise UserError(f"error: config file {path!r}: {err.strerror}; give --config a YAML file")
+        raise UserError(f"error: config file {path!r}: {err.strerror}") from None
     except (UnicodeDecodeError, yaml.YAMLError) as err:
         reason = " ".join(str(err).split())
         raise UserError(f"error: config file {path!r} is not valid YAML text: {reason}") from None
@@ -235,7 +230,7 @@ def parse_config(argv: list[str]) -> Config:
     values = read_config_file(path) if path else {}
     values.update(pairs)
     for key, (default, way_out) in REFUSED.items():  # refused, never skipped
-        if str(values.get(key, default) or "") != str(default or ""):
+        if values.get(key) not in (None, default) and str(values[key]) != str(default):
             raise UserError(f"error: {key}: {values[key]!r}: {way_out}")
     for role in ("teacher", "student"):
         if str(values.get(role, "")).startswith("pkg:"):
@@ -245,7 +240,7 @@ def parse_config(argv: list[str]) -> Config:
         raise UserError(f"error: unknown field {unknown[0]!r}; kat.py --help lists them")
     unused = sorted(set(values) & set(PACKAGE_ONLY))
     if unused and os.environ.get("RANK", "0") == "0":  # said once, not dropped silently
-        print(f"kat.py does not use: {', '.join(unused)}; `python -m kat train` does", file=sys.stderr)
+        print(f"kat.py does not use: {', '.join(unused)}; kat/ does", file=sys.stderr)
     return Config(**{key: convert(key, value) for key, value in values.items() if key in FIELDS})
 
 def check_output_dir(cfg: Config) -> None:
@@ -255,17 +250,14 @@ def check_output_dir(cfg: Config) -> None:
     held = [n for n in names if n in run_files or re.fullmatch(r"checkpoint-\d+", n)]
     if held and not cfg.overwrite_output_dir:
         raise UserError(f"error: output_dir {cfg.output_dir!r} holds a run ({', '.join(held)}); "
-                        "give another --output_dir, resume it with `python -m kat train --resume "
-                        "latest`, or replace it with --overwrite_output_dir true")
+                        "give another one, or replace it with --overwrite_output_dir true")
 
 def clear_own_files(cfg: Config) -> None:
     """With overwrite_output_dir: remove what an earlier kat.py run wrote, nothing else."""
-    for name in ("metrics.jsonl", "traces.jsonl", "kl_traces.png", "student"):
-        path = os.path.join(cfg.output_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+    shutil.rmtree(os.path.join(cfg.output_dir, "student"), ignore_errors=True)
+    for name in ("metrics.jsonl", "traces.jsonl"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(cfg.output_dir, name))
 
 # ==== Score: reverse KL and log-probs; fp16/bf16 logits in, fp32 accumulation, chunked over rows ==
 def chunk_rows(vocab: int) -> int:
@@ -273,8 +265,7 @@ def chunk_rows(vocab: int) -> int:
     return max(1, (1 << 24) // vocab)
 
 def kl_terms(x: Tensor, y: Tensor, kl: Tensor | float = 0.0) -> Tensor:
-    """p_v (log p_v - log q_v - kl) for rows of student logits x and teacher logits y, upcast to
-    fp32; 0 where p_v = 0 (a masked -inf logit), not 0 * inf."""
+    """p_v (log p_v - log q_v - kl) in fp32 for rows of logits x, y; 0, not 0 * inf, at p_v = 0."""
     logp = torch.log_softmax(x.float(), -1)  # (r, V)
     logq = torch.log_softmax(y.float(), -1)  # (r, V)
     p = logp.exp()
@@ -365,11 +356,10 @@ def gather_cat(x: Tensor) -> Tensor:
 def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator, cfg: Config,
            eos: Tensor, pad: int, generator: torch.Generator, first: int = 0,
            world_rows: int | None = None) -> tuple[dict, object]:
-    """Lockstep chunked decoding. The teacher's output at token t predicts t+1, so a chunk's teacher
-    logits are the carried last logits plus the first C-1 outputs of its forward over the chunk.
-    Every process runs the same forwards (under FSDP each is a collective): decoding goes on while
-    a row is alive on ANY process, and a process whose rows all ended feeds pads through one
-    placeholder row. Rows first..first+B-1 of the world_rows rows of all processes are ours."""
+    """Lockstep chunked decoding. The teacher's output at token t predicts t+1: a chunk's teacher
+    logits are the carried last logits and the first C-1 outputs of its forward over the chunk.
+    Every process runs the same forwards (under FSDP each is a collective) while a row is alive on
+    ANY process, feeding pads through a placeholder row; our rows are first..first+B-1 of all."""
     B = prompt_ids.shape[0]
     device = prompt_ids.device
     max_len = cfg.max_new_tokens
@@ -380,7 +370,6 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
     gen_mask = torch.zeros(B, max_len, dtype=torch.bool, device=device)  # (B, T)
     stop = torch.full((B,), STOP_LENGTH, device=device)  # (B,)
     cut = torch.full((B,), -1, device=device)  # (B,) -1: not cut
-
     rows = torch.arange(B, device=device)  # (A,) original row of each active row
     live = torch.ones(B, dtype=torch.bool, device=device)  # (A,) False: the placeholder row
     attn = prompt_mask.long()  # (A, P + t)
@@ -396,10 +385,9 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
     t = 0  # completion position of the chunk's first token
     while gather_cat(live.any().reshape(1)).any():  # a row is alive on some process
         chunk_len = min(cfg.chunk, max_len - t)
-        n_active = rows.numel()
         alive = live.clone()
-        tokens = torch.full((n_active, chunk_len), pad, device=device)  # (A, c)
-        valid = torch.zeros(n_active, chunk_len, dtype=torch.bool, device=device)  # (A, c)
+        tokens = torch.full((rows.numel(), chunk_len), pad, device=device)  # (A, c)
+        valid = torch.zeros_like(tokens, dtype=torch.bool)  # (A, c)
         p_chunk = []
         # --- the student samples c tokens (pads after its EOS, masked out)
         for j in range(chunk_len):
@@ -468,8 +456,7 @@ def sample(student, teacher, prompt_ids: Tensor, prompt_mask: Tensor, terminator
 #   fired, cut = detector.observe(state, kl, valid)  # once per chunk
 #   detector.end_batch(state, step)                  # once per batch: the threshold moves
 class State:
-    """One batch's running state: which rows fired and where they are cut (-1: not cut), what a
-    shadow run would cut, the last W values of d, the low run of each row and its minimum z."""
+    """One batch's running state: rows fired and their cuts, the last W of d, low runs, min z."""
 
     def __init__(self, B: int, window: int, device, active: bool, threshold: float | None):
         self.active = active  # fixed for the batch
@@ -489,8 +476,7 @@ class TrapDetector:
     """z_t = mean(d_{t-W+1..t}), evaluated when (t+1) % stride == 0 and t+1 >= W over fully
     generated windows. Active (fixed per batch) once the buffer holds min_buffer minima and
     warmup_steps passed; windows starting before `exempt` never count; `patience` consecutive
-    z < s = Q_{1-eta}(B) fire; the cut is that run's start. `termination: none` (plain OPD) never
-    judges a window."""
+    z < s = Q_{1-eta}(B) fire; the cut is that run's start. termination none: nothing is judged."""
 
     stop_code = STOP_TRAP
 
@@ -594,10 +580,9 @@ def opd_loss(logits: Tensor, rollout: dict, kind: str, teacher_logits: Tensor | 
 
 def learn(student, teacher, rollout: dict, optimizer, scheduler, accelerator: Accelerator,
           cfg: Config) -> dict:
-    """One optimiser step in micro-batches. Each adds grad(sum_t l_t / N * processes), N = kept
-    tokens on ALL processes (DDP averages over processes), so neither micro-batching nor the number
-    of processes changes the update. Nothing kept, or a non-finite loss on any process: every
-    process skips the step."""
+    """One optimiser step in micro-batches, each adding grad(sum_t l_t / N * processes), N = kept
+    tokens on ALL processes (DDP averages), so micro-batches and processes leave the update as it
+    is. Nothing kept, or a non-finite loss on any process: every process skips the step."""
     n_kept = accelerator.reduce(rollout["loss_mask"].sum().float(), "sum").item()
     B = len(rollout["stop"])
     total = torch.zeros(()).to(accelerator.device)
@@ -643,7 +628,7 @@ def read_problems(path: str) -> list[dict]:
                 row = None
             if not isinstance(row, dict) or not all(isinstance(row.get(key), str)
                                                     for key in ("prompt", "answer")):
-                raise UserError(f"error: {path}, line {number}: expected prompt and answer strings; "
+                raise UserError(f"error: {path}, line {number}: no prompt and answer strings; "
                                 f"{EXPORT} --spec '{path}[prompt=..., answer=...]'` writes them")
             if row["prompt"] and row["answer"].strip():
                 problems[(row["prompt"], row["answer"].strip())] = None
@@ -657,22 +642,20 @@ def render(tokenizer, question: str, cfg: Config) -> str:
     content = question + cfg.instruction
     if not getattr(tokenizer, "chat_template", None):
         return content
-    messages = [{"role": "user", "content": content}]
     template_kwargs = yaml.safe_load(cfg.chat_template_kwargs or "{}")
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                         **template_kwargs)
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True, **template_kwargs)
 
-def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int,
-                 seed: int) -> list[dict]:
-    """The batch of `step` for process `rank`: a seeded permutation per epoch."""
-    out = []
+def step_prompts(problems: list[dict], step: int, n: int, rank: int, world: int, seed: int):
+    """The n prompts of `step` for process `rank`: a seeded permutation per epoch."""
+    batch = []
     first = n * world * step + n * rank
     for j in range(first, first + n):
         epoch, i = divmod(j, len(problems))
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(problems), generator=generator)
-        out.append(problems[order[i].item()])
-    return out
+        batch.append(problems[order[i].item()])
+    return batch
 
 def load_model(path: str, dtype: torch.dtype):
     """(tokenizer, model) from a folder or a hub name; left padding, for cached decoding."""
@@ -690,16 +673,14 @@ def check_vocabularies(tokenizer, teacher_tokenizer, student, teacher) -> None:
     """OPD compares the two distributions id by id: one tokenizer, one logit width covering it."""
     if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
         raise UserError("error: teacher and student tokenizers differ; use a pair of one family")
-    widths = {"student": student.get_output_embeddings().weight.shape[0],
-              "teacher": teacher.get_output_embeddings().weight.shape[0]}
-    if widths["student"] != widths["teacher"] or widths["student"] < len(tokenizer):
-        raise UserError(f"error: teacher / student: output rows {widths} for {len(tokenizer)} "
+    widths = [model.get_output_embeddings().weight.shape[0] for model in (student, teacher)]
+    if widths[0] != widths[1] or widths[0] < len(tokenizer):
+        raise UserError(f"error: student, teacher: {widths} output rows for {len(tokenizer)} "
                         "tokens; kat.py needs one width that covers the tokenizer")
 
 def stop_ids(tokenizer, model) -> list[int]:
-    """EOS, the model's generation EOS ids, and the chat template's end-of-turn token: the first
-    special token after an assistant message (a base model's EOS is not the <|im_end|> its
-    template ends a turn with)."""
+    """EOS, the generation config's EOS ids and the chat template's end of turn: the first special
+    token after an assistant message (a base model's EOS is not the <|im_end|> ending a turn)."""
     generation_eos = model.generation_config.eos_token_id or []
     ids = {tokenizer.eos_token_id, *torch.tensor(generation_eos).reshape(-1).tolist()}
     exchange = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "@@"}]
@@ -712,8 +693,7 @@ def stop_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 def write_traces(rollout: dict, threshold: float | None, cfg: Config, n: int = 6) -> None:
-    """traces.jsonl as kat/ writes it, which `python -m kat plot OUTPUT_DIR` draws: d_t of the
-    first rollouts of the last step, the threshold they were judged by, and where each was cut."""
+    """d_t, threshold and cut of the last step's first rollouts for `python -m kat plot OUT`."""
     with open(os.path.join(cfg.output_dir, "traces.jsonl"), "w") as fh:
         for b in range(min(n, len(rollout["stop"]))):
             length = int(rollout["completion_mask"][b].sum())
@@ -761,7 +741,8 @@ def main(cfg: Config | None = None) -> list[dict]:
     for step in bar:
         # --- 1. sample: the student samples, the teacher scores each chunk, the terminator cuts
         batch = step_prompts(problems, step, cfg.batch_size, rank, world, cfg.seed)
-        texts = [render(tokenizer, p["prompt"], cfg) for p in batch for _ in range(cfg.samples_per_prompt)]
+        questions = [p["prompt"] for p in batch for _ in range(cfg.samples_per_prompt)]
+        texts = [render(tokenizer, question, cfg) for question in questions]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(accelerator.device)
         generator = torch.Generator(device=accelerator.device)
@@ -784,18 +765,13 @@ def main(cfg: Config | None = None) -> list[dict]:
 
         # --- 4. log: sums over processes, then ratios
         mask = rollout["completion_mask"]  # (B, T)
-        sums = {"tokens": mask.sum(),
-                "kl": (rollout["kl"] * mask).sum(),
-                "kept": rollout["loss_mask"].sum(),
-                "cut": (rollout["stop"] == STOP_TRAP).sum(),
-                "rows": torch.tensor(mask.shape[0], device=mask.device)}
-        totals = accelerator.reduce(torch.stack(list(sums.values())).float(), "sum").tolist()
-        sums = dict(zip(sums, totals))
-        rows.append({"step": step + 1, "loss": stats["loss"],
-                     "kl": sums["kl"] / max(sums["tokens"], 1), "threshold": threshold,
-                     "cut_rate": sums["cut"] / sums["rows"],
-                     "mean_length": sums["tokens"] / sums["rows"],
-                     "kept_length": sums["kept"] / sums["rows"]})
+        local = [mask.sum(), (rollout["kl"] * mask).sum(), rollout["loss_mask"].sum(),
+                 (rollout["stop"] == STOP_TRAP).sum(), torch.ones_like(rollout["stop"]).sum()]
+        sums = accelerator.reduce(torch.stack([x.float() for x in local]), "sum").tolist()
+        tokens, kl_sum, kept, cut, n_rows = sums  # over every process
+        rows.append({"step": step + 1, "loss": stats["loss"], "kl": kl_sum / max(tokens, 1),
+                     "threshold": threshold, "cut_rate": cut / n_rows,
+                     "mean_length": tokens / n_rows, "kept_length": kept / n_rows})
         if accelerator.is_main_process:
             with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(rows[-1]) + "\n")
@@ -809,8 +785,7 @@ def main(cfg: Config | None = None) -> list[dict]:
         accelerator.unwrap_model(student).save_pretrained(saved, state_dict=state_dict)
         tokenizer.save_pretrained(saved)
         write_traces(rollout, threshold, cfg)
-        print(f"saved {saved}; evaluate it with `python -m kat eval --config CONFIG --model {saved}`"
-              f", draw the traces with `python -m kat plot {cfg.output_dir}`", file=sys.stderr)
+        print(f"saved {saved}: `python -m kat eval --config CONFIG --model {saved}` evaluates it")
     accelerator.wait_for_everyone()  # no process tears down the process group while another saves
     # DDP first: its last hold on a gloo group can deadlock at exit
     student = accelerator.free_memory(student)[0]
