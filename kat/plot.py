@@ -189,7 +189,7 @@ def curves_figure(metrics: list[dict]):
     axes[2].plot(steps, [m["mean_length"] for m in train], label="generated")
     axes[2].plot(steps, [m["kept_length"] for m in train], ls="--", label="kept in loss")
     axes[2].set_title("tokens per rollout")
-    tokens = {m["step"]: m["tokens_total"] for m in train}
+    tokens = {m["step"]: m.get("tokens_total", 0.0) for m in train}  # kat.py's rows carry none
     for i, key in enumerate(sorted({k for m in evals for k in m if k.endswith("avg@k") or k.endswith("pass@k")})):
         pts = [(tokens.get(m["step"], 0.0), m[key]) for m in evals if key in m]
         ls, marker = ARM_STYLES[i % len(ARM_STYLES)]
