@@ -21,7 +21,9 @@ Command line: ``python -m kat eval --model PATH --data SPEC -k 8 [--out FILE.jso
 is a model directory, a hub name or a LoRA adapter directory (loaded onto its base and merged), and
 SPEC is anything ``kat train --eval_data`` takes (a local json/jsonl/parquet file, a directory or a hub
 dataset, with ``[split=..., prompt=..., answer=..., k=..., limit=...]``; several comma-separated),
-read by `kat.data`.
+read by `kat.data`. ``python -m kat eval --config FILE --model PATH`` evaluates as ``kat train`` does
+with that training config (its sets, k, limit, sampling, grader, seed and prompts; `CONFIG_DEFAULTS`);
+a flag given on the command line wins over the config.
 """
 
 from __future__ import annotations
@@ -292,34 +294,101 @@ def run_eval(accelerator, model, tokenizer, eval_sets: dict, cfg, tag: str) -> d
 # ---------------------------------------------------------------------------------------------
 # Command line
 
+# `kat eval` option -> (the training config's field that is its default under --config, its default
+# without a config). These are the settings `run_eval` reads from the config, so `kat eval --config F`
+# evaluates as `kat train --config F` does.
+CONFIG_DEFAULTS = {
+    "data": ("eval_data", None),
+    "k": ("eval_k", 8),
+    "limit": ("eval_limit", 0),
+    "split": ("eval_split", "test"),
+    "prompt_field": ("prompt_field", "prompt"),
+    "answer_field": ("answer_field", "answer"),
+    "max_new_tokens": ("eval_max_new_tokens", 96),  # the config's 0 means its max_new_tokens
+    "temperature": ("eval_temperature", 1.0),
+    "top_p": ("eval_top_p", 1.0),
+    "grader": ("grader", "exact"),
+    "seed": ("seed", 0),
+    "system_prompt": ("system_prompt", ""),
+    "instruction": ("instruction", ""),
+    "chat_template_kwargs": ("chat_template_kwargs", ""),
+    "dtype": ("dtype", "auto"),
+}
+
+
+def _default(dest: str, text: str = "") -> str:
+    """The help text's default: the built-in one, and the config field that replaces it under --config."""
+    field, value = CONFIG_DEFAULTS[dest]
+    shown = text or str(value)
+    return f"default {shown}; with --config its {field}"
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="kat eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="HF checkpoint directory, hub name or pkg:<package>")
-    p.add_argument("--data", required=True,
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a training config (YAML, as `kat train --config` reads it): its evaluation settings "
+                        "become the defaults, so the model is evaluated as `kat train` evaluates with it; a flag "
+                        "given here wins over the config")
+    p.add_argument("--data", default=None, metavar="SPEC",
                    help="what `kat train --eval_data` takes: a json/jsonl/parquet file, directory or hub dataset, "
                         "optionally [name=]source[split=..., prompt=..., answer=..., k=..., limit=..., unwrap=...]; "
-                        "several comma-separated (see kat.data)")
-    p.add_argument("-k", type=int, default=8, help="samples per problem, unless a spec sets k= (default 8)")
-    p.add_argument("--split", default="test", help="split of hub datasets, unless a spec sets split= (default test)")
-    p.add_argument("--prompt-field", default="prompt", help="column holding the question (default prompt)")
-    p.add_argument("--answer-field", default="answer", help="column holding the reference answer (default answer)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N problems of each set (default 0: all)")
+                        "several comma-separated (see kat.data). Required without --config; with it, its eval_data")
+    p.add_argument("-k", type=int, default=None, help=f"samples per problem, unless a spec sets k= ({_default('k')})")
+    p.add_argument("--split", default=None,
+                   help=f"split of hub datasets, unless a spec sets split= ({_default('split')})")
+    p.add_argument("--prompt-field", default=None, help=f"column holding the question ({_default('prompt_field')})")
+    p.add_argument("--answer-field", default=None,
+                   help=f"column holding the reference answer ({_default('answer_field')})")
+    p.add_argument("--limit", type=int, default=None,
+                   help=f"evaluate the first N problems of each set, 0: all ({_default('limit')})")
     p.add_argument("--out", default=None, help="write the full results (with completions) as JSON here")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="completion length limit (default 96)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--grader", choices=GRADERS, default="exact", help="exact (toy) or math (math-verify)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"completion length limit ({_default('max_new_tokens')}, or max_new_tokens when it is 0)")
+    p.add_argument("--temperature", type=float, default=None, help=f"0 = greedy ({_default('temperature')})")
+    p.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass ({_default('top_p')})")
+    p.add_argument("--grader", choices=GRADERS, default=None,
+                   help=f"exact (toy) or math (math-verify) ({_default('grader')})")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--system-prompt", default="", help="system turn before each question (default none)")
-    p.add_argument("--instruction", default="", help="text appended to each question (default none)")
-    p.add_argument("--chat-template-kwargs", default="",
-                   help="chat template variables as YAML, e.g. '{enable_thinking: false}' (default none)")
+    p.add_argument("--seed", type=int, default=None, help=f"sampling seed ({_default('seed')})")
+    p.add_argument("--system-prompt", default=None,
+                   help=f"system turn before each question ({_default('system_prompt', 'none')})")
+    p.add_argument("--instruction", default=None,
+                   help=f"text appended to each question ({_default('instruction', 'none')})")
+    p.add_argument("--chat-template-kwargs", default=None,
+                   help="chat template variables as YAML, e.g. '{enable_thinking: false}' "
+                        f"({_default('chat_template_kwargs', 'none')})")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="model dtype (default auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                   help=f"model dtype, auto: bf16 on CUDA, fp32 on CPU ({_default('dtype')})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
+
+
+def apply_config(args: argparse.Namespace) -> None:
+    """Fill in every `CONFIG_DEFAULTS` option not given on the command line: from the training config
+    of --config (read and validated by kat.config, as `kat train` reads it), else its built-in default.
+    Raises ConfigError for a config that cannot be used, or when there is no evaluation data."""
+    from kat.config import ConfigError, load_config
+
+    cfg = None
+    if args.config is not None:
+        try:
+            cfg = load_config([f"--config={args.config}"])
+        except ConfigError as err:
+            text = " ".join(str(err).split())
+            raise ConfigError(text if repr(args.config) in text else f"--config {args.config!r}: {text}") from None
+    for dest, (field, default) in CONFIG_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default if cfg is None else getattr(cfg, field))
+            if cfg is not None and dest == "max_new_tokens":  # eval_max_new_tokens 0: the training limit
+                args.max_new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
+    if not args.data:
+        if cfg is None:
+            raise ConfigError("--data: no evaluation data given; pass --data SPEC, or --config FILE to evaluate "
+                              "on the eval_data of a training config")
+        raise ConfigError(f"--config {args.config!r}: its eval_data is empty (no evaluation sets); set eval_data "
+                          "there, or pass --data SPEC")
 
 
 def _print_table(name: str, res: dict, k: int) -> None:
@@ -373,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
+        apply_config(args)
         check_args(args)
         template_kw = check_value("chat_template_kwargs", args.chat_template_kwargs)
         eval_sets = load_eval_sets(args.data, split=args.split, prompt_field=args.prompt_field,
@@ -389,7 +459,8 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
                        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
                        grader=args.grader, seed=args.seed, system_prompt=args.system_prompt,
                        instruction=args.instruction, template_kw=template_kw)
-        res.update(model=str(args.model), data=eval_set.spec.source, seconds=round(time.time() - t0, 1))
+        res.update(model=str(args.model), data=eval_set.spec.source, config=args.config,
+                   seconds=round(time.time() - t0, 1))
         _print_table(name, res, eval_set.k)
         results[name] = res
     if args.out:

@@ -329,3 +329,113 @@ def test_graders_are_named_in_one_registry_and_exact_is_the_toy_worlds():
     assert grade("A=12", " 12 ") and not grade("A=5", "5.0") and extract_answer("none") is None
     with pytest.raises(ValueError, match="unknown grader"):
         grade("A=1", "1", "fuzzy")
+
+
+# ---------------------------------------------------------------------------------------------
+# `python -m kat eval --config FILE`: the evaluation of `kat train --config FILE`
+
+def toy_config(tmp_path, **fields) -> str:
+    """A training config on the toy world whose evaluation settings all differ from kat eval's defaults."""
+    import yaml
+
+    from kat.config import TOY_DIR
+
+    test = f"{TOY_DIR}/data/test.jsonl"
+    values = {"eval_data": f"t={test}, u={test}[k=3, limit=2]", "eval_k": 2, "eval_limit": 3,
+              "eval_temperature": 0.7, "eval_top_p": 0.9, "max_new_tokens": 64, "eval_max_new_tokens": 0,
+              "grader": "exact", "seed": 11, "dtype": "float32", **fields}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_cli_with_a_training_config_evaluates_as_training_does(tmp_path, capsys):
+    """`kat eval --config F --model M` gives the numbers of kat.train's evaluation (run_eval) with F on M."""
+    from accelerate import Accelerator
+
+    from kat.config import load_config
+    from kat.evaluate import run_eval
+    from kat.train import load_data, load_models
+
+    path = toy_config(tmp_path)
+    cfg = load_config(["--config", path])
+    accelerator = Accelerator(cpu=True)
+    _, eval_sets = load_data(cfg)  # the sets training evaluates on, and its student, as it prepares them
+    tokenizer, student, _, _ = load_models(cfg, accelerator.device)
+    trained = run_eval(accelerator, accelerator.prepare(student), tokenizer, eval_sets, cfg, "after")
+    capsys.readouterr()
+
+    result, out, err = run_cli(["--config", path, "--model", cfg.student, "--device", "cpu", "--threads", "1"],
+                               capsys)
+    assert isinstance(result, dict), err
+    assert list(result) == ["t", "u"] == list(eval_sets)
+    for name, k, n in (("t", 2, 3), ("u", 3, 2)):  # the config's eval_k / eval_limit unless the spec sets its own
+        res = result[name]
+        assert (res["k"], res["n_problems"]) == (k, n) and f"avg@{k}" in out
+        assert (res["temperature"], res["top_p"], res["max_new_tokens"], res["seed"]) == (0.7, 0.9, 64, 11)
+        for metric in ("avg@k", "pass@k", "mean_length"):
+            assert res[metric] == trained[f"{name}/{metric}"], (name, metric, res[metric], trained)
+    # the sampled completions are not all right or all wrong, so equal numbers say something
+    assert any(0 < result[name]["avg@k"] < 1 for name in result), {n: r["avg@k"] for n, r in result.items()}
+
+
+def test_cli_flags_win_over_the_config(tmp_path, capsys, monkeypatch):
+    """A flag given on the command line, even 0 or an empty string, replaces the config's value; the
+    settings not given still come from the config."""
+    import kat.evaluate as ev
+    from kat.config import TOY_DIR
+
+    seen = []
+    original = ev.render_prompts
+    monkeypatch.setattr(ev, "render_prompts", lambda *a: seen.extend(original(*a)) or original(*a))
+    path = toy_config(tmp_path, instruction="+0", eval_max_new_tokens=6)
+    model = f"{TOY_DIR}/student"
+    result, _, err = run_cli(["--config", path, "--model", model, "--threads", "1"], capsys)
+    assert isinstance(result, dict), err
+    assert result["t"]["max_new_tokens"] == 6 and seen and all("+0" in s for s in seen)  # the config's
+
+    seen.clear()
+    data = f"{TOY_DIR}/data/test.jsonl[limit=1]"
+    argv = ["--config", path, "--model", model, "--threads", "1", "--data", data, "-k", "1",
+            "--temperature", "0", "--max-new-tokens", "4", "--seed", "0", "--instruction", ""]
+    result, _, err = run_cli(argv, capsys)
+    assert isinstance(result, dict) and list(result) == ["test"], err  # --data replaces the config's sets
+    res = result["test"]
+    assert (res["k"], res["n_problems"], res["temperature"], res["max_new_tokens"], res["seed"]) == (1, 1, 0.0, 4, 0)
+    assert res["top_p"] == 0.9 and seen and not any("+0" in s for s in seen)  # not given: the config's top_p
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "/nonexistent/train.yaml"],
+     "error: config file '/nonexistent/train.yaml' does not exist; pass an existing YAML file to --config"),
+    ([], "error: --data: no evaluation data given; pass --data SPEC, or --config FILE"),
+    (["--config", "{bad}"], "error: --config '{bad}': eval_k: 0 is out of range; it must be >= 1"),
+    (["--config", "{empty}"], "error: --config '{empty}': its eval_data is empty (no evaluation sets); set "
+                              "eval_data there, or pass --data SPEC"),
+])
+def test_cli_config_errors_are_one_line_and_status_2(tiny_world, tmp_path, capsys, monkeypatch, args, message):
+    import kat.models
+    from kat.__main__ import main as kat_main
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(kat.models, "load_model", refuse)
+    files = {"bad": toy_config(tmp_path, eval_k=0)}
+    (tmp_path / "empty.yaml").write_text("eval_data: ''\n")
+    files["empty"] = str(tmp_path / "empty.yaml")
+    args, message = [a.format(**files) for a in args], message.format(**files)
+    status = kat_main(["eval", "--model", tiny_world["student"], *args])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and err.startswith(message), err
+
+
+def test_cli_without_data_or_config_exits_2_from_the_shell(tiny_world):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "kat", "eval", "--model", tiny_world["student"]],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["error: --data: no evaluation data given; pass --data SPEC, or --config FILE "
+                                        "to evaluate on the eval_data of a training config"], proc.stderr
