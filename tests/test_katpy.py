@@ -506,3 +506,15 @@ def test_a_finished_run_is_never_replaced_silently(single_file, pair, tmp_path, 
     assert (out / "metrics.jsonl").read_bytes() == written
     assert single_file.parse_config(["--overwrite_output_dir", "true"]).overwrite_output_dir is True
     assert tiny_run(single_file, pair, out, overwrite_output_dir=True) == first  # the same run again
+
+
+def test_a_teacher_with_fewer_logits_than_tokens_is_one_line(single_file, pair):
+    tok, student = single_file.load_model(pair["student"], torch.float32)
+    teacher_tok, teacher = single_file.load_model(pair["teacher"], torch.float32)
+    single_file.check_vocabularies(tok, teacher_tok, student, teacher)  # the pair itself passes
+    teacher.resize_token_embeddings(len(tok) - 3)
+    with pytest.raises(single_file.UserError, match=f"output rows for {len(tok)} tokens; kat.py needs one width"):
+        single_file.check_vocabularies(tok, teacher_tok, student, teacher)
+    other = single_file.load_model(str(TOY / "teacher"), torch.float32)[0]
+    with pytest.raises(single_file.UserError, match="teacher and student tokenizers differ"):
+        single_file.check_vocabularies(tok, other, student, teacher)
