@@ -259,7 +259,7 @@ def clear_own_files(cfg: Config) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(cfg.output_dir, name))
 
-# ==== Score: reverse KL and log-probs; fp16/bf16 logits in, fp32 accumulation, chunked over rows ==
+# ==== Score: reverse KL and the top-K targets; fp16/bf16 logits in, fp32 accumulation ==========
 def chunk_rows(vocab: int) -> int:
     """Rows per chunk: a (16k tokens x 152k vocab) fp32 buffer is 10 GB, so chunks of ~64 MiB."""
     return max(1, (1 << 24) // vocab)
