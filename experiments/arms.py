@@ -22,15 +22,11 @@ Beyond the paper:
 - KAT gated (`kat_gated`): the detector with the drift gate (gate: drift): a low-KL run counts
   only after a token the teacher gives a probability below drift_prob (kat.terminators.TrapDetector).
 - Cut after drift (`drift_cut`): the contrast to the gate, cutting right after the first drift
-<<<<<<< HEAD
-  token without waiting for low KL (kat.terminators.DriftTerminator).
-=======
   token without waiting for low KL (kat.terminators.DriftTerminator).
 - Oracle (`oracle`, toy worlds only): cuts one past the ground-truth first error or loop start
   (kat.toy.oracle), with KAT's bookkeeping; the upper bound on what a cut can win.
 - RandomTerm matched on cut rate too (`random_matched`): random cuts whose share of cut rollouts
   and mean kept length both equal the seed's KAT run's (RandomTerminator's target_cut_rate).
->>>>>>> science
 - OPD, KAT's normalisation (`opd_norm`): every token in the loss, but each step's loss divided by
   the kept-token count of the seed's KAT run at that step (Config.norm_from). Dropping tokens
   changes both which tokens teach and the normaliser; this control changes the normaliser only.
