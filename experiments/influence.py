@@ -7,13 +7,17 @@ takes ONE optimiser step on the OPD loss of one set of that step's tokens, and t
 held-out loss is measured:
 
 - cut:    the would-be-cut segments, positions shadow_cut .. end of every flagged rollout;
-- random: as many segments of the same token counts, each a contiguous span of unflagged tokens
-          (KAT's kept tokens), one per rollout where possible (`matched_random_mask`), several draws;
+- random: as many segments of the same token counts, each a contiguous span placed blind to the
+          detector anywhere in the step's generated tokens, one per rollout where possible
+          (`matched_random_mask`), several draws: the cut tokens make up about 40% of a step's
+          tokens on the toy, too many for spans of their lengths to fit in the unflagged ones alone;
+          a blind span overlaps the cut tokens at about their base rate (reported as `overlap`);
 - kept:   every unflagged token (KAT's own step); all: every generated token (OPD's step).
 
-The step: a fresh AdamW (the run's betas, eps, weight decay) at the learning rate the run uses at
-that step, on the segment's loss summed over its tokens and divided by their count (the learner's
-per-token normalisation), its gradient clipped to max_grad_norm as in the run. A fresh optimiser
+The step: a fresh AdamW (the run's betas, eps, weight decay) at the config's peak learning rate (the
+same at every probe step, so that late probes, where the cosine schedule has decayed, weigh alike),
+on the segment's loss summed over its tokens and divided by their count (the learner's per-token
+normalisation), its gradient clipped to max_grad_norm as in the run. A fresh optimiser
 isolates the segment's own update: the run's state would carry beta1 = 0.9 of the earlier steps'
 momentum into every arm alike. The first AdamW step is lr * g / (|g| + eps) per coordinate, so it
 does not depend on the scale of the gradient: cut and random steps have the same per-coordinate size
@@ -73,15 +77,17 @@ def _starts(free_row: np.ndarray, length: int) -> np.ndarray:
     return np.flatnonzero(run == length)
 
 
-def matched_random_mask(cut: torch.Tensor, gen: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+def matched_random_mask(cut: torch.Tensor, gen: torch.Tensor, rng: np.random.Generator,
+                        avoid_cut: bool = False) -> tuple[torch.Tensor, dict]:
     """Segments matched to the cut ones: for each cut segment (longest first), a contiguous span of the
-    same length in the unflagged generated tokens (gen & ~cut), in a rollout that holds no span yet where
-    one fits (uniform over such rollouts, then over start positions), else in any rollout with room;
-    when no contiguous span fits, the segment's tokens are drawn uniformly from the free tokens left
-    (counted as `scattered`). Returns the (B, T) mask and {"segments", "tokens", "scattered", "short"}:
-    `short` tokens could not be placed (only when the free tokens are fewer than the cut ones)."""
+    same length in the free tokens (every generated token; with `avoid_cut` only the unflagged ones,
+    gen & ~cut), in a rollout that holds no span yet where one fits (uniform over such rollouts, then
+    over start positions), else in any rollout with room; when no contiguous span fits, the segment's
+    tokens are drawn uniformly from the free tokens left (counted as `scattered`). Returns the (B, T)
+    mask and {"segments", "tokens", "scattered", "short", "overlap"}: `short` tokens could not be
+    placed (only when the free tokens are fewer than the cut ones), `overlap` tokens are cut ones."""
     cut, gen = cut.cpu().numpy(), gen.cpu().numpy().astype(bool)
-    free = gen & ~cut  # (B, T)
+    free = gen & ~cut if avoid_cut else gen.copy()  # (B, T)
     out = np.zeros_like(free)
     used = np.zeros(free.shape[0], dtype=bool)
     lengths = sorted((int(n) for n in cut.sum(1) if n > 0), reverse=True)
@@ -102,7 +108,8 @@ def matched_random_mask(cut: torch.Tensor, gen: torch.Tensor, rng: np.random.Gen
         short += length - take.size
         out.reshape(-1)[take] = True
         free.reshape(-1)[take] = False
-    info = {"segments": len(lengths), "tokens": int(out.sum()), "scattered": scattered, "short": short}
+    info = {"segments": len(lengths), "tokens": int(out.sum()), "scattered": scattered, "short": short,
+            "overlap": int((out & cut).sum())}
     return torch.from_numpy(out), info
 
 
@@ -268,13 +275,14 @@ class Prober:
             self.clean_logits = teacher_logits_of(run.teacher, self.clean)
         group = run.optimizer.param_groups[0]
         optim = {"betas": tuple(group["betas"]), "eps": group["eps"], "weight_decay": group["weight_decay"]}
-        lr = run.scheduler.get_last_lr()[0]
+        lr = cfg.lr
         t0 = time.perf_counter()
         res = probe(run.accelerator.unwrap_model(run.student), run.teacher, ctx.rollout, self.clean,
                     self.clean_logits, kind=cfg.loss, lr=lr, max_grad_norm=cfg.max_grad_norm, optim=optim,
                     draws=self.draws, rng=np.random.default_rng([cfg.seed, ctx.step]))
         torch.set_rng_state(rng_state)
         self.rows.append({"step": ctx.step + 1, "active": ctx.active, "threshold": ctx.threshold, "lr": lr,
+                          "run_lr": run.scheduler.get_last_lr()[0],
                           "clean": int(self.clean.prompt_ids.shape[0]), "clean_sampled": self.sampled,
                           "clean_tokens": int(self.clean.completion_mask.sum()),
                           "probe_s": time.perf_counter() - t0, **res})
@@ -299,7 +307,8 @@ def influence_run(cfg: Config, problems: list[dict], probe_steps: list[int], dra
     restart(cfg)
     t0 = time.perf_counter()
     prober = Prober(problems, probe_steps, draws, heldout_seed)
-    train(cfg, hooks=[prober])
+    if "stopped_at" in train(cfg, hooks=[prober]):  # stopped by a signal: record nothing to be reused
+        raise SystemExit(f"influence seed {cfg.seed}: the run was stopped; nothing recorded in {cfg.output_dir}")
     with open(path, "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in prober.rows)
     with open(spath, "w") as fh:
@@ -375,6 +384,7 @@ def summarise(rows_by_seed: dict[int, list[dict]]) -> dict:
     out["random_scattered"] = sum(i["scattered"] for i in infos)
     out["random_segments"] = sum(i["segments"] for i in infos)
     out["random_short_tokens"] = sum(i["short"] for i in infos)
+    out["random_overlap"] = sum(i["overlap"] for i in infos) / max(sum(i["tokens"] for i in infos), 1)
     return out
 
 
@@ -398,7 +408,8 @@ def influence_markdown(result: dict) -> list[str]:
           f"{s['probes_with_cut']} of {s['probes']} probes had cut tokens; would-be-cut share "
           f"{100 * (s['cut_row_share'] or 0):.1f}% of rollouts, {100 * (s['cut_token_share'] or 0):.1f}% of tokens; "
           f"random segments placed contiguously {s['random_segments'] - s['random_scattered']} of "
-          f"{s['random_segments']} (tokens short: {s['random_short_tokens']}); {result['minutes']:.1f} min.", "",
+          f"{s['random_segments']} (tokens short: {s['random_short_tokens']}), "
+          f"{100 * s['random_overlap']:.1f}% of their tokens in cut segments; {result['minutes']:.1f} min.", "",
           "Change of the held-out loss after one step (1e-3 nats per token; negative helps), mean over "
           "(seed, probe step) units with a 95% two-level bootstrap interval; first order: -cos(g_S, grad nll).", "",
           "| step on | d NLL x 1e3 [95% CI] | reading | d reverse KL x 1e3 [95% CI] | reading "

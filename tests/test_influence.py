@@ -56,21 +56,25 @@ def test_random_segments_match_the_cut_segments(seed):
     for b in rng.choice(B, 4, replace=False):
         shadow[b] = int(rng.integers(4, lengths[b]))
     cut = inf.cut_mask(_R(gen, shadow))
-    mask, info = inf.matched_random_mask(cut, gen, np.random.default_rng(seed + 100))
-    m, c = mask.numpy(), cut.numpy()
-    assert info == {"segments": 4, "tokens": int(c.sum()), "scattered": 0, "short": 0}
-    assert m.sum() == c.sum() and not (m & c).any() and not (m & ~gen.numpy()).any()
-    # one contiguous span per segment, of the cut segments' lengths, in distinct rollouts
-    assert sorted(x for row in m for x in _runs(row)) == sorted(x for row in c for x in _runs(row))
-    assert (m.any(1)).sum() == 4
+    c = cut.numpy()
+    for avoid in (True, False):
+        mask, info = inf.matched_random_mask(cut, gen, np.random.default_rng(seed + 100), avoid_cut=avoid)
+        m = mask.numpy()
+        assert info == {"segments": 4, "tokens": int(c.sum()), "scattered": 0, "short": 0,
+                        "overlap": int((m & c).sum())}
+        assert m.sum() == c.sum() and not (m & ~gen.numpy()).any()
+        assert not avoid or not (m & c).any()
+        # one contiguous span per segment, of the cut segments' lengths, in distinct rollouts
+        assert sorted(x for row in m for x in _runs(row)) == sorted(x for row in c for x in _runs(row))
+        assert (m.any(1)).sum() == 4
 
 
 def test_random_segments_scatter_when_no_span_fits_and_keep_the_count():
     gen = torch.ones(3, 6, dtype=torch.bool)
     cut = torch.zeros(3, 6, dtype=torch.bool)
-    cut[0, 1:] = True  # a 5-token segment; free runs are at most 6 - but rows 1, 2 get broken up below
+    cut[0, 1:] = True  # a 5-token segment
     gen[1, 3], gen[2, 2] = False, False  # free runs: row 0: 1, row 1: 3 + 2, row 2: 2 + 3
-    mask, info = inf.matched_random_mask(cut, gen, np.random.default_rng(0))
+    mask, info = inf.matched_random_mask(cut, gen, np.random.default_rng(0), avoid_cut=True)
     assert info["scattered"] == 1 and info["short"] == 0 and int(mask.sum()) == 5
     assert not (mask & cut).any() and not (mask & ~gen).any()
     empty, info = inf.matched_random_mask(torch.zeros_like(cut), gen, np.random.default_rng(0))
