@@ -1,6 +1,6 @@
 """``python -m experiments <command>``, run from the root of a source checkout.
 
-    python -m experiments table1|shadow|sensitivity|mechanism|lm ...   the paper's experiments (cli)
+    python -m experiments table1|shadow|sensitivity|mechanism|lm|power|influence ... the paper's experiments (cli)
     python -m experiments toy build [--world rich|plain|repeat] ...    rebuild the toy world (toy_build)
     python -m experiments toy stats [--world rich|plain|repeat] ...    its KL statistics (toy_stats)
 """

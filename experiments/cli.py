@@ -10,6 +10,7 @@ sweep of the detector's settings, and the gradient mechanism of cutting.
     python -m experiments sensitivity --config configs/toy.yaml [--seeds 1] [--world ...]
     python -m experiments mechanism --config configs/toy.yaml [--seeds 1] [--world ...]
     python -m experiments power --config configs/toy.yaml --world rich --seeds 0,1,2 --heldout 1024 [--arms ...]
+    python -m experiments influence --config configs/toy.yaml --world rich --seeds 3 [--probe-steps 6,12,18,24,30]
     python -m experiments lm --config configs/smollm2_shadow.yaml [--batches 8] [--student-layers 28]
 
 --seeds takes a count (seeds seed, seed+1, ... of the config) or a list (--seeds 0,1,2,3,4).
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0],
                                 allow_abbrev=False, epilog="Other --key value pairs (e.g. --config FILE, --steps N, "
                                 "--eval_limit N) are Config overrides applied to every arm.")
-    p.add_argument("what", choices=("table1", "shadow", "sensitivity", "mechanism", "lm", "power"),
+    p.add_argument("what", choices=("table1", "shadow", "sensitivity", "mechanism", "lm", "power",
+                                        "influence"),
                    help="which experiment")
     p.add_argument("--seeds", default=None, help="a count of seeds (from the config's seed on) or a comma-separated "
                    "list, e.g. 0,1,2,3,4 (default: 3 for table1, 1 otherwise)")
@@ -70,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 8)")
     p.add_argument("--student-layers", type=int, default=28, help="lm: decoder layers the student keeps when it "
                    "is made from the teacher (default 28)")
-    p.add_argument("--heldout", type=int, default=1024, help="power: fresh held-out problems (default 1024)")
+    p.add_argument("--heldout", type=int, default=1024, help="power, influence: fresh held-out problems (default 1024)")
+    p.add_argument("--probe-steps", default="6,12,18,24,30", help="influence: the steps (1-based) probed "
+                   "(default 6,12,18,24,30)")
+    p.add_argument("--draws", type=int, default=4, help="influence: matched random draws per probe (default 4)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     return p
@@ -100,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             check_arms(arms)
             for world in worlds:
                 run_power(rest, seeds, args.out, world, arms, args.heldout, dry_run=args.dry_run, command=command)
+        elif args.what == "influence":
+            from experiments.influence import run_influence
+            for world in worlds:
+                run_influence(rest, seeds, args.out, world, args.heldout, args.probe_steps, args.draws,
+                              dry_run=args.dry_run, command=command)
         elif args.what == "lm":
             run_lm(rest, args.out, args.batches, args.student_layers, args.dry_run, command)
         else:
