@@ -45,3 +45,22 @@ def test_offenders_are_measured_from_def_to_last_line(tmp_path):
 if __name__ == "__main__":
     files = [Path(p) for p in sys.argv[1:]] or MODULES
     print("\n".join(o for f in files for o in offenders(f)) or "none")
+
+
+def conflict_markers(root: Path) -> list[str]:
+    """Lines a merge left behind (<<<<<<< / >>>>>>>) in the project's source and text files."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        parts = path.relative_to(root).parts
+        if path.suffix not in (".py", ".md", ".yaml", ".txt", ".toml") or parts[0].startswith(".") or "runs" in parts:
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if line.startswith(("<<<<<<< ", ">>>>>>> ")):
+                found.append(f"{path.relative_to(root)}:{number}")
+    return found
+
+
+def test_no_merge_conflict_markers(tmp_path):
+    assert conflict_markers(ROOT) == []
+    (tmp_path / "a.py").write_text('"""doc\n<<<<<<< HEAD\nx\n=======\ny\n>>>>>>> other\n"""\n')
+    assert conflict_markers(tmp_path) == ["a.py:2", "a.py:6"]
