@@ -55,10 +55,12 @@ def find_loop(ids: list[int], min_repeats: int = 3, min_span: int = 12, max_peri
 DRIFT_PROBS = (0.005, 0.001, 0.0001)  # the gate at stricter drift thresholds than the config's, replayed
 
 
-def lm_records(cfg: Config, batches: int, student_layers: int, log=print) -> list[dict]:
-    """Graded shadow rollouts of the config's student (made by pruning the teacher when missing),
-    each with its loop start (`repeat_start`, None without a loop) and loop period."""
-    from kat.models import align_vocab, evenly_spaced, load_model, load_tokenizer, prune_layers
+def lm_records(cfg: Config, batches: int, student_layers: int, log=print, path: str = "") -> list[dict]:
+    """Graded shadow rollouts of the config's student (made by pruning the teacher when missing; a
+    given student, a directory or a GGUF file in one, must share the teacher's tokenizer), each with
+    its loop start (`repeat_start`, None without a loop) and loop period. With `path`, each recorded
+    batch is appended to that JSON-lines file as soon as it is done."""
+    from kat.models import align_vocab, check_tokenizers, evenly_spaced, load_model, load_tokenizer, prune_layers
     from kat.train import build_terminator
 
     torch.manual_seed(cfg.seed)
@@ -69,14 +71,26 @@ def lm_records(cfg: Config, batches: int, student_layers: int, log=print) -> lis
         prune_layers(teacher, keep).save_pretrained(cfg.student)
         tokenizer.save_pretrained(cfg.student)
         log(f"  student: layers {keep} of the teacher's {teacher.config.num_hidden_layers} -> {cfg.student}")
+    else:
+        check_tokenizers(load_tokenizer(cfg.student, cfg.student_gguf, "student"), tokenizer)
     student = load_model(cfg.student, cfg.student_gguf, torch.float32, "student").eval()
     align_vocab(student, teacher, tokenizer)
-    records = shadow_rollouts(student, teacher, tokenizer, train_problems(tokenizer, cfg), cfg,
-                              build_terminator(cfg), batches=batches, drift_probs=DRIFT_PROBS)
-    for r in records:
-        loop = find_loop(r["ids"])
-        r["repeat_start"], r["loop_period"] = (loop if loop else (None, None))
-        r["tokens"] = [tokenizer.decode([i]) for i in r["ids"]]
+    problems, detector, records = train_problems(tokenizer, cfg), build_terminator(cfg), []
+    for b in range(batches):  # one batch a call: the detector, once calibrated, keeps its threshold
+        t0 = time.perf_counter()
+        first = records[-1]["step"] + 1 if records else 0
+        batch = shadow_rollouts(student, teacher, tokenizer, problems, cfg, detector, batches=1, first_step=first,
+                                drift_probs=DRIFT_PROBS)
+        for r in batch:
+            loop = find_loop(r["ids"])
+            r["repeat_start"], r["loop_period"] = (loop if loop else (None, None))
+            r["tokens"] = [tokenizer.decode([i]) for i in r["ids"]]
+        records += batch
+        if path:
+            with open(path, "a") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in batch)
+        log(f"  batch {b + 1}/{batches} (step {batch[0]['step']}): {len(batch)} rollouts, "
+            f"{sum(r['correct'] for r in batch)} correct, {time.perf_counter() - t0:.0f} s")
     return records
 
 
@@ -163,9 +177,9 @@ def run_lm(argv: list[str], out: str, batches: int = 8, student_layers: int = 28
         from kat.plot import read_jsonl
         records = read_jsonl(path)
     else:
-        records = lm_records(cfg, batches, student_layers, log)
-        with open(path, "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in records)
+        open(path + ".partial", "w").close()  # a partial file of an earlier, interrupted run starts over
+        records = lm_records(cfg, batches, student_layers, log, path + ".partial")
+        os.replace(path + ".partial", path)
     minutes = (time.perf_counter() - t0) / 60
     names = {**RULES, "cut_gated": f"drift-gated, drift_prob {cfg.drift_prob:g}"}
     rules = {names[key]: shadow_summary(records, key) for key in RULES}
