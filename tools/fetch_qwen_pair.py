@@ -174,6 +174,9 @@ def assemble(split: Split, wheels: str, out_dir: str, index_hashes: dict[str, st
                                  "move it away or choose another --out (it is not overwritten)")
             log(f"  {target} already holds these bytes; kept")
         else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would make it, not mkstemp's 0600
             os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
