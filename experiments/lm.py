@@ -160,6 +160,44 @@ def pick_lm_examples(records: list[dict], n: int = 4) -> list[dict]:
     return picked + [r for r in records if r not in picked][:max(0, 2 - len(picked))]  # at least two panels
 
 
+def answer_position(tokens: list[str], marker: str = "answer is") -> int | None:
+    """The first token position at which the decoded completion contains `marker` (case-insensitive):
+    where the rollout states its answer; None when it never does."""
+    text = ""
+    for t, tok in enumerate(tokens):
+        text += tok
+        if marker in text.lower():
+            return t
+    return None
+
+
+def pair_statistics(records: list[dict]) -> dict:
+    """Pooled over the rollouts: mean d_t per completion token, share of tokens above 1 nat, mean
+    length, share stopped by the length cap, share that state an answer."""
+    kl = [v for r in records for v in r["kl"]]
+    return {"rollouts": len(records), "tokens": len(kl), "mean_kl": sum(kl) / len(kl),
+            "share_kl_above_1": sum(v > 1 for v in kl) / len(kl),
+            "mean_length": sum(r["length"] for r in records) / len(records),
+            "truncated": sum(r["stop"] == "length" for r in records) / len(records),
+            "states_answer": sum(answer_position(r["tokens"]) is not None for r in records) / len(records)}
+
+
+def rollout_table(records: list[dict]) -> str:
+    """One row per rollout: grade, length and stop, where it states its answer, the loop start, the
+    paper's and the gated would-be cut, the first drift token, and its d_t (mean, max)."""
+    def cell(v):
+        return "-" if v is None else str(v)
+    rows = ["| # | step | grade (reference) | length, stop | answer stated at | loop start (period) | paper's cut "
+            "| gated cut | first drift | mean d | max d |", "|---" * 11 + "|"]
+    for i, r in enumerate(records, start=1):
+        loop = "-" if r.get("repeat_start") is None else f"{r['repeat_start']} ({r['loop_period']})"
+        rows.append(f"| {i} | {r['step']} | {'correct' if r['correct'] else 'wrong'} ({r['answer']}) | "
+                    f"{r['length']}, {r['stop']} | {cell(answer_position(r['tokens']))} | {loop} | "
+                    f"{cell(r['shadow_cut'])} | {cell(r.get('cut_gated'))} | {cell(r.get('drift'))} | "
+                    f"{sum(r['kl']) / max(len(r['kl']), 1):.3f} | {max(r['kl'], default=0):.2f} |")
+    return "\n".join(rows)
+
+
 def run_lm(argv: list[str], out: str, batches: int = 8, student_layers: int = 28, dry_run: bool = False,
            command: str = "", log=print) -> dict:
     """Record, summarise and draw; DIR/lm.md, lm.json, lm_rollouts.jsonl and lm_traces.png."""
@@ -193,10 +231,17 @@ def run_lm(argv: list[str], out: str, batches: int = 8, student_layers: int = 28
     fig.savefig(picture, dpi=100)
     import matplotlib.pyplot as plt
     plt.close(fig)
+    stats = pair_statistics(records)
     result = {"command": command, "commit": git_commit(), "config": cfg.to_dict(), "minutes": minutes,
-              "summary": rules, "picture": picture}
+              "summary": rules, "pair": stats, "picture": picture}
     md = ["# Trap statistics of a real model pair (shadow mode)", "", f"`{command}` at commit {result['commit']}, "
           f"{minutes:.1f} minutes", "", __doc__.split("\n\n")[2].replace("\n", " "), "",
-          shadow_markdown(rules, prefix=""), "", f"![traces]({os.path.basename(picture)})", ""]
+          shadow_markdown(rules, prefix=""), "",
+          f"{stats['rollouts']} rollouts, {stats['tokens']} completion tokens: mean d_t {stats['mean_kl']:.3f} "
+          f"nats/token, {100 * stats['share_kl_above_1']:.1f}% of tokens above 1 nat; mean length "
+          f"{stats['mean_length']:.0f} tokens, {100 * stats['truncated']:.0f}% stopped by the length cap, "
+          f"{100 * stats['states_answer']:.0f}% state an answer (\"answer is\").", "",
+          f"![traces]({os.path.basename(picture)})", "", "Per rollout (positions are completion tokens):", "",
+          rollout_table(records), ""]
     write_report(out, "lm", result, md, log)
     return result
