@@ -55,10 +55,12 @@ def find_loop(ids: list[int], min_repeats: int = 3, min_span: int = 12, max_peri
 DRIFT_PROBS = (0.005, 0.001, 0.0001)  # the gate at stricter drift thresholds than the config's, replayed
 
 
-def lm_records(cfg: Config, batches: int, student_layers: int, log=print) -> list[dict]:
-    """Graded shadow rollouts of the config's student (made by pruning the teacher when missing),
-    each with its loop start (`repeat_start`, None without a loop) and loop period."""
-    from kat.models import align_vocab, evenly_spaced, load_model, load_tokenizer, prune_layers
+def lm_records(cfg: Config, batches: int, student_layers: int, log=print, path: str = "") -> list[dict]:
+    """Graded shadow rollouts of the config's student (made by pruning the teacher when missing; a
+    given student, a directory or a GGUF file in one, must share the teacher's tokenizer), each with
+    its loop start (`repeat_start`, None without a loop) and loop period. With `path`, each recorded
+    batch is appended to that JSON-lines file as soon as it is done."""
+    from kat.models import align_vocab, check_tokenizers, evenly_spaced, load_model, load_tokenizer, prune_layers
     from kat.train import build_terminator
 
     torch.manual_seed(cfg.seed)
@@ -69,14 +71,26 @@ def lm_records(cfg: Config, batches: int, student_layers: int, log=print) -> lis
         prune_layers(teacher, keep).save_pretrained(cfg.student)
         tokenizer.save_pretrained(cfg.student)
         log(f"  student: layers {keep} of the teacher's {teacher.config.num_hidden_layers} -> {cfg.student}")
+    else:
+        check_tokenizers(load_tokenizer(cfg.student, cfg.student_gguf, "student"), tokenizer)
     student = load_model(cfg.student, cfg.student_gguf, torch.float32, "student").eval()
     align_vocab(student, teacher, tokenizer)
-    records = shadow_rollouts(student, teacher, tokenizer, train_problems(tokenizer, cfg), cfg,
-                              build_terminator(cfg), batches=batches, drift_probs=DRIFT_PROBS)
-    for r in records:
-        loop = find_loop(r["ids"])
-        r["repeat_start"], r["loop_period"] = (loop if loop else (None, None))
-        r["tokens"] = [tokenizer.decode([i]) for i in r["ids"]]
+    problems, detector, records = train_problems(tokenizer, cfg), build_terminator(cfg), []
+    for b in range(batches):  # one batch a call: the detector, once calibrated, keeps its threshold
+        t0 = time.perf_counter()
+        first = records[-1]["step"] + 1 if records else 0
+        batch = shadow_rollouts(student, teacher, tokenizer, problems, cfg, detector, batches=1, first_step=first,
+                                drift_probs=DRIFT_PROBS)
+        for r in batch:
+            loop = find_loop(r["ids"])
+            r["repeat_start"], r["loop_period"] = (loop if loop else (None, None))
+            r["tokens"] = [tokenizer.decode([i]) for i in r["ids"]]
+        records += batch
+        if path:
+            with open(path, "a") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in batch)
+        log(f"  batch {b + 1}/{batches} (step {batch[0]['step']}): {len(batch)} rollouts, "
+            f"{sum(r['correct'] for r in batch)} correct, {time.perf_counter() - t0:.0f} s")
     return records
 
 
@@ -146,6 +160,44 @@ def pick_lm_examples(records: list[dict], n: int = 4) -> list[dict]:
     return picked + [r for r in records if r not in picked][:max(0, 2 - len(picked))]  # at least two panels
 
 
+def answer_position(tokens: list[str], marker: str = "answer is") -> int | None:
+    """The first token position at which the decoded completion contains `marker` (case-insensitive):
+    where the rollout states its answer; None when it never does."""
+    text = ""
+    for t, tok in enumerate(tokens):
+        text += tok
+        if marker in text.lower():
+            return t
+    return None
+
+
+def pair_statistics(records: list[dict]) -> dict:
+    """Pooled over the rollouts: mean d_t per completion token, share of tokens above 1 nat, mean
+    length, share stopped by the length cap, share that state an answer."""
+    kl = [v for r in records for v in r["kl"]]
+    return {"rollouts": len(records), "tokens": len(kl), "mean_kl": sum(kl) / len(kl),
+            "share_kl_above_1": sum(v > 1 for v in kl) / len(kl),
+            "mean_length": sum(r["length"] for r in records) / len(records),
+            "truncated": sum(r["stop"] == "length" for r in records) / len(records),
+            "states_answer": sum(answer_position(r["tokens"]) is not None for r in records) / len(records)}
+
+
+def rollout_table(records: list[dict]) -> str:
+    """One row per rollout: grade, length and stop, where it states its answer, the loop start, the
+    paper's and the gated would-be cut, the first drift token, and its d_t (mean, max)."""
+    def cell(v):
+        return "-" if v is None else str(v)
+    rows = ["| # | step | grade (reference) | length, stop | answer stated at | loop start (period) | paper's cut "
+            "| gated cut | first drift | mean d | max d |", "|---" * 11 + "|"]
+    for i, r in enumerate(records, start=1):
+        loop = "-" if r.get("repeat_start") is None else f"{r['repeat_start']} ({r['loop_period']})"
+        rows.append(f"| {i} | {r['step']} | {'correct' if r['correct'] else 'wrong'} ({r['answer']}) | "
+                    f"{r['length']}, {r['stop']} | {cell(answer_position(r['tokens']))} | {loop} | "
+                    f"{cell(r['shadow_cut'])} | {cell(r.get('cut_gated'))} | {cell(r.get('drift'))} | "
+                    f"{sum(r['kl']) / max(len(r['kl']), 1):.3f} | {max(r['kl'], default=0):.2f} |")
+    return "\n".join(rows)
+
+
 def run_lm(argv: list[str], out: str, batches: int = 8, student_layers: int = 28, dry_run: bool = False,
            command: str = "", log=print) -> dict:
     """Record, summarise and draw; DIR/lm.md, lm.json, lm_rollouts.jsonl and lm_traces.png."""
@@ -163,9 +215,9 @@ def run_lm(argv: list[str], out: str, batches: int = 8, student_layers: int = 28
         from kat.plot import read_jsonl
         records = read_jsonl(path)
     else:
-        records = lm_records(cfg, batches, student_layers, log)
-        with open(path, "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in records)
+        open(path + ".partial", "w").close()  # a partial file of an earlier, interrupted run starts over
+        records = lm_records(cfg, batches, student_layers, log, path + ".partial")
+        os.replace(path + ".partial", path)
     minutes = (time.perf_counter() - t0) / 60
     names = {**RULES, "cut_gated": f"drift-gated, drift_prob {cfg.drift_prob:g}"}
     rules = {names[key]: shadow_summary(records, key) for key in RULES}
@@ -179,10 +231,17 @@ def run_lm(argv: list[str], out: str, batches: int = 8, student_layers: int = 28
     fig.savefig(picture, dpi=100)
     import matplotlib.pyplot as plt
     plt.close(fig)
+    stats = pair_statistics(records)
     result = {"command": command, "commit": git_commit(), "config": cfg.to_dict(), "minutes": minutes,
-              "summary": rules, "picture": picture}
+              "summary": rules, "pair": stats, "picture": picture}
     md = ["# Trap statistics of a real model pair (shadow mode)", "", f"`{command}` at commit {result['commit']}, "
           f"{minutes:.1f} minutes", "", __doc__.split("\n\n")[2].replace("\n", " "), "",
-          shadow_markdown(rules, prefix=""), "", f"![traces]({os.path.basename(picture)})", ""]
+          shadow_markdown(rules, prefix=""), "",
+          f"{stats['rollouts']} rollouts, {stats['tokens']} completion tokens: mean d_t {stats['mean_kl']:.3f} "
+          f"nats/token, {100 * stats['share_kl_above_1']:.1f}% of tokens above 1 nat; mean length "
+          f"{stats['mean_length']:.0f} tokens, {100 * stats['truncated']:.0f}% stopped by the length cap, "
+          f"{100 * stats['states_answer']:.0f}% state an answer (\"answer is\").", "",
+          f"![traces]({os.path.basename(picture)})", "", "Per rollout (positions are completion tokens):", "",
+          rollout_table(records), ""]
     write_report(out, "lm", result, md, log)
     return result

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from experiments.lm import find_loop, marked_text, pick_lm_examples, text_traces_figure
+from experiments.lm import (answer_position, find_loop, marked_text, pair_statistics, pick_lm_examples, rollout_table,
+                            text_traces_figure)
 from experiments.report import shadow_summary
 
 
@@ -100,3 +101,18 @@ def test_loop_summary_and_examples():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_answer_position_pair_statistics_and_rollout_table():
+    tokens = ["So", " the", " ans", "wer", " is", " 7", "."]
+    assert answer_position(tokens) == 4 and answer_position(tokens[:4]) is None
+    a = {**rec(True, None, None, None, length=4), "kl": [0.5, 2.0, 0.0, 1.5], "stop": "eos", "step": 1,
+         "tokens": ["The", " answer", " is", " 5"], "loop_period": None}
+    b = {**rec(False, 2, None, 1, length=2), "kl": [0.25, 3.0], "stop": "length", "step": 2, "loop_period": 1}
+    stats = pair_statistics([a, b])
+    assert stats["tokens"] == 6 and stats["mean_kl"] == pytest.approx(7.25 / 6)
+    assert stats["share_kl_above_1"] == pytest.approx(3 / 6) and stats["mean_length"] == 3.0
+    assert stats["truncated"] == 0.5 and stats["states_answer"] == 0.5
+    rows = rollout_table([a, b]).splitlines()
+    assert rows[2] == "| 1 | 1 | correct (5) | 4, eos | 2 | - | - | - | - | 1.000 | 2.00 |"
+    assert rows[3] == "| 2 | 2 | wrong (5) | 2, length | - | 1 (1) | 2 | - | - | 1.625 | 3.00 |"
