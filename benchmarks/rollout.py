@@ -342,7 +342,7 @@ def table(results: list[dict]) -> str:
 def slot_modes(setup: Setup, slots: int, chunk: int, eta: float, seed: int) -> list[Mode]:
     """OPD (no terminator) and KAT (an active detector, calibrated on an untimed uncut run of this
     batch) with every row at once and through `slots` slots."""
-    detector = common.import_kat("detector")
+    detector = common.import_kat("terminators")
     cutting = detector.TrapDetector(**dict(setup.detector, eta=eta, buffer_size=4096, min_buffer=1, warmup_steps=0))
     _, state = run_mode(setup, Mode("calibration", chunk, cutting), seed)
     cutting.end_batch(state, step=0)
