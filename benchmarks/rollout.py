@@ -415,7 +415,7 @@ def _ratios(kat: dict, opd: dict, kat_all: dict, opd_all: dict, wall: float) -> 
             "steps": kat["decode_steps"] / opd["decode_steps"],
             "rel": kat["decode_steps"] / opd["decode_steps"] / token,
             "rel_token_refill": kat["token_refill"] / opd["token_refill"] / token,
-            "rel_fluid": kat["fluid"] / opd["fluid"] / token, "wall": wall}
+            "rel_fluid": kat["fluid"] / opd["fluid"] / token, "wall": wall, "wall_rel": wall / token}
 
 
 def slot_tables(runs: list[tuple[int, dict]], slots: int, chunk: int, sweep: list[int]) -> str:
@@ -438,11 +438,13 @@ def slot_tables(runs: list[tuple[int, dict]], slots: int, chunk: int, sweep: lis
         r = _ratios(k, o, k_all, o_all, k_wall / o_wall)
         rels.append((seed, r, o["lengths"], k["lengths"]))
         ratio_rows.append([seed, f"{r['token']:.3f}", f"{r['all']:.3f}", f"{r['steps']:.3f}", f"{r['rel']:.3f}",
-                           f"{r['rel_token_refill']:.3f}", f"{r['rel_fluid']:.3f}", f"{r['wall']:.3f}"])
+                           f"{r['rel_token_refill']:.3f}", f"{r['rel_fluid']:.3f}", f"{r['wall']:.3f}",
+                           f"{r['wall'] / r['token']:.3f}"])
     for key in ("mean", "min", "max"):
         f = {"mean": lambda v: sum(v) / len(v), "min": min, "max": max}[key]
         ratio_rows.append([key] + [f"{f([r[n] for _, r, _, _ in rels]):.3f}" for n in
-                                   ("token", "all", "steps", "rel", "rel_token_refill", "rel_fluid", "wall")])
+                                   ("token", "all", "steps", "rel", "rel_token_refill", "rel_fluid", "wall",
+                                    "wall_rel")])
     met = sum(abs(r["rel"] - 1) <= 0.10 for _, r, _, _ in rels)
     sweep_rows = []
     for S in sweep:
@@ -457,7 +459,7 @@ def slot_tables(runs: list[tuple[int, dict]], slots: int, chunk: int, sweep: lis
              "ceil(tokens / S)", "wall s"]
     ratio_h = ["seed", "KAT/OPD tokens", "decode_steps, every row at once", f"decode_steps, S={slots}",
                "decode ratio / token ratio", "refill every token: / token ratio", "ceil(tokens/S): / token ratio",
-               "wall"]
+               "wall", "wall ratio / token ratio"]
     return "\n\n".join([
         f"Per arm through {slots} slots (replayed: the refill rule run on the rows' lengths gives the engine's "
         "decode_steps and slot_steps; chunk tails: slot steps of a busy slot after its row's EOS; empty in the "
