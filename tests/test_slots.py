@@ -345,3 +345,33 @@ def test_the_rollout_benchmarks_slots_tables_run_and_replay(rollout_bench):
     arm_rows = [line for line in out.splitlines() if " kept)" in line]  # the per-arm table
     assert len(arm_rows) == 4 and all("| yes " in line for line in arm_rows)
     assert "seeds [0, 1]" in out and " of 2 seeds" in out
+
+
+def test_slot_buffers_are_allocated_once_per_rollout_phase(pair, monkeypatch):
+    """Through prefills, refills and decoding, each layer of the student's and the teacher's slot
+    caches keeps one key and one value buffer of a fixed shape (allocated once, never grown)."""
+    from kat.slots import SlotLayer
+
+    seen, orig = {}, SlotLayer.update
+
+    def update(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        seen.setdefault(id(self), set()).add((self.keys.data_ptr(), self.values.data_ptr(), tuple(self.keys.shape)))
+        return out
+
+    monkeypatch.setattr(SlotLayer, "update", update)
+    run_steps(pair, "kat", steps=1, slots=3)  # lockstep: student and teacher caches, 8 rows through 3 slots
+    layers = pair[0].config.num_hidden_layers + pair[1].config.num_hidden_layers
+    assert len(seen) == layers and all(len(v) == 1 for v in seen.values())
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_slot_tokens_do_not_depend_on_the_chunk(pair, chunk):
+    """Without a terminator the chunk only sets the refill boundaries: the same tokens and KL."""
+    student, teacher, ids, mask = pair
+    ref, _ = sample(student, teacher, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=EOS, pad_token_id=PAD,
+                    chunk=4, generator=torch.Generator().manual_seed(7))
+    got, _ = sample(student, teacher, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=EOS, pad_token_id=PAD,
+                    chunk=chunk, generator=torch.Generator().manual_seed(7), slots=3)
+    assert torch.equal(got.completion_ids, ref.completion_ids) and torch.equal(got.stop, ref.stop)
+    torch.testing.assert_close(got.kl, ref.kl, atol=1e-5, rtol=0, equal_nan=True)
