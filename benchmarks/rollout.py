@@ -342,7 +342,7 @@ def table(results: list[dict]) -> str:
 def slot_modes(setup: Setup, slots: int, chunk: int, eta: float, seed: int) -> list[Mode]:
     """OPD (no terminator) and KAT (an active detector, calibrated on an untimed uncut run of this
     batch) with every row at once and through `slots` slots."""
-    detector = common.import_kat("detector")
+    detector = common.import_kat("terminators")
     cutting = detector.TrapDetector(**dict(setup.detector, eta=eta, buffer_size=4096, min_buffer=1, warmup_steps=0))
     _, state = run_mode(setup, Mode("calibration", chunk, cutting), seed)
     cutting.end_batch(state, step=0)
@@ -350,33 +350,133 @@ def slot_modes(setup: Setup, slots: int, chunk: int, eta: float, seed: int) -> l
             Mode(f"OPD, S={slots}", chunk, None, slots), Mode(f"KAT, S={slots}", chunk, cutting, slots)]
 
 
-def slot_table(results: list[dict]) -> str:
-    """decode_steps and wall of OPD and KAT, every row at once and through S slots; KAT's ratios are
-    against OPD with the same S, beside its generated-token ratio."""
-    by = {r["mode"]: r for r in results}
-    rows = []
-    for r in results:
-        ro, tokens = r["rollout"], int(r["rollout"].completion_mask.sum())
-        steps, occupancy = ro.engine["decode_steps"], tokens / max(ro.engine["slot_steps"], 1.0)
-        ratios = ["", "", "", ""]
-        if r["mode"].startswith("KAT"):
-            base = by[r["mode"].replace("KAT", "OPD")]
-            base_tokens = int(base["rollout"].completion_mask.sum())
-            token_ratio = tokens / base_tokens
-            step_ratio = steps / base["rollout"].engine["decode_steps"]
-            ratios = [f"{token_ratio:.3f}", f"{step_ratio:.3f}", f"{step_ratio / token_ratio:.3f}",
-                      f"{r['wall'] / base['wall']:.3f}"]
-        rows.append([r["mode"], f"{tokens} ({int(ro.loss_mask.sum())} kept)", int(steps), f"{occupancy:.2f}",
-                     f"{r['wall']:.3g}", *ratios])
-    headers = ["mode", "generated tokens", "decode_steps", "slot occupancy", "wall s", "KAT/OPD tokens",
-               "KAT/OPD decode_steps", "decode_steps ratio / token ratio", "KAT/OPD wall"]
-    return common.markdown_table(headers, rows)
+# ---------------------------------------------------------------------------------------------
+# Where the slot steps go: the refill rule replayed on the rows' generated lengths
+
+def chunk_schedule(lengths: list[int], slots: int, chunk: int) -> dict:
+    """kat.engine's refill rule replayed: at each chunk boundary every free slot takes the next
+    waiting row (row order), and a row holds its slot for ceil(length / chunk) chunks (it is freed
+    at the boundary after its EOS, its cut or its last token). Returns decode_steps, slot_steps,
+    `held` (slot steps of busy slots), `profile` (busy slots in each chunk) and `dry` (the first
+    chunk in which no row waits: from there a free slot stays empty, the drain)."""
+    from collections import deque
+
+    need = deque(-(-n // chunk) for n in lengths)  # chunks each row holds its slot
+    S = min(slots, len(lengths))
+    busy: list[int] = []
+    held = sum(need) * chunk
+    profile, dry = [], None
+    while need or busy:
+        while need and len(busy) < S:
+            busy.append(need.popleft())
+        if not need and dry is None:
+            dry = len(profile)
+        profile.append(len(busy))
+        busy = [b - 1 for b in busy if b > 1]
+    steps = len(profile) * chunk
+    return {"decode_steps": steps, "slot_steps": steps * S, "held": held, "profile": profile, "dry": dry}
+
+
+def run_lengths(profile: list[int]) -> str:
+    """'16x12 15 9x2': busy slots per chunk, repeats folded."""
+    out, i = [], 0
+    while i < len(profile):
+        j = i
+        while j < len(profile) and profile[j] == profile[i]:
+            j += 1
+        out.append(f"{profile[i]}x{j - i}" if j - i > 1 else str(profile[i]))
+        i = j
+    return " ".join(out)
+
+
+def slot_analysis(rollout, slots: int, chunk: int) -> dict:
+    """One arm through `slots` slots: the engine's counts beside the replayed schedule, and where the
+    slot steps went (tokens; chunk tails: a busy slot whose row ended inside the chunk; empty slots
+    in the drain)."""
+    lengths = [int(n) for n in rollout.lengths.tolist()]
+    tokens, S = sum(lengths), min(slots, len(lengths))
+    sched = chunk_schedule(lengths, slots, chunk)
+    steps, slot_steps = int(rollout.engine["decode_steps"]), int(rollout.engine["slot_steps"])
+    drain = sched["profile"][sched["dry"]:]
+    return {"tokens": tokens, "kept": int(rollout.loss_mask.sum()), "S": S, "decode_steps": steps,
+            "slot_steps": slot_steps, "replayed": sched["decode_steps"] == steps and sched["slot_steps"] == slot_steps,
+            "occupancy": tokens / slot_steps, "tail": (sched["held"] - tokens) / slot_steps,
+            "idle": (slot_steps - sched["held"]) / slot_steps, "drain_steps": len(drain) * chunk,
+            "drain_busy": sum(drain) / max(len(drain) * S, 1), "profile": sched["profile"],
+            "token_refill": chunk_schedule(lengths, slots, 1)["decode_steps"], "fluid": -(-tokens // S),
+            "lengths": lengths}
+
+
+def _ratios(kat: dict, opd: dict, kat_all: dict, opd_all: dict, wall: float) -> dict:
+    """KAT over OPD: tokens, decode_steps every row at once and through the slots, and the decode
+    ratios over the token ratio (the engine's; replayed with refill at every token; the fluid bound)."""
+    token = kat["tokens"] / opd["tokens"]
+    return {"token": token, "all": kat_all["decode_steps"] / opd_all["decode_steps"],
+            "steps": kat["decode_steps"] / opd["decode_steps"],
+            "rel": kat["decode_steps"] / opd["decode_steps"] / token,
+            "rel_token_refill": kat["token_refill"] / opd["token_refill"] / token,
+            "rel_fluid": kat["fluid"] / opd["fluid"] / token, "wall": wall, "wall_rel": wall / token}
+
+
+def slot_tables(runs: list[tuple[int, dict]], slots: int, chunk: int, sweep: list[int]) -> str:
+    """The slots study's tables from `runs` [(seed, {mode label: measure() result})]."""
+    arm_rows, ratio_rows, profiles, rels = [], [], [], []
+    for seed, by in runs:
+        arms = {}
+        for arm in ("OPD", "KAT"):
+            slot = by[f"{arm}, S={slots}"]
+            a = slot_analysis(slot["rollout"], slots, chunk)
+            a_all = {"decode_steps": int(by[arm]["rollout"].engine["decode_steps"])}
+            arms[arm] = (a, a_all, slot["wall"])
+            B = len(a["lengths"])
+            arm_rows.append([seed, arm, B, a["S"], chunk, f"{a['tokens']} ({a['kept']} kept)", a_all["decode_steps"],
+                             a["decode_steps"], "yes" if a["replayed"] else "NO", f"{a['occupancy']:.3f}",
+                             common.fmt_share(a["tail"]), common.fmt_share(a["idle"]), a["drain_steps"],
+                             f"{a['drain_busy']:.2f}", a["token_refill"], a["fluid"], f"{slot['wall']:.3g}"])
+            profiles.append([seed, arm, run_lengths(a["profile"])])
+        (k, k_all, k_wall), (o, o_all, o_wall) = arms["KAT"], arms["OPD"]
+        r = _ratios(k, o, k_all, o_all, k_wall / o_wall)
+        rels.append((seed, r, o["lengths"], k["lengths"]))
+        ratio_rows.append([seed, f"{r['token']:.3f}", f"{r['all']:.3f}", f"{r['steps']:.3f}", f"{r['rel']:.3f}",
+                           f"{r['rel_token_refill']:.3f}", f"{r['rel_fluid']:.3f}", f"{r['wall']:.3f}",
+                           f"{r['wall'] / r['token']:.3f}"])
+    for key in ("mean", "min", "max"):
+        f = {"mean": lambda v: sum(v) / len(v), "min": min, "max": max}[key]
+        ratio_rows.append([key] + [f"{f([r[n] for _, r, _, _ in rels]):.3f}" for n in
+                                   ("token", "all", "steps", "rel", "rel_token_refill", "rel_fluid", "wall",
+                                    "wall_rel")])
+    met = sum(abs(r["rel"] - 1) <= 0.10 for _, r, _, _ in rels)
+    sweep_rows = []
+    for S in sweep:
+        vals = []
+        for _, r, opd_len, kat_len in rels:
+            ko = chunk_schedule(kat_len, S, chunk)["decode_steps"] / chunk_schedule(opd_len, S, chunk)["decode_steps"]
+            vals.append(ko / r["token"])
+        sweep_rows.append([S, *(f"{v:.3f}" for v in vals), f"{sum(vals) / len(vals):.3f}"])
+    arm_h = ["seed", "arm", "rows", "slots", "chunk", "generated tokens", "decode_steps, every row at once",
+             f"decode_steps, S={slots}", "= replay", "occupancy (tokens / slot steps)", "chunk tails",
+             "empty in the drain", "drain decode_steps", "busy slots in the drain", "decode_steps, refill every token",
+             "ceil(tokens / S)", "wall s"]
+    ratio_h = ["seed", "KAT/OPD tokens", "decode_steps, every row at once", f"decode_steps, S={slots}",
+               "decode ratio / token ratio", "refill every token: / token ratio", "ceil(tokens/S): / token ratio",
+               "wall", "wall ratio / token ratio"]
+    return "\n\n".join([
+        f"Per arm through {slots} slots (replayed: the refill rule run on the rows' lengths gives the engine's "
+        "decode_steps and slot_steps; chunk tails: slot steps of a busy slot after its row's EOS; empty in the "
+        "drain: slot steps of empty slots once no row waits)\n\n" + common.markdown_table(arm_h, arm_rows),
+        "KAT over OPD, same seed\n\n" + common.markdown_table(ratio_h, ratio_rows),
+        f"|decode ratio / token ratio - 1| <= 0.10 on {met} of {len(rels)} seeds",
+        f"Decode ratio / token ratio replayed at other S from the same rows' lengths (C={chunk})\n\n"
+        + common.markdown_table(["S", *(f"seed {s}" for s, _, _, _ in rels), "mean"], sweep_rows),
+        "Busy slots in each chunk (count x chunks)\n\n" + common.markdown_table(["seed", "arm", "busy slots"],
+                                                                                 profiles),
+    ])
 
 
 def benchmark(device: torch.device, setups: list[str], llm: str = "auto", chunks: tuple[int, ...] = (1, 8, 64),
               cut_chunk: int = 8, repeats: int = 3, batch: dict | None = None,
               max_new_tokens: dict | None = None, seed: int = 0, slots: int = 0, slot_eta: float = 0.1,
-              skip_modes: bool = False) -> str:
+              skip_modes: bool = False, seeds: list[int] | None = None, sweep: list[int] | None = None) -> str:
     """Run every setup and return the markdown (a heading, a note and a table per setup).
 
     ``batch`` / ``max_new_tokens``: per-setup overrides, e.g. {"llm": 8}. Models are fp32 on CPU and
@@ -389,14 +489,17 @@ def benchmark(device: torch.device, setups: list[str], llm: str = "auto", chunks
     if llm == "auto":
         llm = "smollm2" if smollm2_available() and not gpu else "random"
     out = []
+
+    def make_setup(name: str, seed: int) -> Setup:
+        if name == "toy":
+            return toy_setup(device, dtype, batch["toy"], max_new_tokens["toy"], seed)
+        if name == "llm":
+            return llm_setup(device, dtype, batch["llm"], max_new_tokens["llm"], seed, llm)
+        raise ValueError(f"unknown setup {name!r}; choose from toy, llm")
+
     for name in setups:
         start = time.perf_counter()
-        if name == "toy":
-            setup = toy_setup(device, dtype, batch["toy"], max_new_tokens["toy"], seed)
-        elif name == "llm":
-            setup = llm_setup(device, dtype, batch["llm"], max_new_tokens["llm"], seed, llm)
-        else:
-            raise ValueError(f"unknown setup {name!r}; choose from toy, llm")
+        setup = make_setup(name, seed)
         print(f"  {name}: models ready in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         B, P = setup.prompt_ids.shape
         out.append(f"### {name}: {setup.note}\n\n{B} rows, prompts up to {P} tokens, max_new_tokens "
@@ -404,9 +507,15 @@ def benchmark(device: torch.device, setups: list[str], llm: str = "auto", chunks
         if not skip_modes:
             out.append(table(measure(setup, make_modes(setup, list(chunks), cut_chunk, seed), repeats, seed)))
         if slots:
-            results = measure(setup, slot_modes(setup, slots, cut_chunk, slot_eta, seed), repeats, seed)
-            out.append(f"### {name}: OPD vs KAT through {slots} slots (C={cut_chunk}, detector eta {slot_eta})\n\n"
-                       + slot_table(results))
+            runs = []
+            for s in seeds or [seed]:
+                if s != seed:  # another seed: other prompts, other samples
+                    setup = make_setup(name, s)
+                runs.append((s, {r["mode"]: r for r in measure(setup, slot_modes(setup, slots, cut_chunk, slot_eta, s),
+                                                                 repeats, s)}))
+            out.append(f"### {name}: OPD vs KAT through {slots} slots (C={cut_chunk}, detector eta {slot_eta}, "
+                       f"seeds {[s for s, _ in runs]})\n\n"
+                       + slot_tables(runs, slots, cut_chunk, sweep or [4, 8, 16, 32, B]))
     return "\n\n".join(out)
 
 
@@ -429,6 +538,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="S > 0: also OPD vs KAT with every row at once and through S slots (refill)")
     parser.add_argument("--slot-eta", type=float, default=0.1, help="the detector's eta in the slots table")
     parser.add_argument("--skip-modes", action="store_true", help="only the slots table")
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help="the slots tables over these seeds (prompts and samples; default: --seed)")
+    parser.add_argument("--sweep-slots", nargs="+", type=int,
+                        help="S values the slots table replays from the measured lengths (default 4 8 16 32 rows)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (pass 1 on a shared machine)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -444,7 +557,8 @@ def main(argv: list[str] | None = None) -> None:
     print(benchmark(device, args.setups, args.llm, tuple(args.chunks), args.cut_chunk, args.repeats,
                     batch=pick(toy=args.toy_batch, llm=args.llm_batch),
                     max_new_tokens=pick(toy=args.toy_tokens, llm=args.llm_tokens), seed=args.seed,
-                    slots=args.slots, slot_eta=args.slot_eta, skip_modes=args.skip_modes))
+                    slots=args.slots, slot_eta=args.slot_eta, skip_modes=args.skip_modes, seeds=args.seeds,
+                    sweep=args.sweep_slots))
     print(f"\nload average at end: {os.getloadavg()[0]:.1f} (1 min)")
 
 

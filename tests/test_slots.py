@@ -300,3 +300,78 @@ def test_the_compiled_decode_step_is_one_graph_and_samples_the_same_tokens(pair,
     orig = engine.decode_step_fn
     monkeypatch.setattr(engine, "decode_step_fn", lambda student, compiled, backend_=None: orig(student, True, backend))
     assert_same_rollouts(run_steps(pair, "kat", steps=1, slots=3), ref)
+
+
+@pytest.fixture(scope="module")
+def rollout_bench():
+    import importlib.util
+    import sys
+
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("rollout_bench", ROOT / "benchmarks" / "rollout.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rollout_bench"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chunk_schedule_replays_a_worked_example(rollout_bench):
+    """Rows of 8, 3 and 9 tokens through 2 slots at C = 4 hold their slots 2, 1 and 3 chunks: rows 0
+    and 1 start, row 2 takes row 1's slot at the first boundary, and runs alone for its last two chunks."""
+    sched = rollout_bench.chunk_schedule([8, 3, 9], slots=2, chunk=4)
+    assert sched["profile"] == [2, 2, 1, 1] and sched["dry"] == 1
+    assert sched["decode_steps"] == 16 and sched["slot_steps"] == 32 and sched["held"] == (2 + 1 + 3) * 4
+    assert rollout_bench.run_lengths([16, 16, 13, 1, 1]) == "16x2 13 1x2"
+
+
+@pytest.mark.parametrize("name", ["none", "kat", "random"])
+def test_the_engine_spends_the_decode_steps_the_refill_rule_needs(pair, rollout_bench, name):
+    """decode_steps and slot_steps equal the refill rule replayed on the rows' lengths: no slot stays
+    empty while a row waits and no chunk runs after the last row ended (what benchmarks/rollout.py's
+    "= replay" column checks at the toy's scale)."""
+    for S in (1, 2, 3, N // 2):
+        for r, _, _ in run_steps(pair, name, slots=S):  # step 2: the detector and random cut rows
+            a = rollout_bench.slot_analysis(r, S, chunk=4)
+            assert a["replayed"], (S, r.engine, rollout_bench.chunk_schedule(a["lengths"], S, 4))
+            assert a["occupancy"] + a["tail"] + a["idle"] == pytest.approx(1.0)
+
+
+def test_the_rollout_benchmarks_slots_tables_run_and_replay(rollout_bench):
+    """benchmarks/rollout.py --slots on a small toy batch: every arm's decode_steps is the replay's."""
+    out = rollout_bench.benchmark(torch.device("cpu"), ["toy"], batch={"toy": 12}, max_new_tokens={"toy": 24},
+                                  repeats=1, slots=4, skip_modes=True, seeds=[0, 1], sweep=[2, 12])
+    arm_rows = [line for line in out.splitlines() if " kept)" in line]  # the per-arm table
+    assert len(arm_rows) == 4 and all("| yes " in line for line in arm_rows)
+    assert "seeds [0, 1]" in out and " of 2 seeds" in out
+
+
+def test_slot_buffers_are_allocated_once_per_rollout_phase(pair, monkeypatch):
+    """Through prefills, refills and decoding, each layer of the student's and the teacher's slot
+    caches keeps one key and one value buffer of a fixed shape (allocated once, never grown)."""
+    from kat.slots import SlotLayer
+
+    seen, orig = {}, SlotLayer.update
+
+    def update(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        seen.setdefault(id(self), set()).add((self.keys.data_ptr(), self.values.data_ptr(), tuple(self.keys.shape)))
+        return out
+
+    monkeypatch.setattr(SlotLayer, "update", update)
+    run_steps(pair, "kat", steps=1, slots=3)  # lockstep: student and teacher caches, 8 rows through 3 slots
+    layers = pair[0].config.num_hidden_layers + pair[1].config.num_hidden_layers
+    assert len(seen) == layers and all(len(v) == 1 for v in seen.values())
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_slot_tokens_do_not_depend_on_the_chunk(pair, chunk):
+    """Without a terminator the chunk only sets the refill boundaries: the same tokens and KL."""
+    student, teacher, ids, mask = pair
+    ref, _ = sample(student, teacher, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=EOS, pad_token_id=PAD,
+                    chunk=4, generator=torch.Generator().manual_seed(7))
+    got, _ = sample(student, teacher, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=EOS, pad_token_id=PAD,
+                    chunk=chunk, generator=torch.Generator().manual_seed(7), slots=3)
+    assert torch.equal(got.completion_ids, ref.completion_ids) and torch.equal(got.stop, ref.stop)
+    torch.testing.assert_close(got.kl, ref.kl, atol=1e-5, rtol=0, equal_nan=True)
