@@ -26,8 +26,10 @@ TOY = ROOT / "kat" / "toy" / "rich"
 # The configs the README offers to kat.py; every training config in configs/ must be one of them.
 CONFIGS = ["toy.yaml", "toy_persistent.yaml", "toy_lowlr.yaml", "qwen3_1.7b.yaml", "qwen3_4b.yaml", "smollm2_cpu.yaml",
            "smollm2_shadow.yaml"]
-# Configs that need what only kat/ has (field -> the choice kat.py lacks): kat.py refuses them in one line
-PACKAGE_CONFIGS = {"toy_harm.yaml": ("loss", "sampled")}
+# Configs that need what only kat/ has (the field, its value there, kat.py's one-line refusal)
+PACKAGE_CONFIGS = {"toy_harm.yaml": ("loss", "sampled", "is not one of .*kat/ has more"),
+                   "qwen25_coder_pair.yaml": ("teacher_gguf", "qwen25-coder-1.5b-instruct-q4_k_m.gguf",
+                                              "write a model folder with `python -m kat export --model`")}
 # Local stand-ins in the hub datasets' schemas (DAPO's answer in reward_model.ground_truth, ...)
 HUB = {"BytedTsinghua-SIA/DAPO-Math-17k": "dapo_math_17k.jsonl", "AI-MO/aimo-validation-amc": "amc.jsonl",
        "HuggingFaceH4/MATH-500": "math500.jsonl", "math-ai/minervamath": "minervamath.jsonl",
@@ -78,10 +80,10 @@ def test_every_training_config_is_covered():
 def test_package_only_configs_are_refused_in_one_line(single_file, name):
     from kat.config import load_config
 
-    field, choice = PACKAGE_CONFIGS[name]
+    field, choice, refusal = PACKAGE_CONFIGS[name]
     path = str(ROOT / "configs" / name)
     assert getattr(load_config(["--config", path]), field) == choice  # the package takes it
-    with pytest.raises(single_file.UserError, match=f"error: {field}: '{choice}' is not one of .*kat/ has more"):
+    with pytest.raises(single_file.UserError, match=f"error: {field}: '{choice}'.* {refusal}"):
         single_file.parse_config(["--config", path])
 
 
