@@ -73,14 +73,20 @@ def tiny_models(world: dict, questions: tuple[str, ...], repeat: int):
     return student, teacher, enc["input_ids"], enc["attention_mask"].bool()
 
 
+def load_by_path(name: str, path: Path):
+    """The script at `path` imported as module `name` (registered first: dataclasses resolve
+    annotations through sys.modules)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def single_file():
     """kat.py loaded by path (`import kat` finds the package, not the file)."""
-    spec = importlib.util.spec_from_file_location("kat_single_file", ROOT / "kat.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_by_path("kat_single_file", ROOT / "kat.py")
 
 
 @pytest.fixture(autouse=True)

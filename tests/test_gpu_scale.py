@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, load_by_path
 
 
 @pytest.fixture(scope="module")
 def gpu_scale():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("gpu_scale", ROOT / "benchmarks" / "gpu_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_scale"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # its own `import common`
+    return load_by_path("gpu_scale", ROOT / "benchmarks" / "gpu_scale.py")
 
 
 def test_architectures_are_the_papers_models(gpu_scale):

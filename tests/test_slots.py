@@ -304,17 +304,12 @@ def test_the_compiled_decode_step_is_one_graph_and_samples_the_same_tokens(pair,
 
 @pytest.fixture(scope="module")
 def rollout_bench():
-    import importlib.util
     import sys
 
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, load_by_path
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("rollout_bench", ROOT / "benchmarks" / "rollout.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rollout_bench"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # its own `import common`
+    return load_by_path("rollout_bench", ROOT / "benchmarks" / "rollout.py")
 
 
 def test_chunk_schedule_replays_a_worked_example(rollout_bench):
