@@ -203,9 +203,10 @@ def one_step(student, rollout, mask: torch.Tensor, kind: str, *, lr: float, max_
     grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
     flat = torch.cat([g.reshape(-1).double() for g in grads])
     norm = flat.norm().item()
-    scale = min(1.0, max_grad_norm / (norm + 1e-6)) if max_grad_norm else 1.0  # torch's clip_grad_norm_ rule
     for p, g in zip(params, grads):
-        p.grad = g * scale
+        p.grad = g
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     opt = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     opt.step()
     opt.zero_grad(set_to_none=True)
