@@ -41,7 +41,7 @@ from dataclasses import replace
 from kat.config import TOY_DIR, Config, ConfigError, load_config
 
 TOY_ROOT = os.path.dirname(TOY_DIR)  # kat/toy: holds one folder per world
-WORLDS = ("rich", "plain", "repeat")
+WORLDS = ("rich", "plain", "repeat", "sticky")
 
 TABLE1_ARMS = ("opd", "kat", "kat_gated", "drift_cut", "opd_norm", "random", "fixed_prefix", "fixed_n")
 # their settings come from the seed's KAT run

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 8)")
     p.add_argument("--student-layers", type=int, default=28, help="lm: decoder layers the student keeps when it "
                    "is made from the teacher (default 28)")
+    p.add_argument("--pool", default="", help="lm: comma-separated directories of finished lm runs (other "
+                   "seeds) to report together, sampling nothing")
     p.add_argument("--heldout", type=int, default=1024, help="power, influence: fresh held-out problems (default 1024)")
     p.add_argument("--probe-steps", default="6,12,18,24,30", help="influence: the steps (1-based) probed "
                    "(default 6,12,18,24,30)")
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_influence(rest, seeds, args.out, world, args.heldout, args.probe_steps, args.draws,
                               dry_run=args.dry_run, command=command)
         elif args.what == "lm":
-            run_lm(rest, args.out, args.batches, args.student_layers, args.dry_run, command)
+            pool = [d.strip() for d in args.pool.split(",") if d.strip()]
+            run_lm(rest, args.out, args.batches, args.student_layers, args.dry_run, command, pool=pool or None)
         else:
             arms = [a.strip() for a in args.arms.split(",") if a.strip()] or list(
                 TABLE1_ARMS if args.what == "table1" else SENSITIVITY_ARMS)

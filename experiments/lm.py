@@ -2,6 +2,7 @@
 those cuts inside repetition loops?
 
     python -m experiments lm --config configs/smollm2_shadow.yaml [--batches 8] [--out DIR]
+    python -m experiments lm --config CONFIG --pool DIR,DIR --out DIR   # one report over several runs
 
 The student samples training prompts with a shadow detector (`experiments.shadow.shadow_rollouts`:
 the detector is first calibrated on the student's own rollouts, then `batches` batches are recorded
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from kat.config import Config, load_config
+from kat.config import Config, ConfigError, load_config
 from experiments.report import shadow_markdown, shadow_summary, write_report
 from experiments.runs import git_commit
 from experiments.shadow import RULES, shadow_rollouts, train_problems
@@ -92,6 +93,30 @@ def lm_records(cfg: Config, batches: int, student_layers: int, log=print, path: 
         log(f"  batch {b + 1}/{batches} (step {batch[0]['step']}): {len(batch)} rollouts, "
             f"{sum(r['correct'] for r in batch)} correct, {time.perf_counter() - t0:.0f} s")
     return records
+
+
+def pool_records(dirs: list[str]) -> tuple[list[dict], float]:
+    """The rollouts of several finished lm runs (their lm_rollouts.jsonl), each tagged with its run's
+    seed, and the runs' minutes summed. Every run was calibrated on its own rollouts, so each record's
+    would-be cuts are its own run's; pooled, the report counts them over all runs. Two runs of one
+    seed would repeat rollouts, so they are refused."""
+    from kat.plot import read_jsonl
+
+    records, seen, minutes = [], {}, 0.0
+    for d in dirs:
+        path, meta = os.path.join(d, "lm_rollouts.jsonl"), os.path.join(d, "lm.json")
+        if not (os.path.isfile(path) and os.path.isfile(meta)):
+            raise ConfigError(f"--pool: {d} holds no finished lm run (lm_rollouts.jsonl and lm.json); "
+                              "run `python -m experiments lm --out DIR` there first")
+        with open(meta) as fh:
+            run = json.load(fh)
+        seed, minutes = run["config"]["seed"], minutes + run["minutes"]
+        if seed in seen:
+            raise ConfigError(f"--pool: {d} and {seen[seed]} are both seed {seed}, so they sampled the same "
+                              "prompts and tokens; pool runs of different seeds")
+        seen[seed] = d
+        records += [{**r, "seed": seed} for r in read_jsonl(path)]
+    return records, minutes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,11 +212,12 @@ def rollout_table(records: list[dict]) -> str:
     paper's and the gated would-be cut, the first drift token, and its d_t (mean, max)."""
     def cell(v):
         return "-" if v is None else str(v)
-    rows = ["| # | step | grade (reference) | length, stop | answer stated at | loop start (period) | paper's cut "
-            "| gated cut | first drift | mean d | max d |", "|---" * 11 + "|"]
+    rows = ["| # | (seed/) step | grade (reference) | length, stop | answer stated at | loop start (period) "
+            "| paper's cut | gated cut | first drift | mean d | max d |", "|---" * 11 + "|"]
     for i, r in enumerate(records, start=1):
         loop = "-" if r.get("repeat_start") is None else f"{r['repeat_start']} ({r['loop_period']})"
-        rows.append(f"| {i} | {r['step']} | {'correct' if r['correct'] else 'wrong'} ({r['answer']}) | "
+        step = f"{r['seed']}/{r['step']}" if "seed" in r else str(r["step"])
+        rows.append(f"| {i} | {step} | {'correct' if r['correct'] else 'wrong'} ({r['answer']}) | "
                     f"{r['length']}, {r['stop']} | {cell(answer_position(r['tokens']))} | {loop} | "
                     f"{cell(r['shadow_cut'])} | {cell(r.get('cut_gated'))} | {cell(r.get('drift'))} | "
                     f"{sum(r['kl']) / max(len(r['kl']), 1):.3f} | {max(r['kl'], default=0):.2f} |")
@@ -199,8 +225,9 @@ def rollout_table(records: list[dict]) -> str:
 
 
 def run_lm(argv: list[str], out: str, batches: int = 8, student_layers: int = 28, dry_run: bool = False,
-           command: str = "", log=print) -> dict:
-    """Record, summarise and draw; DIR/lm.md, lm.json, lm_rollouts.jsonl and lm_traces.png."""
+           command: str = "", log=print, pool: list[str] | None = None) -> dict:
+    """Record, summarise and draw; DIR/lm.md, lm.json, lm_rollouts.jsonl and lm_traces.png. With
+    `pool` (finished runs' directories) nothing is sampled: the report covers their rollouts."""
     cfg = load_config(argv, shadow=True, termination="kat")
     n = batches * cfg.batch_size * cfg.samples_per_prompt
     log(f"[lm] teacher {cfg.teacher} {cfg.teacher_gguf}, student {cfg.student}: {n} rollouts of <= "
@@ -208,17 +235,24 @@ def run_lm(argv: list[str], out: str, batches: int = 8, student_layers: int = 28
         f"patience={cfg.patience} exempt={cfg.exempt} eta={cfg.eta}, drift_prob {cfg.drift_prob}")
     if dry_run:
         return {}
+    pooled, pooled_minutes = pool_records(pool) if pool else (None, 0.0)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "lm_rollouts.jsonl")
     t0 = time.perf_counter()
-    if os.path.isfile(path):
+    if pooled is not None:
+        if os.path.isfile(path):
+            raise ConfigError(f"--out {out} already holds lm_rollouts.jsonl; pool into a new directory")
+        records = pooled
+        with open(path, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+    elif os.path.isfile(path):
         from kat.plot import read_jsonl
         records = read_jsonl(path)
     else:
         open(path + ".partial", "w").close()  # a partial file of an earlier, interrupted run starts over
         records = lm_records(cfg, batches, student_layers, log, path + ".partial")
         os.replace(path + ".partial", path)
-    minutes = (time.perf_counter() - t0) / 60
+    minutes = pooled_minutes if pooled is not None else (time.perf_counter() - t0) / 60
     names = {**RULES, "cut_gated": f"drift-gated, drift_prob {cfg.drift_prob:g}"}
     rules = {names[key]: shadow_summary(records, key) for key in RULES}
     for p in DRIFT_PROBS:  # the gate with a stricter drift_prob; its drift rates at that drift_prob

@@ -33,8 +33,8 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from kat.evaluate import evaluate
 from kat.toy import TOY_DIR
 from kat.toy.tokenizer import build_tokenizer
-from kat.toy.world import (MAX_COMPLETION_CHARS, WorldSpec, make_split, sample_problem, world_specs,
-                           write_jsonl, write_solution)
+from kat.toy.world import (MAX_COMPLETION_CHARS, WorldSpec, find_repeat, make_split, sample_problem,
+                           world_specs, write_jsonl, write_solution)
 
 N_TRAIN, N_TEST, N_DEV = 2000, 200, 256
 DIFFICULTY = dict(min_ops=3, max_ops=5, digits=2)
@@ -61,6 +61,18 @@ class Recipe:
 TEACHER = Recipe(layers=6, hidden=128, ffn=384, heads=4, steps=1600, lr=2e-3, warmup=150)
 STUDENT = Recipe(layers=2, hidden=64, ffn=256, heads=4, steps=3000, lr=3e-3, warmup=100, eval_every=100,
                  stop_at=0.3)
+
+
+# Worlds whose models are fine-tuned from another world's checkpoints (named relative to the toy root)
+# rather than trained from scratch: (checkpoint, recipe) per role. The recipe's shape is the checkpoint's.
+FINE_TUNE: dict[str, dict[str, tuple[str, Recipe]]] = {
+    "sticky": {
+        "teacher": ("rich/teacher", Recipe(layers=6, hidden=128, ffn=384, heads=4, steps=400, lr=5e-4, warmup=20,
+                                           eval_every=100)),
+        "student": ("repeat/student", Recipe(layers=2, hidden=64, ffn=256, heads=4, steps=400, lr=1e-3, warmup=20,
+                                             eval_every=100)),
+    },
+}
 
 
 def model_config(recipe: Recipe, tokenizer) -> LlamaConfig:
@@ -100,7 +112,7 @@ def sft_batch(spec: WorldSpec, rng: random.Random, batch_size: int, exclude: set
         prompt_ids = [tokenizer.bos_token_id] + [char_id[ch] for ch in f"Q:{problem.prompt}\n"]
         completion_ids = [char_id[ch] for ch in text] + ([tokenizer.eos_token_id] if has_eos else [])
         seqs.append(prompt_ids + completion_ids)
-        n_prompt.append(len(prompt_ids))
+        n_prompt.append(len(prompt_ids) + loss_start(text, has_eos, spec))
     width = max(map(len, seqs))
     input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)  # (B, L) right-padded
     labels = torch.full((batch_size, width), -100)  # (B, L) -100 = no loss
@@ -110,6 +122,15 @@ def sft_batch(spec: WorldSpec, rng: random.Random, batch_size: int, exclude: set
         labels[i, p: len(seq)] = torch.tensor(seq[p:])  # loss on the completion (and EOS) only
         attention_mask[i, : len(seq)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def loss_start(text: str, has_eos: bool, spec: WorldSpec) -> int:
+    """First completion position with loss: 0, or for a repetition under ``spec.loop_loss_only`` the
+    start of its second repeated copy (the model learns to continue a loop, not to enter one)."""
+    if not spec.loop_loss_only or has_eos:
+        return 0
+    start, length = find_repeat(text)
+    return 0 if start is None else start + length
 
 
 def sft_step_loss(model, batch: dict[str, torch.Tensor], micro_batches: int) -> float:
@@ -137,10 +158,14 @@ def sft_step_loss(model, batch: dict[str, torch.Tensor], micro_batches: int) -> 
 
 
 def train(name: str, recipe: Recipe, spec: WorldSpec, tokenizer, *, seed: int, exclude: set[str],
-          dev: list[dict], log, device: str = "cpu") -> tuple[LlamaForCausalLM, list[dict]]:
-    """SFT from scratch; returns the model and its history of dev evaluations."""
+          dev: list[dict], log, device: str = "cpu", init: str | Path | None = None
+          ) -> tuple[LlamaForCausalLM, list[dict]]:
+    """SFT from scratch, or from the checkpoint `init`; returns the model and its dev evaluations."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(model_config(recipe, tokenizer)).to(device)
+    if init is None:
+        model = LlamaForCausalLM(model_config(recipe, tokenizer)).to(device)
+    else:
+        model = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32).to(device)
     rng = random.Random(seed)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # norm gains: no weight decay
@@ -212,11 +237,14 @@ def build(world: str = "rich", seed: int = 0, out: str | Path = TOY_DIR, threads
                                            ("student", student, student_spec, seed + 20)):
         if name == "teacher" and teacher_from is not None:
             continue
+        init, recipe = FINE_TUNE.get(world, {}).get(name, (None, recipe))
+        init = None if init is None else Path(out) / init
         t1 = time.time()
         model, history = train(name, recipe, spec, tokenizer, seed=model_seed, exclude=held_out, dev=dev, log=log,
-                               device=device)
+                               device=device, init=init)
         save(model, tokenizer, root / name)
         record[name] = {"recipe": asdict(recipe), "spec": asdict(spec),
+                        "init": None if init is None else os.path.relpath(init, out),
                         "parameters": sum(p.numel() for p in model.parameters()),
                         "minutes": round((time.time() - t1) / 60, 2), "history": history}
     record["minutes"] = round((time.time() - t0) / 60, 2)
@@ -227,9 +255,10 @@ def build(world: str = "rich", seed: int = 0, out: str | Path = TOY_DIR, threads
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="python -m experiments toy build", description=__doc__.split("\n")[0])
-    p.add_argument("--world", choices=sorted(("rich", "plain", "repeat")), default="rich",
+    p.add_argument("--world", choices=sorted(("rich", "plain", "repeat", "sticky")), default="rich",
                    help="rich: varied spellings + repetition mode (default); plain: one spelling; repeat: rich with "
-                   "a student that repeats more often (use --teacher-from)")
+                   "a student that repeats more often (use --teacher-from); sticky: fine-tuned from rich's teacher "
+                   "and repeat's student (build those first)")
     p.add_argument("--teacher-from", default=None, help="reuse this teacher checkpoint instead of training one "
                    "(it must come from a world with the same teacher spec and seed, e.g. kat/toy/rich/teacher)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling (default 0)")

@@ -28,8 +28,11 @@ CONFIGS = ["toy.yaml", "toy_persistent.yaml", "toy_lowlr.yaml", "qwen3_1.7b.yaml
            "smollm2_shadow.yaml"]
 # Configs that need what only kat/ has (the field, its value there, kat.py's one-line refusal)
 PACKAGE_CONFIGS = {"toy_harm.yaml": ("loss", "sampled", "is not one of .*kat/ has more"),
+                   "toy_sticky.yaml": ("loss", "sampled", "is not one of .*kat/ has more"),
                    "qwen25_coder_pair.yaml": ("teacher_gguf", "qwen25-coder-1.5b-instruct-q4_k_m.gguf",
-                                              "write a model folder with `python -m kat export --model`")}
+                                              "write a model folder with `python -m kat export --model`"),
+                   "qwen25_coder_train.yaml": ("teacher_gguf", "qwen25-coder-1.5b-instruct-q4_k_m.gguf",
+                                               "write a model folder with `python -m kat export --model`")}
 # Local stand-ins in the hub datasets' schemas (DAPO's answer in reward_model.ground_truth, ...)
 HUB = {"BytedTsinghua-SIA/DAPO-Math-17k": "dapo_math_17k.jsonl", "AI-MO/aimo-validation-amc": "amc.jsonl",
        "HuggingFaceH4/MATH-500": "math500.jsonl", "math-ai/minervamath": "minervamath.jsonl",

@@ -116,3 +116,40 @@ def test_answer_position_pair_statistics_and_rollout_table():
     rows = rollout_table([a, b]).splitlines()
     assert rows[2] == "| 1 | 1 | correct (5) | 4, eos | 2 | - | - | - | - | 1.000 | 2.00 |"
     assert rows[3] == "| 2 | 2 | wrong (5) | 2, length | - | 1 (1) | 2 | - | - | 1.625 | 3.00 |"
+
+
+def _finished_run(path, seed, records, minutes):
+    import json
+
+    path.mkdir()
+    (path / "lm_rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "lm.json").write_text(json.dumps({"config": {"seed": seed}, "minutes": minutes}))
+    return str(path)
+
+
+def test_pooled_runs_report_every_rollout_once_tagged_with_its_seed(tmp_path):
+    import json
+
+    from experiments.lm import pool_records, run_lm
+    from kat.config import ConfigError
+
+    extra = {"stop": "eos", "step": 1, "loop_period": None}
+    a = [{**rec(False, 30, 30, 20), **extra, "loop_period": 5}, {**rec(True, 12, None, None), **extra}]
+    b = [{**rec(True, None, None, None), **extra, "step": 2}]
+    runs = [_finished_run(tmp_path / "s0", 0, a, 10.0), _finished_run(tmp_path / "s1", 1, b, 2.5)]
+    records, minutes = pool_records(runs)
+    assert [r["seed"] for r in records] == [0, 0, 1] and minutes == 12.5
+    assert [{k: v for k, v in r.items() if k != "seed"} for r in records] == a + b
+    result = run_lm(["--config", "configs/toy.yaml"], str(tmp_path / "pooled"), pool=runs, log=lambda _: None)
+    assert result["summary"][next(iter(result["summary"]))] == shadow_summary(records)
+    assert result["pair"]["rollouts"] == 3 and result["minutes"] == 12.5
+    md = (tmp_path / "pooled" / "lm.md").read_text()
+    assert "| 1 | 0/1 | wrong (5) |" in md and "| 3 | 1/2 | correct (5) |" in md
+    written = [json.loads(x) for x in (tmp_path / "pooled" / "lm_rollouts.jsonl").read_text().splitlines()]
+    assert written == records
+    with pytest.raises(ConfigError, match="already holds lm_rollouts.jsonl"):  # a pooled report is never overwritten
+        run_lm(["--config", "configs/toy.yaml"], str(tmp_path / "pooled"), pool=runs, log=lambda _: None)
+    with pytest.raises(ConfigError, match="both seed 0"):
+        pool_records([runs[0], _finished_run(tmp_path / "again", 0, b, 1.0)])
+    with pytest.raises(ConfigError, match="holds no finished lm run"):
+        pool_records([runs[0], str(tmp_path)])

@@ -388,3 +388,85 @@ def test_sft_batch_masks_the_prompt_and_ends_healthy_rows_with_eos():
         assert (labels[n:] == -100).all() and ids[n - 1] == tok.eos_token_id
         prompt = text[len("<bos>Q:"): prompt_end - 1]
         assert grade(tok.decode(ids[n_prompt:n], skip_special_tokens=True), str(parse_prompt(prompt).answer))
+
+
+# ---------------------------------------------------------------------------------------------
+# the sticky world: a teacher that continues loops, a student whose loops escape
+
+def test_escaping_repetition_repeats_a_step_once_or_twice_then_answers():
+    spec = WorldSpec("test", p_fwd=1.0, p_semicolon=1.0, p_repeat=1.0, p_escape=1.0)
+    p = parse_prompt("37+48-19+25")
+    steps = [write_step(*s, "fwd") + ";" for s in p.steps()]
+    copies = set()
+    for seed in range(40):
+        text, eos = write_solution(p, spec, random.Random(seed))
+        assert eos and grade(text, str(p.answer))
+        tr = trace(text, p)
+        assert tr.repeat_start is not None and tr.first_error == tr.repeat_start
+        step = text[tr.repeat_start: tr.repeat_start + tr.repeat_len]
+        n = next(k for k in (2, 1) if text.count(step * (k + 1)) == 1)  # copies beyond the first
+        copies.add(n)
+        assert text == "".join(steps).replace(step, step * (n + 1), 1) + f"A={p.answer}"
+    assert copies == {1, 2}
+
+
+def test_escape_copies_shrink_to_fit_the_length_limit():
+    spec = WorldSpec("test", p_fwd=1.0, p_semicolon=1.0, p_repeat=1.0, p_escape=1.0)
+    p = parse_prompt("37+48-19+25")  # 37+48=85;85-19=66;66+25=91;A=91: 31 characters
+    for seed in range(20):
+        text, eos = write_solution(p, spec, random.Random(seed), max_chars=40)  # room for one copy of 9
+        assert eos and len(text) <= 40 and grade(text, "91")
+
+
+def test_a_spec_without_escape_draws_what_it_drew_before_escapes_existed():
+    """p_escape = 0 draws nothing extra, so the shipped worlds' SFT streams are unchanged: a degenerate
+    sample draws once for whether it repeats, once for where, and twice per step it writes."""
+    spec = WorldSpec("test", p_fwd=1.0, p_semicolon=1.0, p_repeat=1.0)
+    q = parse_prompt("37+48-19+25")  # each step is 9 characters written forward with ';'
+    for seed in range(10):
+        counter = _CountingRandom(seed)
+        text, eos = write_solution(q, spec, counter)
+        written = trace(text, q).repeat_start // 9  # the steps up to and including the repeated one
+        assert not eos and counter.calls == 2 + 2 * written
+    healthy = WorldSpec("test", p_fwd=0.5, p_semicolon=0.5, p_repeat=0.0)
+    counter = _CountingRandom(0)
+    write_solution(q, healthy, counter)
+    assert counter.calls == 1 + 2 * 3
+
+
+class _CountingRandom(random.Random):
+    """Counts calls of random(); a subclass that overrides it makes randrange draw through it too."""
+
+    calls = 0
+
+    def random(self):
+        self.calls += 1
+        return super().random()
+
+
+def test_loop_loss_only_starts_the_loss_at_the_second_repeated_copy():
+    from experiments.toy_build import loss_start, sft_batch
+
+    teacher = WorldSpec("test", p_fwd=1.0, p_semicolon=1.0, p_repeat=1.0, loop_loss_only=True)
+    p = parse_prompt("37+48-19+25")
+    text, eos = write_solution(p, teacher, random.Random(1))
+    tr = trace(text, p)
+    assert not eos and loss_start(text, eos, teacher) == tr.repeat_start + tr.repeat_len
+    assert loss_start("37+48=85;85-19=66;66+25=91;A=91", True, teacher) == 0
+    assert loss_start(text, eos, world_specs("rich")[0]) == 0  # the flag off: loss everywhere
+    tok = build_tokenizer()
+    batch = sft_batch(teacher, random.Random(2), 8, set(), tok)
+    vocab_ = tok.get_vocab()
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        text = "".join(tok.convert_ids_to_tokens(ids.tolist())).split("\n", 1)[1].split(tok.pad_token)[0]
+        first = int((labels != -100).nonzero()[0])
+        prompt_len = int((ids == vocab_["\n"]).nonzero()[0]) + 1
+        tr = find_repeat_of(text)
+        assert first == prompt_len + tr  # every row here degenerates, so none has loss before its loop
+
+
+def find_repeat_of(text: str) -> int:
+    from kat.toy.world import find_repeat
+
+    start, length = find_repeat(text)
+    return start + length

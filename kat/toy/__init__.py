@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 TOY_DIR = Path(__file__).resolve().parent
-WORLD_NAMES = ("rich", "plain", "repeat")
+WORLD_NAMES = ("rich", "plain", "repeat", "sticky")
 
 
 def _check_world(world: str) -> None:

@@ -18,6 +18,11 @@ Two worlds are built from the same problems:
   also degenerate: from some step on, that step repeats verbatim until the length limit, with no
   answer. A model conditioned on an established repetition continues it almost deterministically,
   so KL inside a repetition is close to zero.
+- ``sticky``: the premise made true by construction. The teacher is the rich world's, fine-tuned on
+  repetitions whose loss starts at their second repeated copy: it learns to continue a loop once
+  one is established (as language models do), not to enter one. The student's repetitions escape:
+  a step is repeated once or twice and the solution then goes on to its answer. Inside a loop the
+  teacher therefore agrees with repeating and disagrees with the student's escape.
 """
 
 from __future__ import annotations
@@ -43,9 +48,11 @@ class WorldSpec:
     p_fwd: float  # probability of the operand order r op b (else the swapped order)
     p_semicolon: float  # probability of ';' as the step separator (else ',')
     p_repeat: float  # share of sequences that degenerate into a repeated step
+    p_escape: float = 0.0  # share of those repetitions that stop after 1-2 copies and go on to the answer
+    loop_loss_only: bool = False  # a repetition carries loss from its second repeated copy on (SFT data)
 
     def __post_init__(self) -> None:
-        for field in ("p_fwd", "p_semicolon", "p_repeat"):
+        for field in ("p_fwd", "p_semicolon", "p_repeat", "p_escape"):
             v = getattr(self, field)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"WorldSpec.{field} must lie in [0, 1], got {v}")
@@ -70,6 +77,12 @@ WORLDS: dict[str, tuple[WorldSpec, WorldSpec]] = {
     "repeat": (
         WorldSpec("rich", p_fwd=0.75, p_semicolon=0.75, p_repeat=0.03),
         WorldSpec("rich", p_fwd=0.25, p_semicolon=0.25, p_repeat=0.36),
+    ),
+    # Both models fine-tuned (experiments/toy_build.py FINE_TUNE): the teacher from the rich world's on
+    # loop continuations, the student from the repeat world's on repetitions that escape.
+    "sticky": (
+        WorldSpec("rich", p_fwd=0.75, p_semicolon=0.75, p_repeat=0.3, loop_loss_only=True),
+        WorldSpec("rich", p_fwd=0.25, p_semicolon=0.25, p_repeat=0.36, p_escape=1.0),
     ),
 }
 
@@ -157,21 +170,33 @@ def write_solution(problem: Problem, spec: WorldSpec, rng: random.Random,
     """A solution in the style of ``spec``: (text, ends_with_eos).
 
     A degenerate sample repeats one of its steps verbatim up to ``max_chars`` characters and
-    has no answer and no end of sequence; a healthy one ends with ``A=<answer>`` and EOS.
+    has no answer and no end of sequence; a healthy one ends with ``A=<answer>`` and EOS. An escaping
+    repetition (``spec.p_escape``) repeats its step once or twice, as far as the answer still fits,
+    and then goes on as a healthy sample does.
     """
     steps = problem.steps()
     repeat_at = rng.randrange(len(steps)) if rng.random() < spec.p_repeat else None
-    text = ""
+    escape = repeat_at is not None and spec.p_escape > 0 and rng.random() < spec.p_escape  # no draw otherwise
+    copies = rng.randint(1, 2) if escape else 0
+    pieces = []
     for i, step in enumerate(steps):
         form = "fwd" if rng.random() < spec.p_fwd else "swap"
         sep = ";" if rng.random() < spec.p_semicolon else ","
-        piece = write_step(*step, form) + sep
-        text += piece
-        if i == repeat_at:
+        pieces.append(write_step(*step, form) + sep)
+        if i == repeat_at and not escape:
+            text = "".join(pieces)
             while len(text) < max_chars:
-                text += piece
+                text += pieces[-1]
             return text[:max_chars], False
-    text += f"{ANSWER_PREFIX}{problem.answer}"
+        if i == repeat_at:
+            pieces.append(None)  # where the escaping copies go, once the length they may take is known
+    answer = f"{ANSWER_PREFIX}{problem.answer}"
+    if escape:
+        at = pieces.index(None)
+        room = max_chars - sum(len(x) for x in pieces if x is not None) - len(answer)
+        copies = min(copies, max(room, 0) // len(pieces[at - 1]))
+        pieces[at] = pieces[at - 1] * copies
+    text = "".join(pieces) + answer
     if len(text) > max_chars:
         raise ValueError(f"solution of {problem.prompt} is {len(text)} characters, over max_chars="
                          f"{max_chars}; use fewer operations or digits")
@@ -246,12 +271,12 @@ def trace(completion: str, problem: Problem) -> Trace:
             first_error = pos + n
         elif len(completion) > pos + n:  # anything after the answer instead of EOS
             first_error = pos + n
-    repeat_start, repeat_len = _find_repeat(completion)
+    repeat_start, repeat_len = find_repeat(completion)
     ok = grade(completion, str(problem.answer))
     return Trace(ok, first_error, repeat_start, repeat_len)
 
 
-def _find_repeat(completion: str) -> tuple[int | None, int]:
+def find_repeat(completion: str) -> tuple[int | None, int]:
     """Start and length of the first separator-terminated segment equal to the one before it."""
     segments = re.findall(r"[^;,]*[;,]", completion)
     pos = 0
