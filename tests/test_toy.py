@@ -14,7 +14,7 @@ from kat.toy.world import (FORMS, SEPS, WorldSpec, extract_answer, grade, make_s
                            read_jsonl, sample_problem, trace, world_specs, write_solution, write_step)
 
 TOY_DIR = Path(__file__).resolve().parents[1] / "kat" / "toy"
-WORLDS = ("rich", "plain", "repeat")
+WORLDS = ("rich", "plain", "repeat", "sticky")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
@@ -470,3 +470,41 @@ def find_repeat_of(text: str) -> int:
 
     start, length = find_repeat(text)
     return start + length
+
+
+def _next_step_probs(model, tok, problems, copies: int) -> tuple[float, float]:
+    """Mean probability of repeating the first step again and of going on to the second, after the
+    first step written forward with ';' and then repeated `copies` times."""
+    v = tok.get_vocab()
+    rep, cont, n = 0.0, 0.0, 0
+    for p in problems:
+        pieces = [write_step(*s, "fwd") + ";" for s in p.steps()]
+        if pieces[0][0] == pieces[1][0]:
+            continue  # the two continuations start alike: the first character cannot tell them apart
+        ids = [tok.bos_token_id] + [v[c] for c in f"Q:{p.prompt}\n" + pieces[0] * (copies + 1)]
+        with torch.no_grad():
+            probs = model(torch.tensor([ids])).logits[0, -1].softmax(-1)
+        rep, cont, n = rep + float(probs[v[pieces[0][0]]]), cont + float(probs[v[pieces[1][0]]]), n + 1
+    return rep / n, cont / n
+
+
+def test_shipped_sticky_teacher_continues_loops_it_rarely_starts_and_the_student_escapes():
+    """The sticky world's premise, measured on its shipped checkpoints over 40 problems."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (TOY_DIR / "sticky" / "teacher").exists():
+        pytest.skip("the sticky world is not built")
+    tok = AutoTokenizer.from_pretrained(TOY_DIR / "sticky" / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(TOY_DIR / "sticky" / "teacher").eval()
+    student = AutoModelForCausalLM.from_pretrained(TOY_DIR / "sticky" / "student").eval()
+    rich = AutoModelForCausalLM.from_pretrained(TOY_DIR / "rich" / "teacher").eval()
+    rng = random.Random(5)
+    problems = [sample_problem(rng) for _ in range(40)]
+    enter, _ = _next_step_probs(teacher, tok, problems, 0)
+    stay, leave = _next_step_probs(teacher, tok, problems, 1)
+    assert enter < 0.05 and stay > 0.8 and leave < 0.1  # rarely starts a loop, continues one
+    rich_stay, rich_leave = _next_step_probs(rich, tok, problems, 1)
+    assert rich_stay < 0.5 and rich_leave > 0.15  # the teacher it came from leaves loops often
+    s_enter, _ = _next_step_probs(student, tok, problems, 0)
+    s_stay, s_leave = _next_step_probs(student, tok, problems, 1)
+    assert s_enter > 2 * enter and s_stay < 0.6 and s_leave > 0.15  # starts loops more, and escapes them
