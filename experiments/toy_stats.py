@@ -227,7 +227,7 @@ def print_stats(res: dict) -> None:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="python -m experiments toy stats", description=__doc__.split("\n")[0])
-    p.add_argument("--world", choices=("rich", "plain", "repeat"), default="rich",
+    p.add_argument("--world", choices=("rich", "plain", "repeat", "sticky"), default="rich",
                    help="which toy world (default rich)")
     p.add_argument("--root", default=str(TOY_DIR), help="directory holding <world>/ (default: the package's toy/)")
     p.add_argument("--n", type=int, default=200, help="student rollouts, one per test prompt (default 200)")

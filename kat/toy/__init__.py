@@ -4,7 +4,8 @@ that show what the world is for live in the source checkout: experiments/toy_bui
 experiments/toy_stats.py (``python -m experiments toy build|stats``).
 
 Shipped files, per world (``rich`` by default, ``plain`` for contrast, ``repeat`` for traps that
-persist: the rich world's teacher and a student that repeats more often)::
+persist: the rich world's teacher and a student that repeats more often; ``sticky`` for a teacher
+that continues a loop once one is there and a student whose loops escape)::
 
     kat/toy/<world>/teacher/, student/   HF checkpoints (config, safetensors, tokenizer)
     kat/toy/<world>/data/train.jsonl, test.jsonl   {"prompt", "answer"} rows
