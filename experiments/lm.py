@@ -230,9 +230,12 @@ def run_lm(argv: list[str], out: str, batches: int = 8, student_layers: int = 28
     `pool` (finished runs' directories) nothing is sampled: the report covers their rollouts."""
     cfg = load_config(argv, shadow=True, termination="kat")
     n = batches * cfg.batch_size * cfg.samples_per_prompt
-    log(f"[lm] teacher {cfg.teacher} {cfg.teacher_gguf}, student {cfg.student}: {n} rollouts of <= "
-        f"{cfg.max_new_tokens} tokens after calibration; detector W={cfg.window} stride={cfg.stride} "
-        f"patience={cfg.patience} exempt={cfg.exempt} eta={cfg.eta}, drift_prob {cfg.drift_prob}")
+    if pool:
+        log(f"[lm] pooling the rollouts of {len(pool)} runs: {', '.join(pool)}")
+    else:
+        log(f"[lm] teacher {cfg.teacher} {cfg.teacher_gguf}, student {cfg.student}: {n} rollouts of <= "
+            f"{cfg.max_new_tokens} tokens after calibration; detector W={cfg.window} stride={cfg.stride} "
+            f"patience={cfg.patience} exempt={cfg.exempt} eta={cfg.eta}, drift_prob {cfg.drift_prob}")
     if dry_run:
         return {}
     pooled, pooled_minutes = pool_records(pool) if pool else (None, 0.0)

@@ -161,7 +161,7 @@ def shadow_summary(records: list[dict], cut_key: str = "shadow_cut") -> dict:
         "cut_rate_correct": share([c for ok, c in zip(right, cut) if ok]),
         "cut_rate_wrong": share([c for ok, c in zip(right, cut) if not ok]),
         "cut_positions": sorted(r["shadow_cut"] for r in records if r["shadow_cut"] is not None),
-        "threshold": records[0]["threshold"] if records else None,
+        "threshold": pooled_threshold(records),
     }
     pos = out["cut_positions"]
     out["cut_position_mean"] = statistics.fmean(pos) if pos else None
@@ -209,6 +209,13 @@ def toy_summary(records: list[dict]) -> dict:
     return out
 
 
+def pooled_threshold(records: list[dict]) -> float | list[float] | None:
+    """The records' detector threshold; for records pooled from runs calibrated apart, the distinct
+    thresholds in the order they first appear."""
+    found = list(dict.fromkeys(r["threshold"] for r in records))
+    return None if not found else found[0] if len(found) == 1 else found
+
+
 SHADOW_ROWS = (
     ("n", "rollouts", None), ("accuracy", "accuracy", 100), ("threshold", "threshold s", 1),
     ("cut_rate", "would-be cut (all)", 100), ("correct_given_cut", "cut rollouts that still end correct", 100),
@@ -240,6 +247,7 @@ def shadow_markdown(summary: dict[str, dict], prefix: str = "student ") -> str:
         for p in points:
             v = summary[p].get(key)
             cells.append("-" if v is None else str(v) if scale is None else
+                         " / ".join(f"{x:.3g}" for x in v) if isinstance(v, list) else
                          f"{scale * v:.1f}%" if scale == 100 else f"{v:.3g}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -135,7 +135,7 @@ def test_pooled_runs_report_every_rollout_once_tagged_with_its_seed(tmp_path):
 
     extra = {"stop": "eos", "step": 1, "loop_period": None}
     a = [{**rec(False, 30, 30, 20), **extra, "loop_period": 5}, {**rec(True, 12, None, None), **extra}]
-    b = [{**rec(True, None, None, None), **extra, "step": 2}]
+    b = [{**rec(True, None, None, None), **extra, "step": 2, "threshold": 0.1}]  # calibrated apart
     runs = [_finished_run(tmp_path / "s0", 0, a, 10.0), _finished_run(tmp_path / "s1", 1, b, 2.5)]
     records, minutes = pool_records(runs)
     assert [r["seed"] for r in records] == [0, 0, 1] and minutes == 12.5
@@ -145,6 +145,7 @@ def test_pooled_runs_report_every_rollout_once_tagged_with_its_seed(tmp_path):
     assert result["pair"]["rollouts"] == 3 and result["minutes"] == 12.5
     md = (tmp_path / "pooled" / "lm.md").read_text()
     assert "| 1 | 0/1 | wrong (5) |" in md and "| 3 | 1/2 | correct (5) |" in md
+    assert "| threshold s | 0.2 / 0.1 |" in md  # each run's own threshold, in pool order
     written = [json.loads(x) for x in (tmp_path / "pooled" / "lm_rollouts.jsonl").read_text().splitlines()]
     assert written == records
     with pytest.raises(ConfigError, match="already holds lm_rollouts.jsonl"):  # a pooled report is never overwritten
