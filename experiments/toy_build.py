@@ -237,14 +237,12 @@ def build(world: str = "rich", seed: int = 0, out: str | Path = TOY_DIR, threads
                                            ("student", student, student_spec, seed + 20)):
         if name == "teacher" and teacher_from is not None:
             continue
-        init, recipe = FINE_TUNE.get(world, {}).get(name, (None, recipe))
-        init = None if init is None else Path(out) / init
+        init, recipe = FINE_TUNE.get(world, {}).get(name, (None, recipe))  # init: relative to `out`
         t1 = time.time()
         model, history = train(name, recipe, spec, tokenizer, seed=model_seed, exclude=held_out, dev=dev, log=log,
-                               device=device, init=init)
+                               device=device, init=None if init is None else Path(out) / init)
         save(model, tokenizer, root / name)
-        record[name] = {"recipe": asdict(recipe), "spec": asdict(spec),
-                        "init": None if init is None else os.path.relpath(init, out),
+        record[name] = {"recipe": asdict(recipe), "spec": asdict(spec), "init": init,
                         "parameters": sum(p.numel() for p in model.parameters()),
                         "minutes": round((time.time() - t1) / 60, 2), "history": history}
     record["minutes"] = round((time.time() - t0) / 60, 2)

@@ -188,14 +188,11 @@ def write_solution(problem: Problem, spec: WorldSpec, rng: random.Random,
             while len(text) < max_chars:
                 text += pieces[-1]
             return text[:max_chars], False
-        if i == repeat_at:
-            pieces.append(None)  # where the escaping copies go, once the length they may take is known
     answer = f"{ANSWER_PREFIX}{problem.answer}"
-    if escape:
-        at = pieces.index(None)
-        room = max_chars - sum(len(x) for x in pieces if x is not None) - len(answer)
-        copies = min(copies, max(room, 0) // len(pieces[at - 1]))
-        pieces[at] = pieces[at - 1] * copies
+    if escape:  # the copies go after the repeated step, as many as still leave room for the answer
+        piece = pieces[repeat_at]
+        room = max_chars - sum(map(len, pieces)) - len(answer)
+        pieces.insert(repeat_at + 1, piece * min(copies, max(room, 0) // len(piece)))
     text = "".join(pieces) + answer
     if len(text) > max_chars:
         raise ValueError(f"solution of {problem.prompt} is {len(text)} characters, over max_chars="
