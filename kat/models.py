@@ -73,13 +73,30 @@ def torch_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _gguf_kwargs(gguf_file: str) -> dict:
+    """`from_pretrained` arguments that read `gguf_file` into a plain dense model.
+
+    Recent transformers (those with ``GgufConfig``) keep GGUF weights packed where a matmul kernel
+    exists, and mark every model read from GGUF as quantized, packed or not. A marked model cannot
+    be trained or saved ("quantized with gguf and is not serializable"), so a trained student could
+    not be written. ``dequantize=True`` unpacks every weight and drops the mark; older transformers
+    always de-quantise and need nothing more.
+    """
+    import transformers
+
+    kw = {"gguf_file": gguf_file}
+    if hasattr(transformers, "GgufConfig"):
+        kw["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    return kw
+
+
 def load_model(path: str, gguf_file: str, dtype: torch.dtype, role: str):
     """A causal LM from a directory, hub name or ``pkg:`` path; ``gguf_file`` de-quantised to ``dtype``;
     a LoRA adapter directory as its base model with the adapter merged."""
     from transformers import AutoModelForCausalLM
 
     path = _check_source(path, gguf_file, role)
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    kw = _gguf_kwargs(gguf_file) if gguf_file else {}
     try:
         if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
             return _peft(role).AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload()

@@ -77,6 +77,68 @@ def test_paths_and_load_errors(pair, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# GGUF files (teacher_gguf / student_gguf): read through transformers' GGUF loader
+
+@pytest.fixture(scope="module")
+def gguf_pair(tmp_path_factory) -> dict:
+    pytest.importorskip("gguf")
+    from fixtures.tiny_gguf import save_gguf_pair
+
+    return save_gguf_pair(tmp_path_factory.mktemp("gguf_pair"))
+
+
+def test_a_gguf_model_loads_as_the_model_written_to_it_and_can_be_saved(gguf_pair, tmp_path):
+    model = load_model(gguf_pair["student"], gguf_pair["gguf"], torch.float32, "student")
+    source = gguf_pair["student_model"].state_dict()
+    loaded = model.state_dict()
+    assert loaded.keys() == source.keys()
+    assert all(torch.equal(loaded[k], source[k]) for k in source)
+    tok = load_tokenizer(gguf_pair["student"], gguf_pair["gguf"], "student")
+    assert tok.get_vocab() == gguf_pair["tokenizer"].get_vocab() and tok.eos_token == "<|endoftext|>"
+    # transformers marks a model read from GGUF as quantized unless told to de-quantise it, and
+    # refuses to save a marked model: a student trained from a GGUF file could not be written
+    assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
+    model.save_pretrained(tmp_path / "saved")
+    again = load_model(str(tmp_path / "saved"), "", torch.float32, "student").state_dict()
+    assert all(torch.equal(again[k], source[k]) for k in source)
+
+
+
+def test_kat_export_writes_a_gguf_model_as_safetensors(gguf_pair, tmp_path):
+    from kat.export import export_model
+
+    export_model(gguf_pair["student"], gguf_pair["gguf"], str(tmp_path / "student"))
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+    exported = load_model(str(tmp_path / "student"), "", torch.float32, "student").state_dict()
+    source = gguf_pair["student_model"].state_dict()
+    assert all(torch.equal(exported[k], source[k]) for k in source)
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_train_a_student_read_from_gguf_writes_the_trained_student(gguf_pair, tmp_path, lora_r):
+    """The end of `kat train` saves the student (merged with its adapter under LoRA) in Hugging Face
+    format; with a GGUF student this is where a run on the Qwen2.5-Coder pair failed."""
+    if lora_r:
+        pytest.importorskip("peft")
+    from kat.train import train
+
+    out = tmp_path / "run"
+    cfg = load_config([], teacher=gguf_pair["teacher"], teacher_gguf=gguf_pair["gguf"],
+                      student=gguf_pair["student"], student_gguf=gguf_pair["gguf"],
+                      train_data=f"{FIXTURES / 'math500.jsonl'}[prompt=problem]", eval_data="",
+                      max_prompt_length=200, steps=2, batch_size=2, samples_per_prompt=2, max_new_tokens=8,
+                      chunk=4, window=4, stride=4, patience=1, exempt=0, min_buffer=2, warmup_steps=1, lr=1e-2,
+                      lora_r=lora_r, output_dir=str(out), plot=False, n_traces=0, seed=1)
+    train(cfg)
+    assert (out / "checkpoint-000002").is_dir()
+    assert (out / "adapter" / "adapter_config.json").is_file() == bool(lora_r)
+    trained = load_model(str(out / "student"), "", torch.float32, "student").state_dict()
+    source = gguf_pair["student_model"].state_dict()
+    assert trained.keys() == source.keys()
+    assert any(not torch.equal(trained[k], source[k]) for k in source)
+    assert load_tokenizer(str(out / "student")).get_vocab() == gguf_pair["tokenizer"].get_vocab()
+
+
+# ---------------------------------------------------------------------------------------------
 # Logit widths: one tokenizer, embedding matrices padded to different sizes
 
 def test_align_vocab_trims_the_wider_teacher_to_the_same_logits():
