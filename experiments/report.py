@@ -140,6 +140,35 @@ def share(hits: list[bool]) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
 
+def cut_rate_gap(records: list[dict], n_boot: int = 10000, seed: int = 0) -> dict | None:
+    """cut_rate_wrong - cut_rate_correct (`records` carry `cut` and `correct`) with a 95% percentile
+    interval from a bootstrap over prompts: the samples of one prompt (same seed, step and prompt
+    text) are drawn together, since they share the prompt's difficulty. None unless both outcomes
+    occur. A rule that tells failing rollouts from healthy ones has an interval above 0."""
+    import numpy as np
+
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r.get("seed"), r.get("step"), r.get("prompt")), []).append(r)
+    # per prompt: wrong rollouts, wrong ones cut, correct rollouts, correct ones cut
+    counts = np.array([[sum(not r["correct"] for r in g), sum(not r["correct"] and r["cut"] for r in g),
+                        sum(r["correct"] for r in g), sum(r["correct"] and r["cut"] for r in g)]
+                       for g in groups.values()], dtype=float)
+    if not counts[:, 0].sum() or not counts[:, 2].sum():
+        return None
+
+    def gap(c):  # c: (..., 4) sums over prompts
+        return c[..., 1] / c[..., 0] - c[..., 3] / c[..., 2]
+
+    k = len(counts)
+    draws = np.random.default_rng(seed).integers(0, k, size=(n_boot, k))
+    weights = np.stack([np.bincount(d, minlength=k) for d in draws]).astype(float)
+    boot = weights @ counts  # (n_boot, 4)
+    ok = (boot[:, 0] > 0) & (boot[:, 2] > 0)  # resamples holding both outcomes
+    lo, hi = np.percentile(gap(boot[ok]), [2.5, 97.5])
+    return {"gap": float(gap(counts.sum(0))), "ci": [float(lo), float(hi)], "prompts": k}
+
+
 def shadow_summary(records: list[dict], cut_key: str = "shadow_cut") -> dict:
     """What the shadow detector would have cut, split by how the rollouts end.
 
@@ -163,6 +192,9 @@ def shadow_summary(records: list[dict], cut_key: str = "shadow_cut") -> dict:
         "cut_positions": sorted(r["shadow_cut"] for r in records if r["shadow_cut"] is not None),
         "threshold": pooled_threshold(records),
     }
+    gap = cut_rate_gap([{**r, "cut": c} for r, c in zip(records, cut)])
+    out["cut_rate_gap"] = None if gap is None else gap["gap"]
+    out["cut_rate_gap_ci"] = None if gap is None else gap["ci"]
     pos = out["cut_positions"]
     out["cut_position_mean"] = statistics.fmean(pos) if pos else None
     out["cut_position_median"] = statistics.median(pos) if pos else None
@@ -220,7 +252,9 @@ SHADOW_ROWS = (
     ("n", "rollouts", None), ("accuracy", "accuracy", 100), ("threshold", "threshold s", 1),
     ("cut_rate", "would-be cut (all)", 100), ("correct_given_cut", "cut rollouts that still end correct", 100),
     ("cut_rate_correct", "cut rate, rollouts ending correct", 100),
-    ("cut_rate_wrong", "cut rate, rollouts ending wrong", 100), ("repeat_rate", "rollouts repeating a step", 100),
+    ("cut_rate_wrong", "cut rate, rollouts ending wrong", 100),
+    ("cut_rate_gap", "cut rate wrong - correct [95% CI over prompts]", "points"),
+    ("repeat_rate", "rollouts repeating a step", 100),
     ("cut_rate_repeating", "cut rate, repeating rollouts", 100),
     ("cut_rate_wrong_no_repeat", "cut rate, wrong without repetition", 100),
     ("wrong_cut_at_or_after_error", "cut wrong rollouts cut at/after their first error", 100),
@@ -246,6 +280,11 @@ def shadow_markdown(summary: dict[str, dict], prefix: str = "student ") -> str:
         cells = []
         for p in points:
             v = summary[p].get(key)
+            if scale == "points":  # a difference of two rates, in percentage points, with its interval
+                ci = summary[p].get(f"{key}_ci")
+                cells.append("-" if v is None else f"{100 * v:+.1f}" +
+                             ("" if ci is None else f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"))
+                continue
             cells.append("-" if v is None else str(v) if scale is None else
                          " / ".join(f"{x:.3g}" for x in v) if isinstance(v, list) else
                          f"{scale * v:.1f}%" if scale == 100 else f"{v:.3g}")

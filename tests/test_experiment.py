@@ -179,6 +179,41 @@ def test_shadow_summary_counts():
     assert (s["repeat_rate"], s["cut_rate_repeating"], s["repeat_cut_inside_repeat"]) == (1 / 8, 1.0, 1.0)
     assert s["cut_rate_wrong_no_repeat"] == pytest.approx(2 / 3)
     assert s["cut_positions"] == [8, 12, 20, 30] and s["cut_position_median"] == 16
+    assert s["cut_rate_gap"] == pytest.approx(0.5) and s["cut_rate_gap_ci"][0] <= 0.5 <= s["cut_rate_gap_ci"][1]
+
+
+def gap_records(n_wrong: int, cut_wrong: int, n_right: int, cut_right: int, copies: int = 1) -> list[dict]:
+    """One prompt per rollout outcome, each prompt sampled `copies` times with the same outcome."""
+    recs = []
+    for i in range(n_wrong + n_right):
+        wrong = i < n_wrong
+        cut = i < cut_wrong if wrong else i - n_wrong < cut_right
+        recs += [{"correct": not wrong, "cut": cut, "seed": 0, "step": 1, "prompt": f"p{i}"}] * copies
+    return recs
+
+
+def test_cut_rate_gap_interval_matches_the_normal_approximation():
+    from experiments.report import cut_rate_gap
+
+    # 2000 wrong rollouts cut at 30%, 3000 correct ones at 20%: the independent float64 reference is
+    # gap +- 1.96 sqrt(p1 q1 / n1 + p2 q2 / n2)
+    g = cut_rate_gap(gap_records(2000, 600, 3000, 600))
+    half = 1.96 * ((0.3 * 0.7 / 2000 + 0.2 * 0.8 / 3000) ** 0.5)
+    assert g["gap"] == pytest.approx(0.1) and g["prompts"] == 5000
+    assert g["ci"][0] == pytest.approx(0.1 - half, abs=0.1 * half)
+    assert g["ci"][1] == pytest.approx(0.1 + half, abs=0.1 * half)
+    assert cut_rate_gap(gap_records(0, 0, 10, 3)) is None  # no wrong rollout: no gap
+
+
+def test_cut_rate_gap_draws_the_samples_of_one_prompt_together():
+    from experiments.report import cut_rate_gap
+
+    single = cut_rate_gap(gap_records(40, 12, 60, 6))
+    paired = cut_rate_gap(gap_records(40, 12, 60, 6, copies=2))
+    assert paired == {**single, "prompts": 100}  # two identical samples per prompt add no information
+    apart = cut_rate_gap([{**r, "prompt": f"{r['prompt']}-{j}"} for j, r in
+                          enumerate(gap_records(40, 12, 60, 6, copies=2))])
+    assert apart["ci"][1] - apart["ci"][0] < 0.8 * (paired["ci"][1] - paired["ci"][0])  # treated as independent
 
 
 def test_examples_are_cut_rollouts_of_distinct_prompts_first():
