@@ -103,7 +103,6 @@ def test_a_gguf_model_loads_as_the_model_written_to_it_and_can_be_saved(gguf_pai
     assert all(torch.equal(again[k], source[k]) for k in source)
 
 
-
 def test_kat_export_writes_a_gguf_model_as_safetensors(gguf_pair, tmp_path):
     from kat.export import export_model
 
@@ -112,6 +111,7 @@ def test_kat_export_writes_a_gguf_model_as_safetensors(gguf_pair, tmp_path):
     exported = load_model(str(tmp_path / "student"), "", torch.float32, "student").state_dict()
     source = gguf_pair["student_model"].state_dict()
     assert all(torch.equal(exported[k], source[k]) for k in source)
+
 
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_train_a_student_read_from_gguf_writes_the_trained_student(gguf_pair, tmp_path, lora_r):
